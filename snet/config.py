@@ -1,0 +1,137 @@
+"""Connection settings shared by every part: parsed once from URLs, then passed around as values.
+
+``mysql://USER:PASSWORD@HOST:PORT/DATABASE``, ``redis://HOST:PORT/DB`` and Consul's
+``http://HOST:PORT`` are the forms every command line and environment variable takes.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+from attrs import field, frozen
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; its message says which and why."""
+
+
+def _port(text: str | None, default: int, what: str) -> int:
+    if text is None:
+        return default
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"{what}: port {text!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{what}: port {port} is out of range")
+    return port
+
+
+def _split(url: str, scheme: str, what: str) -> tuple[str, int | None, str, str, str]:
+    """Return (host, port text, user, password, path) of *url*, checking its scheme."""
+    parts = urlsplit(url)
+    if parts.scheme != scheme:
+        raise ConfigError(f"{what}: expected a {scheme}:// URL, got {url!r}")
+    if not parts.hostname:
+        raise ConfigError(f"{what}: {url!r} names no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{what}: {url!r} has an invalid port") from None
+    return (
+        parts.hostname,
+        port,
+        unquote(parts.username or ""),
+        unquote(parts.password or ""),
+        parts.path.lstrip("/"),
+    )
+
+
+@frozen
+class MySQLConfig:
+    """Where the MySQL/MariaDB database is and how to log in to it."""
+
+    host: str
+    port: int
+    user: str
+    password: str = field(repr=False)
+    database: str
+
+    @classmethod
+    def from_url(cls, url: str) -> MySQLConfig:
+        host, port, user, password, database = _split(url, "mysql", "--mysql")
+        if not user:
+            raise ConfigError("--mysql: the URL names no user")
+        if not database or "/" in database:
+            raise ConfigError("--mysql: the URL must end in /DATABASE")
+        return cls(
+            host,
+            _port(None if port is None else str(port), 3306, "--mysql"),
+            user,
+            password,
+            database,
+        )
+
+    def redacted(self) -> str:
+        """The URL without its password, for logs."""
+        return f"mysql://{self.user}:***@{self.host}:{self.port}/{self.database}"
+
+
+@frozen
+class RedisConfig:
+    """Where the Redis server is, and which database number to use."""
+
+    host: str
+    port: int
+    db: int = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisConfig:
+        host, port, _user, _password, path = _split(url, "redis", "--redis")
+        db = 0
+        if path:
+            try:
+                db = int(path)
+            except ValueError:
+                raise ConfigError(f"--redis: database {path!r} is not a number") from None
+        return cls(host, _port(None if port is None else str(port), 6379, "--redis"), db)
+
+
+@frozen
+class ConsulConfig:
+    """How to reach the Consul agent: its HTTP address and an optional ACL token."""
+
+    scheme: str
+    host: str
+    port: int
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_url(cls, url: str, token: str | None = None) -> ConsulConfig:
+        if "://" not in url:
+            # CONSUL_HTTP_ADDR is often given as HOST:PORT, as the consul CLI accepts it.
+            url = "http://" + url
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ConfigError(f"--consul: expected an http:// or https:// URL, got {url!r}")
+        if not parts.hostname:
+            raise ConfigError(f"--consul: {url!r} names no host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"--consul: {url!r} has an invalid port") from None
+        default = 443 if parts.scheme == "https" else 8500
+        return cls(parts.scheme, parts.hostname, port or default, token or None)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` too) into its parts."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    return host, _port(port, 0, what)

@@ -1,0 +1,158 @@
+"""Run snet's own twistd plugins as real processes, for integration tests and the local stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from attrs import define, field
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Talks to this machine's servers directly, whatever proxy the environment names."""
+
+
+class ProcessFailed(RuntimeError):
+    """A process exited or never became ready; the message carries the tail of its log."""
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET *url* with a timeout; HTTP errors are answers too (status, body)."""
+    try:
+        with _opener.open(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def http_json(
+    method: str,
+    url: str,
+    body: object | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, dict[str, str], object]:
+    """Make one JSON request; returns (status, headers, decoded body or None)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with _opener.open(request, timeout=timeout) as response:
+            status, raw, got = response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        status, raw, got = e.code, e.read(), dict(e.headers)
+    return status, got, (json.loads(raw) if raw else None)
+
+
+@define
+class TwistdProcess:
+    """``twistd -n PLUGIN ARGS`` as a child process, logging to a file of its own."""
+
+    plugin: str
+    args: Sequence[str]
+    environ: Mapping[str, str] = field(factory=dict)
+    health_url: str | None = None
+    name: str = ""
+    log_path: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix=f"snet-{self.plugin}-"))
+        self.log_path = directory / "twistd.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, ready_timeout: float = 20.0) -> TwistdProcess:
+        environment = {**os.environ, **self.environ}
+        command = [
+            sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=",
+            self.plugin, *self.args,
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=environment, cwd=self.log_path.parent,
+            )  # fmt: skip
+        if self.health_url is not None:
+            self.wait_healthy(ready_timeout)
+        return self
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Wait until the health URL answers 200, or fail with the log's tail."""
+        assert self.health_url is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ProcessFailed(
+                    f"{self} exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if http_get(self.health_url, timeout=1.0)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise ProcessFailed(f"{self} not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within *timeout*; returns its exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def __enter__(self) -> TwistdProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __str__(self) -> str:
+        return f"twistd {self.plugin} {self.name}".strip()

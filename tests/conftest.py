@@ -1,0 +1,32 @@
+"""Session fixtures: real servers started once per test run, from their real binaries.
+
+Integration tests ask for ``consul_agent``, ``mariadb`` or ``redis_server``; each starts on
+free 127.0.0.1 ports in a temporary directory the first time a test needs it and is stopped
+at the end of the run (or at exit, if the run is interrupted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from snet.testing.servers import ConsulAgent, MariaDB, Redis
+
+
+@pytest.fixture(scope="session")
+def consul_agent() -> Iterator[ConsulAgent]:
+    with ConsulAgent() as agent:
+        yield agent
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDB]:
+    with MariaDB() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Redis]:
+    with Redis() as server:
+        yield server
