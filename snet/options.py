@@ -39,8 +39,9 @@ class EnvironmentOptions(usage.Options):
     """Options whose unset values are filled from environment variables.
 
     A subclass lists ``environment = {"option-name": "ENV_VAR", ...}`` and
-    ``fallbacks = {"option-name": default}`` (not usage.Options' own ``defaults``); coerce functions of
-    ``optParameters`` apply to values from the environment too, and their errors name the variable.
+    ``fallbacks = {"option-name": default}`` (not usage.Options' own ``defaults``). Coerce
+    functions of ``optParameters`` apply to values from the environment too, and their errors
+    name the variable.
     """
 
     optParameters: list[list[Any]] = []
