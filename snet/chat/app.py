@@ -1,0 +1,228 @@
+"""The chat service's HTTP API (Klein): send and list dialog messages, unread counters,
+health and metrics. docs/chat-api.md describes it for its callers.
+
+The acting user comes in ``X-Snet-User-Id`` (set by the monolith, which authenticates the
+client); every error is a JSON body ``{"message", "request_id", "code"}`` (see snet.web).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from snet.chat.store import MAX_TEXT, Dialogs, MessageStore, UnreadCounters
+from snet.web import (
+    BadRequest,
+    ErrorCode,
+    HTTPMetrics,
+    InFlight,
+    ObservedResource,
+    error_body,
+    error_response,
+    header_text,
+    is_token,
+    json_response,
+    parse_id,
+    query_arg,
+    read_json_object,
+    request_id,
+    set_header,
+    uncancellable,
+)
+
+USER_HEADER = b"X-Snet-User-Id"
+IDEMPOTENCY_HEADER = b"Idempotency-Key"
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 500
+HEALTH_TIMEOUT = 1.0
+"""Seconds /health waits for MySQL's answer to ``SELECT 1``."""
+
+
+def acting_user(request: IRequest) -> int:
+    """The id of the user the request acts for, from ``X-Snet-User-Id``."""
+    text = header_text(request, USER_HEADER)
+    if text is None:
+        raise BadRequest("the X-Snet-User-Id header is required", code=ErrorCode.MISSING_HEADER)
+    return parse_id(text, "X-Snet-User-Id")
+
+
+def validate_text(value: object) -> str:
+    """A message text: a string with something besides whitespace, at most MAX_TEXT
+    characters, encodable as UTF-8 (no lone surrogates). Kept as given (not stripped)."""
+    if value is None:
+        raise BadRequest("text is required", code=ErrorCode.INVALID_TEXT)
+    if not isinstance(value, str):
+        raise BadRequest("text must be a string", code=ErrorCode.INVALID_TEXT)
+    if not value.strip():
+        raise BadRequest("text must not be empty", code=ErrorCode.INVALID_TEXT)
+    if len(value) > MAX_TEXT:
+        raise BadRequest(f"text must be at most {MAX_TEXT} characters", code=ErrorCode.INVALID_TEXT)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("text must be valid Unicode", code=ErrorCode.INVALID_TEXT) from None
+    return value
+
+
+def parse_limit(text: str | None) -> int:
+    """The page size: 1 to MAX_LIMIT in decimal digits, DEFAULT_LIMIT if absent."""
+    if text is None:
+        return DEFAULT_LIMIT
+    if not (text.isascii() and text.isdigit() and not text.startswith("0")) or not (
+        1 <= int(text) <= MAX_LIMIT
+    ):
+        raise BadRequest(
+            f"limit must be an integer from 1 to {MAX_LIMIT}", code=ErrorCode.INVALID_PARAMETER
+        )
+    return int(text)
+
+
+def parse_after_id(text: str | None) -> int | None:
+    """The id the page starts after: a message id, or 0 (or absent) for the beginning."""
+    if text is None or text == "0":
+        return None
+    return parse_id(text, "after_id")
+
+
+class ChatAPI:
+    """The chat HTTP API; ``resource()`` is what a Site serves."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        *,
+        messages: MessageStore,
+        unread: UnreadCounters,
+        in_flight: InFlight,
+        metrics: HTTPMetrics,
+        version: str,
+        clock: IReactorTime | None = None,
+        health_timeout: float = HEALTH_TIMEOUT,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        self.messages = messages
+        self.dialogs = Dialogs(messages, unread)
+        self.in_flight = in_flight
+        self.metrics = metrics
+        self.version = version
+        self.clock = clock
+        self.health_timeout = health_timeout
+        metrics.track(in_flight)
+
+    def resource(self) -> IResource:
+        """The app as a resource: every request gets an id, is counted in flight, measured
+        and logged."""
+        return ObservedResource(
+            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
+        )
+
+    @app.handle_errors(Exception)
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        return error_response(request, failure)
+
+    @app.route("/v1/dialogs/<peer_id>/messages", methods=["POST"])
+    async def send_message(self, request: IRequest, peer_id: str) -> bytes:
+        user_id = acting_user(request)
+        peer = parse_id(peer_id, "peer_id")
+        if peer == user_id:
+            raise BadRequest("cannot send a message to oneself", code=ErrorCode.SELF_DIALOG)
+        key = header_text(request, IDEMPOTENCY_HEADER)
+        if key is None:
+            raise BadRequest(
+                "the Idempotency-Key header is required", code=ErrorCode.MISSING_HEADER
+            )
+        if not is_token(key):
+            raise BadRequest(
+                "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+                code=ErrorCode.INVALID_PARAMETER,
+            )
+        body = read_json_object(request)
+        text = validate_text(body.get("text"))
+        # The store and its compensation run to their end even if the client goes away.
+        message, created = await uncancellable(
+            Deferred.fromCoroutine(
+                self.dialogs.send(user_id, peer, text, key, request_id=request_id(request))
+            )
+        )
+        if not created:
+            set_header(request, b"Idempotent-Replayed", b"true")
+        return json_response(request, {"message": message.to_json()}, 201)
+
+    @app.route("/v1/dialogs/<peer_id>/messages", methods=["GET"])
+    async def list_messages(self, request: IRequest, peer_id: str) -> bytes:
+        user_id = acting_user(request)
+        peer = parse_id(peer_id, "peer_id")
+        if peer == user_id:
+            raise BadRequest("there is no dialog with oneself", code=ErrorCode.SELF_DIALOG)
+        after_id = parse_after_id(query_arg(request, "after_id"))
+        limit = parse_limit(query_arg(request, "limit"))
+        page = await self.dialogs.read(user_id, peer, after_id=after_id, limit=limit + 1)
+        more = len(page) > limit
+        page = page[:limit]
+        return json_response(
+            request,
+            {
+                "messages": [message.to_json() for message in page],
+                "next_after_id": page[-1].id if more else None,
+            },
+        )
+
+    @app.route("/v1/unread", methods=["GET"])
+    async def unread(self, request: IRequest) -> bytes:
+        user_id = acting_user(request)
+        counts = await self.dialogs.unread_counts(user_id)
+        return json_response(
+            request,
+            {
+                "total": sum(counts.values()),
+                "dialogs": [
+                    {"peer_id": peer, "count": count} for peer, count in sorted(counts.items())
+                ],
+            },
+        )
+
+    @app.route("/v1/unread/rebuild", methods=["POST"])
+    async def rebuild_unread(self, request: IRequest) -> bytes:
+        acting_user(request)
+        readers = await uncancellable(Deferred.fromCoroutine(self.dialogs.rebuild_unread()))
+        return json_response(request, {"readers": readers})
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: IRequest) -> bytes:
+        if self.in_flight.draining:
+            return self._unhealthy(
+                request, "draining: this instance is stopping", ErrorCode.DRAINING
+            )
+        ping: Deferred[Any] = self.messages.ping()
+        ping.addTimeout(self.health_timeout, self.clock)
+        try:
+            await ping
+        except Exception as e:
+            return self._unhealthy(
+                request,
+                f"MySQL does not answer ({type(e).__name__})",
+                ErrorCode.MYSQL_UNAVAILABLE,
+            )
+        return json_response(request, {"status": "ok", "version": self.version})
+
+    def _unhealthy(self, request: IRequest, message: str, code: int) -> bytes:
+        set_header(request, b"Retry-After", b"1")
+        body: dict[str, Any] = {"status": "unavailable", "version": self.version}
+        body.update(error_body(request, message, code))
+        return json_response(request, body, 503)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        body, content_type = self.metrics.render()
+        set_header(request, b"Content-Type", content_type.encode("ascii"))
+        return body

@@ -1,0 +1,246 @@
+"""Connections to MySQL (adbapi over pymysql) and Redis (txredisapi), set up so that a dead or
+slow server makes calls fail within seconds instead of hanging a request, plus schema setup.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
+
+import pymysql
+import txredisapi
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from snet.config import MySQLConfig, RedisConfig
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+log = Logger(namespace="snet.storage")
+
+CONNECT_TIMEOUT = 3
+"""Seconds to open a MySQL connection."""
+IO_TIMEOUT = 10
+"""Seconds a MySQL read or write may block: a dead server never holds a thread longer."""
+
+
+def mysql_pool(
+    config: MySQLConfig,
+    *,
+    reactor: Any = None,
+    min: int = 1,
+    max: int = 10,
+    connect_timeout: int = CONNECT_TIMEOUT,
+    io_timeout: int = IO_TIMEOUT,
+) -> adbapi.ConnectionPool:
+    """An adbapi pool of pymysql connections to *config*'s database.
+
+    utf8mb4, autocommit off (each ``runInteraction`` is one transaction), session time zone
+    UTC, and connect/read/write timeouts. ``cp_reconnect`` replaces a connection found dead,
+    but the call that found it still fails: use ``run_with_retry`` for that. The caller
+    closes the pool (``pool.close()``).
+    """
+    extra: dict[str, Any] = {}
+    if reactor is not None:
+        extra["cp_reactor"] = reactor
+    return adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
+        "pymysql",
+        host=config.host,
+        port=config.port,
+        user=config.user,
+        password=config.password,
+        database=config.database,
+        charset="utf8mb4",
+        autocommit=False,
+        connect_timeout=connect_timeout,
+        read_timeout=io_timeout,
+        write_timeout=io_timeout,
+        init_command="SET time_zone = '+00:00'",
+        cp_reconnect=True,
+        cp_min=min,
+        cp_max=max,
+        cp_noisy=False,
+        **extra,
+    )
+
+
+DEAD_CONNECTION_CODES = frozenset({2006, 2013, 2055})
+"""MySQL gone away / lost connection during query / lost connection (extended)."""
+DEADLOCK = 1213
+"""InnoDB rolled the whole transaction back to break a deadlock."""
+
+
+def _worth_retrying(failure: Failure) -> bool:
+    """Whether *failure* means the transaction is gone (dead connection, deadlock) rather
+    than refused: then running the interaction again on a fresh connection is safe."""
+    exc = failure.value
+    if isinstance(exc, pymysql.err.InterfaceError):
+        # pymysql's "the connection is already closed"
+        return True
+    if isinstance(exc, pymysql.err.OperationalError) and exc.args:
+        return exc.args[0] in DEAD_CONNECTION_CODES or exc.args[0] == DEADLOCK
+    return False
+
+
+def run_with_retry(
+    pool: adbapi.ConnectionPool,
+    interaction: Callable[Concatenate[adbapi.Transaction, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> Deferred[T]:
+    """``pool.runInteraction(interaction, ...)``, run once more if its connection was dead.
+
+    Retried only when the error came from inside *interaction* (so COMMIT was never sent and
+    the server has rolled the transaction back) and says the connection died or InnoDB broke
+    a deadlock. An error during COMMIT is never retried: the commit may have happened.
+    *interaction* must therefore touch nothing but the database.
+    """
+    attempts = 2
+
+    def attempt(number: int) -> Deferred[T]:
+        reached_commit = [False]
+
+        def run(txn: adbapi.Transaction) -> T:
+            result = interaction(txn, *args, **kwargs)
+            reached_commit[0] = True
+            return result
+
+        d: Deferred[T] = pool.runInteraction(run)  # type: ignore[no-untyped-call]
+
+        def maybe_retry(failure: Failure) -> Deferred[T] | Failure:
+            if number < attempts and not reached_commit[0] and _worth_retrying(failure):
+                log.info(
+                    "retrying {interaction} after {error}",
+                    interaction=getattr(interaction, "__name__", repr(interaction)),
+                    error=f"{type(failure.value).__name__}: {failure.value}",
+                )
+                return attempt(number + 1)
+            return failure
+
+        retried: Deferred[T] = d.addErrback(maybe_retry)  # type: ignore[call-overload]
+        return retried
+
+    return attempt(1)
+
+
+def split_statements(sql_text: str) -> list[str]:
+    """The statements of a schema file: ``--`` comment lines dropped, split at ``;``.
+
+    Enough for DDL files that keep ``;`` out of strings and comments.
+    """
+    lines = [line for line in sql_text.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+class SchemaLockTimeoutError(RuntimeError):
+    """Another process held the schema lock for longer than we were willing to wait."""
+
+
+LOCK_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def apply_schema(
+    pool: adbapi.ConnectionPool, sql_text: str, lock_name: str, *, wait: int = 5
+) -> Deferred[None]:
+    """Run the statements of *sql_text* (``CREATE TABLE IF NOT EXISTS ...``) while holding
+    the MySQL user lock *lock_name*, so that instances starting together apply it one after
+    another.
+
+    :param wait: seconds to wait for the lock (keep it below the pool's read timeout).
+    :raises SchemaLockTimeoutError: (in the Deferred) if the lock is not had in time.
+    """
+    if LOCK_NAME.fullmatch(lock_name) is None:
+        raise ValueError(f"lock name {lock_name!r}: 1-64 characters of [A-Za-z0-9._:-]")
+    statements = split_statements(sql_text)
+
+    def apply(connection: Any) -> None:
+        cursor = connection.cursor()
+        try:
+            cursor.execute("SELECT GET_LOCK(%s, %s)", (lock_name, wait))
+            (granted,) = cursor.fetchone()
+            if granted != 1:
+                raise SchemaLockTimeoutError(f"could not take lock {lock_name!r} within {wait}s")
+            try:
+                for statement in statements:
+                    cursor.execute(statement)
+                connection.commit()
+            finally:
+                cursor.execute("SELECT RELEASE_LOCK(%s)", (lock_name,))
+                cursor.fetchall()
+        finally:
+            cursor.close()
+
+    d: Deferred[None] = pool.runWithConnection(apply)  # type: ignore[no-untyped-call]
+
+    def applied(result: None) -> None:
+        log.info(
+            "schema applied under lock {lock_name} ({count} statements)",
+            lock_name=lock_name,
+            count=len(statements),
+        )
+
+    return d.addCallback(applied)
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+REDIS_TIMEOUT = 2.0
+"""Seconds a Redis call may take, waiting for a connection included."""
+
+
+class RedisPool:
+    """A txredisapi lazy connection pool whose calls fail instead of waiting for ever.
+
+    txredisapi queues a call until a connection exists, so with Redis down a bare call
+    never fires. Here every call fails with ``txredisapi.TimeoutError`` (a
+    ``txredisapi.ConnectionError``) after *timeout* seconds.
+    """
+
+    def __init__(self, handler: Any, *, clock: IReactorTime, timeout: float) -> None:
+        self.handler = handler
+        self.clock = clock
+        self.timeout = timeout
+
+    def call(self, command: str, *args: object, **kwargs: object) -> Deferred[Any]:
+        """Run txredisapi's method *command* (``"hincrby"``, ``"eval"``, ...) on a pooled
+        connection."""
+        d: Deferred[Any] = defer.maybeDeferred(getattr(self.handler, command), *args, **kwargs)
+        return d.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
+
+    def _timed_out(self, result: object, timeout: float) -> NoReturn:
+        raise txredisapi.TimeoutError(f"Redis did not answer within {timeout:g}s")
+
+    def disconnect(self) -> Deferred[None]:
+        """Stop reconnecting and close every connection."""
+        d: Deferred[None] = self.handler.disconnect()
+        return d
+
+
+def redis_pool(
+    config: RedisConfig,
+    *,
+    poolsize: int = 4,
+    timeout: float = REDIS_TIMEOUT,
+    clock: IReactorTime | None = None,
+) -> RedisPool:
+    """A lazy txredisapi pool for *config*: connects in the background, reconnects by
+    itself, and fails calls after *timeout* seconds while Redis is unreachable."""
+    if clock is None:
+        from twisted.internet import reactor
+
+        clock = cast(IReactorTime, reactor)
+    handler = txredisapi.lazyConnectionPool(
+        host=config.host,
+        port=config.port,
+        dbid=config.db,
+        poolsize=poolsize,
+        connectTimeout=timeout,
+        replyTimeout=timeout,
+    )
+    return RedisPool(handler, clock=clock, timeout=timeout)

@@ -1,0 +1,376 @@
+"""Integration tests of the chat storage against a real MariaDB and a real Redis: sends stored
+once per idempotency key (even racing), conflicts, paging, read marks, counter rebuilds,
+compensation when Redis is down, concurrent schema setup and retries on dead connections.
+
+The servers come from the session fixtures ``mariadb`` and ``redis_server`` (tests/conftest.py);
+the test that stops Redis starts a Redis of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+import pymysql
+import pytest
+import pytest_twisted
+from twisted.enterprise import adbapi
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import deferLater
+
+from snet.chat.store import (
+    SCHEMA_LOCK,
+    Dialogs,
+    Message,
+    MessageStore,
+    UnreadCounters,
+    apply_chat_schema,
+    schema_sql,
+)
+from snet.config import MySQLConfig, RedisConfig
+from snet.storage import RedisPool, apply_schema, mysql_pool, redis_pool, run_with_retry
+from snet.testing.servers import MariaDB, Redis
+from snet.web import Conflict, Unavailable
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+
+ALICE, BOB, CAROL, DAVE = 101, 102, 103, 104
+REDIS_DB = 3
+"""A Redis database of this module's own on the shared server."""
+
+
+@pytest.fixture(scope="module")
+def mysql_config(mariadb: MariaDB) -> MySQLConfig:
+    return MySQLConfig.from_url(mariadb.create_database("chat_store_test"))
+
+
+@pytest_twisted.async_yield_fixture
+async def pool(mysql_config: MySQLConfig) -> AsyncIterator[adbapi.ConnectionPool]:
+    pool = mysql_pool(mysql_config, min=1, max=8)
+    try:
+        await apply_chat_schema(pool)
+        await pool.runOperation("DELETE FROM chat_messages")
+        await pool.runOperation("DELETE FROM chat_reads")
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(redis_server: Redis) -> AsyncIterator[RedisPool]:
+    config = RedisConfig.from_url(redis_server.url)
+    client = redis_pool(RedisConfig(config.host, config.port, REDIS_DB), timeout=2.0)
+    try:
+        await client.call("flushdb")
+        yield client
+    finally:
+        await client.disconnect()
+
+
+@pytest.fixture
+def store(pool: adbapi.ConnectionPool) -> MessageStore:
+    return MessageStore(pool)
+
+
+@pytest.fixture
+def counters(redis: RedisPool) -> UnreadCounters:
+    return UnreadCounters(redis)
+
+
+@pytest.fixture
+def dialogs(store: MessageStore, counters: UnreadCounters) -> Dialogs:
+    return Dialogs(store, counters)
+
+
+async def rows(pool: adbapi.ConnectionPool) -> list[tuple[Any, ...]]:
+    return list(
+        await pool.runQuery(
+            "SELECT id, sender_id, recipient_id, text, idempotency_key FROM chat_messages"
+            " ORDER BY id"
+        )
+    )
+
+
+# --- sends ----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_send_is_stored_once_under_a_repeated_key(
+    store: MessageStore, pool: adbapi.ConnectionPool
+) -> None:
+    first, created = await store.send(ALICE, BOB, "hello 👋", "key-1")
+    again, created_again = await store.send(ALICE, BOB, "hello 👋", "key-1")
+    assert (created, created_again) == (True, False)
+    assert again == first
+    assert first.text == "hello 👋"
+    assert first.created_at.tzinfo is not None
+    assert await rows(pool) == [(first.id, ALICE, BOB, "hello 👋", "key-1")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_racing_sends_with_the_same_key_store_one_message_counted_once(
+    dialogs: Dialogs, counters: UnreadCounters, pool: adbapi.ConnectionPool
+) -> None:
+    for round_ in range(5):
+        key = f"race-{round_}"
+        results = await DeferredList(
+            [  # started together: each send runs in a pool thread of its own
+                started(dialogs.send(ALICE, BOB, f"race {round_}", key)) for _ in range(4)
+            ],
+            fireOnOneErrback=True,
+            consumeErrors=True,
+        )
+        outcomes = [result for _ok, result in results]
+        assert sorted(created for _msg, created in outcomes) == [False, False, False, True]
+        assert len({msg for msg, _created in outcomes}) == 1
+    assert len(await rows(pool)) == 5
+    assert await counters.counts(BOB) == {ALICE: 5}
+
+
+def started(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
+    """Run *coroutine* now, as a Deferred (so that several run at once)."""
+    return Deferred.fromCoroutine(coroutine)
+
+
+@pytest.mark.parametrize(("recipient", "text"), [(BOB, "changed"), (CAROL, "original")])
+@pytest_twisted.ensureDeferred
+async def test_a_key_reused_for_a_different_message_is_a_conflict(
+    store: MessageStore, pool: adbapi.ConnectionPool, recipient: int, text: str
+) -> None:
+    stored, _ = await store.send(ALICE, BOB, "original", "k")
+    with pytest.raises(Conflict):
+        await store.send(ALICE, recipient, text, "k")
+    assert await rows(pool) == [(stored.id, ALICE, BOB, "original", "k")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_are_per_sender_and_case_sensitive(store: MessageStore) -> None:
+    _, a = await store.send(ALICE, BOB, "x", "Key")
+    _, b = await store.send(CAROL, BOB, "x", "Key")
+    _, c = await store.send(ALICE, BOB, "x", "key")
+    assert (a, b, c) == (True, True, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_longest_text_is_stored_exactly(store: MessageStore) -> None:
+    text = "𝄞" * 4096  # four bytes each in UTF-8
+    message, _ = await store.send(ALICE, BOB, text, "long")
+    [listed] = await store.list_dialog(BOB, ALICE)
+    assert listed.text == message.text == text
+
+
+@pytest_twisted.ensureDeferred
+async def test_when_redis_is_down_a_send_fails_fast_with_503_and_leaves_no_row(
+    store: MessageStore, pool: adbapi.ConnectionPool
+) -> None:
+    own_redis = Redis().start()
+    client = redis_pool(RedisConfig.from_url(own_redis.url), timeout=1.0)
+    try:
+        dialogs = Dialogs(store, UnreadCounters(client))
+        await dialogs.send(ALICE, BOB, "before", "k0")
+        own_redis.stop()
+        began = time.monotonic()
+        with pytest.raises(Unavailable):
+            await dialogs.send(ALICE, BOB, "while down", "k1")
+        assert time.monotonic() - began < 5
+        assert [row[4] for row in await rows(pool)] == ["k0"]
+
+        # Back up (Redis lost its data: it keeps nothing on disk), the client's retry with
+        # the same key stores the message at last.
+        own_redis.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _message, created = await dialogs.send(ALICE, BOB, "while down", "k1")
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await deferLater(reactor, 0.2, lambda: None)
+        assert created
+        assert [row[4] for row in await rows(pool)] == ["k0", "k1"]
+        assert await UnreadCounters(client).counts(BOB) == {ALICE: 1}
+    finally:
+        await client.disconnect()
+        own_redis.close()
+
+
+# --- listing and reading --------------------------------------------------------------------
+
+
+async def converse(store: MessageStore, count: int) -> list[Message]:
+    sent = []
+    for n in range(count):
+        sender, recipient = (ALICE, BOB) if n % 3 else (BOB, ALICE)
+        message, _ = await store.send(sender, recipient, f"m{n}", f"k{n}")
+        sent.append(message)
+    await store.send(ALICE, CAROL, "elsewhere", "c")
+    await store.send(CAROL, BOB, "elsewhere", "c")
+    return sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dialog_lists_oldest_first_from_either_side_in_pages(store: MessageStore) -> None:
+    sent = await converse(store, 7)
+    ids = [m.id for m in sent]
+    assert [m.id for m in await store.list_dialog(ALICE, BOB)] == ids
+    assert [m.id for m in await store.list_dialog(BOB, ALICE)] == ids
+    page1 = await store.list_dialog(ALICE, BOB, limit=3)
+    page2 = await store.list_dialog(ALICE, BOB, after_id=page1[-1].id, limit=3)
+    page3 = await store.list_dialog(ALICE, BOB, after_id=page2[-1].id, limit=3)
+    assert [m.id for m in page1 + page2 + page3] == ids
+    assert len(page3) == 1
+    assert await store.list_dialog(ALICE, BOB, after_id=ids[-1]) == []
+    assert page1 == sent[:3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_before_id_gives_the_page_just_before_oldest_first(store: MessageStore) -> None:
+    sent = await converse(store, 7)
+    ids = [m.id for m in sent]
+    assert [m.id for m in await store.list_dialog(ALICE, BOB, before_id=ids[5], limit=2)] == (
+        ids[3:5]
+    )
+    between = await store.list_dialog(ALICE, BOB, after_id=ids[1], before_id=ids[4])
+    assert [m.id for m in between] == ids[2:4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_mark_only_moves_forward(store: MessageStore) -> None:
+    sent = await converse(store, 6)
+    from_alice = [m for m in sent if m.sender_id == ALICE]
+    assert (await store.unread_from_mysql(BOB))[BOB, ALICE] == len(from_alice)
+    await store.mark_read(BOB, ALICE, from_alice[2].id)
+    assert (await store.unread_from_mysql(BOB))[BOB, ALICE] == len(from_alice) - 3
+    await store.mark_read(BOB, ALICE, from_alice[0].id)
+    assert (await store.unread_from_mysql(BOB))[BOB, ALICE] == len(from_alice) - 3
+    newest = await store.mark_dialog_read(BOB, ALICE)
+    assert newest == sent[-1].id
+    assert (BOB, ALICE) not in await store.unread_from_mysql(BOB)
+    assert await store.mark_dialog_read(BOB, DAVE) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_reading_a_page_marks_the_whole_dialog_read_and_clears_the_counter(
+    dialogs: Dialogs, store: MessageStore, counters: UnreadCounters
+) -> None:
+    for n in range(5):
+        await dialogs.send(ALICE, BOB, f"m{n}", f"k{n}")
+    await dialogs.send(CAROL, BOB, "other", "c")
+    assert await counters.counts(BOB) == {ALICE: 5, CAROL: 1}
+    page = await dialogs.read(BOB, ALICE, after_id=None, limit=2)
+    assert [m.text for m in page] == ["m0", "m1"]
+    assert await counters.counts(BOB) == {CAROL: 1}
+    assert await store.unread_from_mysql(BOB) == {(BOB, CAROL): 1}
+
+
+# --- unread counters ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_rebuild_redis_counts_equal_mysql_counts(
+    dialogs: Dialogs, store: MessageStore, counters: UnreadCounters, redis: RedisPool
+) -> None:
+    pairs = [(ALICE, BOB), (BOB, ALICE), (CAROL, BOB), (ALICE, CAROL), (DAVE, ALICE)] * 3
+    for n, (sender, recipient) in enumerate(pairs):
+        await dialogs.send(sender, recipient, f"m{n}", f"k{n}")
+    await dialogs.read(ALICE, DAVE, after_id=None, limit=1)  # Alice has read Dave
+    await dialogs.send(DAVE, ALICE, "after the read", "late")
+    # The cache drifts: wrong numbers, a reader with nothing unread, a stale peer.
+    await counters.bump(BOB, ALICE)
+    await counters.bump(DAVE, CAROL)
+    await counters.bump(CAROL, DAVE)
+    readers = await dialogs.rebuild_unread()
+    expected = await store.unread_from_mysql()
+    assert readers == len({reader for reader, _peer in expected})
+    for reader in (ALICE, BOB, CAROL, DAVE):
+        mysql = {peer: n for (r, peer), n in expected.items() if r == reader}
+        assert await counters.counts(reader) == mysql
+    assert expected[ALICE, DAVE] == 1
+    keys = sorted((await redis.call("scan", 0, "snet:unread:*", 1000))[1])
+    assert keys == sorted(f"snet:unread:{r}" for r in {r for r, _ in expected})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rebuild_with_nothing_unread_leaves_no_keys(
+    counters: UnreadCounters, redis: RedisPool
+) -> None:
+    await counters.bump(ALICE, BOB)
+    await redis.call("set", "unrelated", "stays")
+    assert await counters.replace_all({}) == 0
+    assert await counters.counts(ALICE) == {}
+    assert await redis.call("keys", "*") == ["unrelated"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bump_and_clear_count_per_peer(counters: UnreadCounters) -> None:
+    assert await counters.bump(ALICE, BOB) == 1
+    assert await counters.bump(ALICE, BOB) == 2
+    await counters.bump(ALICE, CAROL)
+    assert await counters.counts(ALICE) == {BOB: 2, CAROL: 1}
+    await counters.clear(ALICE, BOB)
+    assert await counters.counts(ALICE) == {CAROL: 1}
+
+
+# --- schema and connections -----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_schema_applied_by_several_instances_at_once_works(mariadb: MariaDB) -> None:
+    config = MySQLConfig.from_url(mariadb.create_database("chat_schema_race"))
+    pools = [mysql_pool(config, min=1, max=2) for _ in range(4)]
+    try:
+        await gatherResults([apply_chat_schema(p) for p in pools], consumeErrors=True)
+        await gatherResults(
+            [apply_schema(p, schema_sql(), SCHEMA_LOCK) for p in pools], consumeErrors=True
+        )
+        tables = await pools[0].runQuery("SHOW TABLES")
+        assert sorted(t[0] for t in tables) == ["chat_messages", "chat_reads"]
+        message, created = await MessageStore(pools[1]).send(ALICE, BOB, "works", "k")
+        assert created and message.id > 0
+    finally:
+        for p in pools:
+            p.close()
+        mariadb.drop_database("chat_schema_race")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_connection_is_retried_once_transparently(
+    mysql_config: MySQLConfig, mariadb: MariaDB
+) -> None:
+    pool = mysql_pool(mysql_config, min=1, max=1)
+
+    def connection_id(txn: adbapi.Transaction) -> int:
+        txn.execute("SELECT CONNECTION_ID()")
+        return int(txn.fetchone()[0])
+
+    def kill(thread_id: int) -> None:
+        root = mariadb.connect()
+        try:
+            with root.cursor() as cursor:
+                cursor.execute("KILL %s", (thread_id,))
+        finally:
+            root.close()
+
+    try:
+        first = await pool.runInteraction(connection_id)
+        kill(first)
+        # adbapi alone fails the call that finds the connection dead...
+        with pytest.raises((pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            await pool.runInteraction(connection_id)
+        second = await pool.runInteraction(connection_id)
+        kill(second)
+        # ...run_with_retry runs it again on a fresh connection.
+        third = await run_with_retry(pool, connection_id)
+        assert third not in (first, second)
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ping_answers_when_mysql_does(store: MessageStore) -> None:
+    assert await store.ping() is None

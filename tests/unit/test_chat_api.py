@@ -1,0 +1,567 @@
+"""Unit tests of the chat HTTP API (snet.chat.app) and of the send/read rules of
+snet.chat.store.Dialogs, served in memory by StubTreq over in-memory fakes of MessageStore and
+UnreadCounters. The fakes stand in for MySQL and Redis in validation and HTTP logic only:
+tests/integration/test_chat_store.py checks the real stores."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+import txredisapi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+
+from snet.chat.app import ChatAPI, parse_limit, validate_text
+from snet.chat.store import MAX_TEXT, Message, MessageStore, UnreadCounters
+from snet.testing import result_of
+from snet.web import BadRequest, Conflict, ErrorCode, HTTPMetrics, InFlight, parse_id
+
+BASE = "http://chat.test"
+ALICE, BOB, CAROL = 1, 2, 3
+
+
+class FakeMessages:
+    """MessageStore's behaviour, kept in lists and dicts."""
+
+    def __init__(self) -> None:
+        self.rows: list[Message] = []
+        self.reads: dict[tuple[int, int], int] = {}
+        self.next_id = 1
+        self.ping_result: Deferred[None] | None = None
+        self.deleted: list[int] = []
+        self._keys: dict[int, str] = {}
+
+    def send(self, sender: int, recipient: int, text: str, key: str) -> Deferred[Any]:
+        for row in self.rows:
+            if row.sender_id == sender and self._keys[row.id] == key:
+                if row.recipient_id != recipient or row.text != text:
+                    return fail(
+                        Conflict(
+                            "idempotency key reused with a different message",
+                            code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                        )
+                    )
+                return succeed((row, False))
+        message = Message(
+            id=self.next_id,
+            sender_id=sender,
+            recipient_id=recipient,
+            text=text,
+            created_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=self.next_id),
+        )
+        self._keys[message.id] = key
+        self.next_id += 1
+        self.rows.append(message)
+        return succeed((message, True))
+
+    def delete(self, message_id: int) -> Deferred[None]:
+        self.deleted.append(message_id)
+        self.rows = [row for row in self.rows if row.id != message_id]
+        return succeed(None)
+
+    def _dialog(self, a: int, b: int) -> list[Message]:
+        return [r for r in self.rows if {r.sender_id, r.recipient_id} == {a, b}]
+
+    def list_dialog(
+        self,
+        user_id: int,
+        peer_id: int,
+        *,
+        after_id: int | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> Deferred[list[Message]]:
+        rows = [r for r in self._dialog(user_id, peer_id) if r.id > (after_id or 0)]
+        return succeed(rows[:limit])
+
+    def mark_read(self, reader: int, peer: int, up_to_id: int) -> Deferred[None]:
+        self.reads[reader, peer] = max(self.reads.get((reader, peer), 0), up_to_id)
+        return succeed(None)
+
+    def mark_dialog_read(self, reader: int, peer: int) -> Deferred[int | None]:
+        rows = self._dialog(reader, peer)
+        if not rows:
+            return succeed(None)
+        self.mark_read(reader, peer, rows[-1].id)
+        return succeed(rows[-1].id)
+
+    def unread_from_mysql(self, user_id: int | None = None) -> Deferred[dict[Any, int]]:
+        counts: dict[tuple[int, int], int] = {}
+        for r in self.rows:
+            if r.id > self.reads.get((r.recipient_id, r.sender_id), 0):
+                key = (r.recipient_id, r.sender_id)
+                counts[key] = counts.get(key, 0) + 1
+        return succeed(counts)
+
+    def ping(self) -> Deferred[None]:
+        return self.ping_result if self.ping_result is not None else succeed(None)
+
+
+class FakeUnread:
+    """UnreadCounters' behaviour in a dict; ``failure`` makes every call fail with it."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[int, dict[int, int]] = {}
+        self.failure: Exception | None = None
+
+    def _check(self) -> Deferred[None] | None:
+        return fail(self.failure) if self.failure is not None else None
+
+    def bump(self, reader: int, peer: int) -> Deferred[Any]:
+        if (broken := self._check()) is not None:
+            return broken
+        counts = self.hashes.setdefault(reader, {})
+        counts[peer] = counts.get(peer, 0) + 1
+        return succeed(counts[peer])
+
+    def clear(self, reader: int, peer: int) -> Deferred[None]:
+        if (broken := self._check()) is not None:
+            return broken
+        self.hashes.get(reader, {}).pop(peer, None)
+        if not self.hashes.get(reader, True):
+            del self.hashes[reader]
+        return succeed(None)
+
+    def counts(self, reader: int) -> Deferred[Any]:
+        if (broken := self._check()) is not None:
+            return broken
+        return succeed(dict(self.hashes.get(reader, {})))
+
+    def replace_all(self, counts: dict[tuple[int, int], int]) -> Deferred[Any]:
+        self.hashes = {}
+        for (reader, peer), count in counts.items():
+            if count > 0:
+                self.hashes.setdefault(reader, {})[peer] = count
+        return succeed(len(self.hashes))
+
+
+class Chat:
+    """A ChatAPI over fakes, with a helper to call it in memory."""
+
+    def __init__(self) -> None:
+        self.messages = FakeMessages()
+        self.unread = FakeUnread()
+        self.clock = Clock()
+        self.in_flight = InFlight()
+        self.api = ChatAPI(
+            messages=cast(MessageStore, self.messages),
+            unread=cast(UnreadCounters, self.unread),
+            in_flight=self.in_flight,
+            metrics=HTTPMetrics(),
+            version="9.9.9",
+            clock=self.clock,
+        )
+        self.http = StubTreq(self.api.resource())
+
+    def call(self, method: str, path: str, **kwargs: Any) -> tuple[Any, Any]:
+        d = self.http.request(method, BASE + path, **kwargs)
+        self.http.flush()
+        response = result_of(d)
+        raw = result_of(response.content())
+        try:
+            return response, json.loads(raw)
+        except ValueError:
+            return response, raw
+
+    def send(
+        self,
+        sender: int | str,
+        peer: int | str,
+        body: Any = None,
+        *,
+        key: str | None = "k1",
+        raw: bytes | None = None,
+    ) -> tuple[Any, Any]:
+        headers = {"X-Snet-User-Id": str(sender), "Content-Type": "application/json"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        data = raw if raw is not None else json.dumps(body).encode()
+        return self.call("POST", f"/v1/dialogs/{peer}/messages", data=data, headers=headers)
+
+    def list(self, reader: int, peer: int | str, query: str = "") -> tuple[Any, Any]:
+        return self.call(
+            "GET", f"/v1/dialogs/{peer}/messages{query}", headers={"X-Snet-User-Id": str(reader)}
+        )
+
+
+@pytest.fixture
+def chat() -> Chat:
+    return Chat()
+
+
+def header(response: Any, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+# --- send -----------------------------------------------------------------------------------
+
+
+def test_a_send_stores_the_message_and_counts_it_unread_for_the_recipient(chat: Chat) -> None:
+    response, body = chat.send(ALICE, BOB, {"text": "hi Bob"})
+    assert response.code == 201
+    assert body == {
+        "message": {
+            "id": 1,
+            "sender_id": ALICE,
+            "recipient_id": BOB,
+            "text": "hi Bob",
+            "created_at": "2026-01-01T00:00:01.000000Z",
+        }
+    }
+    assert header(response, "Idempotent-Replayed") is None
+    assert chat.unread.hashes == {BOB: {ALICE: 1}}
+
+
+def test_a_replayed_send_answers_the_same_and_counts_nothing_twice(chat: Chat) -> None:
+    first, first_body = chat.send(ALICE, BOB, {"text": "hi"}, key="retry-1")
+    again, again_body = chat.send(ALICE, BOB, {"text": "hi"}, key="retry-1")
+    assert (again.code, again_body) == (first.code, first_body) == (201, first_body)
+    assert header(again, "Idempotent-Replayed") == "true"
+    assert len(chat.messages.rows) == 1
+    assert chat.unread.hashes == {BOB: {ALICE: 1}}
+
+
+@pytest.mark.parametrize(("peer", "text"), [(BOB, "other text"), (CAROL, "hi")])
+def test_a_key_reused_for_another_message_is_a_conflict(chat: Chat, peer: int, text: str) -> None:
+    chat.send(ALICE, BOB, {"text": "hi"}, key="k")
+    response, body = chat.send(ALICE, peer, {"text": text}, key="k")
+    assert response.code == 409
+    assert body["code"] == ErrorCode.IDEMPOTENCY_KEY_REUSED
+    assert len(chat.messages.rows) == 1
+    assert chat.unread.hashes == {BOB: {ALICE: 1}}
+
+
+def test_the_same_key_from_another_sender_is_another_message(chat: Chat) -> None:
+    chat.send(ALICE, BOB, {"text": "hi"}, key="k")
+    response, _ = chat.send(CAROL, BOB, {"text": "hi"}, key="k")
+    assert response.code == 201
+    assert chat.unread.hashes == {BOB: {ALICE: 1, CAROL: 1}}
+
+
+def test_unknown_fields_are_ignored(chat: Chat) -> None:
+    response, body = chat.send(ALICE, BOB, {"text": "hi", "mood": "happy", "id": 99})
+    assert response.code == 201
+    assert body["message"]["id"] == 1
+
+
+def test_when_redis_is_down_a_send_is_503_and_leaves_no_message(chat: Chat) -> None:
+    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    response, body = chat.send(ALICE, BOB, {"text": "hi"}, key="k")
+    assert response.code == 503
+    assert header(response, "Retry-After") == "1"
+    assert body["code"] == ErrorCode.UNREAD_UNAVAILABLE
+    assert chat.messages.rows == []
+    assert chat.messages.deleted == [1]
+
+
+def test_after_redis_is_back_the_retried_send_is_stored_and_counted(chat: Chat) -> None:
+    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    chat.send(ALICE, BOB, {"text": "hi"}, key="k")
+    chat.unread.failure = None
+    response, _ = chat.send(ALICE, BOB, {"text": "hi"}, key="k")
+    assert response.code == 201
+    assert header(response, "Idempotent-Replayed") is None
+    assert len(chat.messages.rows) == 1
+    assert chat.unread.hashes == {BOB: {ALICE: 1}}
+
+
+def test_a_bump_failing_for_another_reason_is_a_500_and_also_leaves_no_message(
+    chat: Chat,
+) -> None:
+    chat.unread.failure = RuntimeError("WRONGTYPE")
+    response, _ = chat.send(ALICE, BOB, {"text": "hi"})
+    assert response.code == 500
+    assert chat.messages.rows == []
+
+
+# --- send validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"sender": ALICE, "peer": ALICE, "body": {"text": "me"}}, ErrorCode.SELF_DIALOG),
+        ({"sender": "0", "peer": BOB, "body": {"text": "x"}}, ErrorCode.INVALID_PARAMETER),
+        ({"sender": "-1", "peer": BOB, "body": {"text": "x"}}, ErrorCode.INVALID_PARAMETER),
+        ({"sender": ALICE, "peer": "007", "body": {"text": "x"}}, ErrorCode.INVALID_PARAMETER),
+        ({"sender": ALICE, "peer": "bob", "body": {"text": "x"}}, ErrorCode.INVALID_PARAMETER),
+        ({"sender": ALICE, "peer": str(2**63), "body": {"text": "x"}}, 40004),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": "x"}, "key": None}, 40005),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": "x"}, "key": "a b"}, 40004),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": "x"}, "key": "k" * 129}, 40004),
+        ({"sender": ALICE, "peer": BOB, "body": {}}, ErrorCode.INVALID_TEXT),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": None}}, ErrorCode.INVALID_TEXT),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": 5}}, ErrorCode.INVALID_TEXT),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": ["a"]}}, ErrorCode.INVALID_TEXT),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": ""}}, ErrorCode.INVALID_TEXT),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": " \n\t\u3000"}}, 40006),
+        ({"sender": ALICE, "peer": BOB, "body": {"text": "x" * 4097}}, 40006),
+        ({"sender": ALICE, "peer": BOB, "body": ["text"]}, ErrorCode.INVALID_JSON),
+        ({"sender": ALICE, "peer": BOB, "raw": b'{"text": "\\ud800"}'}, 40006),
+        ({"sender": ALICE, "peer": BOB, "raw": b'{"text": '}, ErrorCode.INVALID_JSON),
+    ],
+)
+def test_bad_send_input_is_a_400_with_a_code_and_changes_nothing(
+    chat: Chat, kwargs: dict[str, Any], code: int
+) -> None:
+    response, body = chat.send(**kwargs)
+    assert response.code == 400
+    assert body["code"] == code
+    assert body["message"]
+    assert chat.messages.rows == []
+    assert chat.unread.hashes == {}
+
+
+def test_a_wrong_text_type_is_named_in_the_message(chat: Chat) -> None:
+    _, body = chat.send(ALICE, BOB, {"text": 42})
+    assert "text" in body["message"]
+
+
+def test_a_missing_user_header_is_a_400(chat: Chat) -> None:
+    response, body = chat.call(
+        "POST",
+        "/v1/dialogs/2/messages",
+        data=b'{"text": "x"}',
+        headers={"Content-Type": "application/json", "Idempotency-Key": "k"},
+    )
+    assert response.code == 400
+    assert body["code"] == ErrorCode.MISSING_HEADER
+    assert "X-Snet-User-Id" in body["message"]
+
+
+def test_a_text_of_exactly_4096_characters_is_accepted(chat: Chat) -> None:
+    response, body = chat.send(ALICE, BOB, {"text": "я" * MAX_TEXT})
+    assert response.code == 201
+    assert len(body["message"]["text"]) == MAX_TEXT
+
+
+# --- list -----------------------------------------------------------------------------------
+
+
+def fill(chat: Chat, count: int) -> None:
+    for n in range(count):
+        sender, peer = (ALICE, BOB) if n % 2 == 0 else (BOB, ALICE)
+        chat.send(sender, peer, {"text": f"m{n}"}, key=f"k{n}")
+
+
+def test_a_dialog_lists_oldest_first_in_pages(chat: Chat) -> None:
+    fill(chat, 5)
+    chat.send(ALICE, CAROL, {"text": "not in this dialog"}, key="c")
+    response, page1 = chat.list(ALICE, BOB, "?limit=2")
+    assert response.code == 200
+    assert [m["text"] for m in page1["messages"]] == ["m0", "m1"]
+    assert page1["next_after_id"] == 2
+    _, page2 = chat.list(BOB, ALICE, f"?limit=2&after_id={page1['next_after_id']}")
+    assert [m["text"] for m in page2["messages"]] == ["m2", "m3"]
+    _, page3 = chat.list(ALICE, BOB, f"?limit=2&after_id={page2['next_after_id']}")
+    assert [m["text"] for m in page3["messages"]] == ["m4"]
+    assert page3["next_after_id"] is None
+
+
+def test_a_full_last_page_says_there_is_no_next_page(chat: Chat) -> None:
+    fill(chat, 2)
+    _, page = chat.list(ALICE, BOB, "?limit=2")
+    assert page["next_after_id"] is None
+
+
+def test_the_default_page_has_100_messages(chat: Chat) -> None:
+    fill(chat, 101)
+    _, page = chat.list(ALICE, BOB)
+    assert len(page["messages"]) == 100
+    assert page["next_after_id"] == 100
+
+
+def test_reading_a_page_clears_the_counter_and_marks_the_whole_dialog_read(chat: Chat) -> None:
+    for n in range(3):
+        chat.send(ALICE, BOB, {"text": f"m{n}"}, key=f"k{n}")
+    chat.send(CAROL, BOB, {"text": "other"}, key="c")
+    assert chat.unread.hashes == {BOB: {ALICE: 3, CAROL: 1}}
+    chat.list(BOB, ALICE, "?limit=1")
+    assert chat.unread.hashes == {BOB: {CAROL: 1}}
+    assert chat.messages.reads == {(BOB, ALICE): 3}
+
+
+@pytest.mark.parametrize(
+    "query", ["?limit=0", "?limit=501", "?limit=abc", "?limit=01", "?limit=-1", "?after_id=x"]
+)
+def test_bad_paging_parameters_are_a_400(chat: Chat, query: str) -> None:
+    fill(chat, 1)
+    response, body = chat.list(BOB, ALICE, query)
+    assert response.code == 400
+    assert body["code"] == ErrorCode.INVALID_PARAMETER
+    assert chat.unread.hashes == {BOB: {ALICE: 1}}
+
+
+def test_listing_with_oneself_is_a_400(chat: Chat) -> None:
+    response, _ = chat.list(ALICE, ALICE)
+    assert response.code == 400
+
+
+def test_listing_while_redis_is_down_is_a_503(chat: Chat) -> None:
+    fill(chat, 1)
+    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    response, _ = chat.list(BOB, ALICE)
+    assert response.code == 503
+
+
+# --- unread ---------------------------------------------------------------------------------
+
+
+def test_unread_gives_the_total_and_each_dialog(chat: Chat) -> None:
+    chat.send(CAROL, BOB, {"text": "a"}, key="1")
+    chat.send(ALICE, BOB, {"text": "b"}, key="2")
+    chat.send(ALICE, BOB, {"text": "c"}, key="3")
+    response, body = chat.call("GET", "/v1/unread", headers={"X-Snet-User-Id": str(BOB)})
+    assert response.code == 200
+    assert body == {
+        "total": 3,
+        "dialogs": [{"peer_id": ALICE, "count": 2}, {"peer_id": CAROL, "count": 1}],
+    }
+    _, alice = chat.call("GET", "/v1/unread", headers={"X-Snet-User-Id": str(ALICE)})
+    assert alice == {"total": 0, "dialogs": []}
+
+
+def test_rebuild_recomputes_the_counters_from_mysql(chat: Chat) -> None:
+    fill(chat, 3)  # Bob has 2 unread from Alice, Alice 1 from Bob
+    chat.unread.hashes = {BOB: {ALICE: 40}, CAROL: {ALICE: 1}}
+    response, body = chat.call("POST", "/v1/unread/rebuild", headers={"X-Snet-User-Id": str(ALICE)})
+    assert response.code == 200
+    assert body == {"readers": 2}
+    assert chat.unread.hashes == {BOB: {ALICE: 2}, ALICE: {BOB: 1}}
+
+
+# --- health and metrics ---------------------------------------------------------------------
+
+
+def test_health_is_ok_with_the_version_when_mysql_answers(chat: Chat) -> None:
+    response, body = chat.call("GET", "/health")
+    assert response.code == 200
+    assert body == {"status": "ok", "version": "9.9.9"}
+
+
+def test_health_is_503_when_mysql_fails(chat: Chat) -> None:
+    chat.messages.ping_result = fail(ConnectionRefusedError())
+    response, body = chat.call("GET", "/health")
+    assert response.code == 503
+    assert body["status"] == "unavailable"
+    assert body["code"] == ErrorCode.MYSQL_UNAVAILABLE
+
+
+def test_health_is_503_when_mysql_does_not_answer_within_a_second(chat: Chat) -> None:
+    chat.messages.ping_result = Deferred()
+    responses: list[Any] = []
+    chat.http.get(BASE + "/health").addCallback(responses.append)
+    chat.http.flush()
+    chat.clock.advance(0.9)
+    chat.http.flush()
+    assert responses == []
+    chat.clock.advance(0.1)
+    chat.http.flush()
+    assert [r.code for r in responses] == [503]
+
+
+def test_health_is_503_while_draining(chat: Chat) -> None:
+    chat.in_flight.start_draining()
+    response, body = chat.call("GET", "/health")
+    assert response.code == 503
+    assert body["code"] == ErrorCode.DRAINING
+
+
+def test_metrics_are_prometheus_text_by_route_template(chat: Chat) -> None:
+    chat.send(ALICE, BOB, {"text": "hi"})
+    response, body = chat.call("GET", "/metrics")
+    assert response.code == 200
+    assert (header(response, "Content-Type") or "").startswith("text/plain")
+    assert (
+        b'snet_http_requests_total{method="POST",route="/v1/dialogs/<peer_id>/messages",'
+        b'status="201"} 1.0' in body
+    )
+
+
+# --- validators (property tests) ------------------------------------------------------------
+
+
+@given(st.integers(min_value=1, max_value=2**63 - 1))
+def test_every_positive_id_below_2_63_in_plain_digits_is_accepted(n: int) -> None:
+    assert parse_id(str(n), "peer_id") == n
+
+
+@given(st.text(max_size=25))
+def test_an_id_is_accepted_only_as_plain_ascii_digits_without_leading_zero(text: str) -> None:
+    plain = text.isascii() and text.isdigit() and not text.startswith("0")
+    valid = plain and 0 < int(text) < 2**63
+    try:
+        parsed = parse_id(text, "peer_id")
+    except BadRequest:
+        assert not valid
+    else:
+        assert valid and parsed == int(text)
+
+
+@given(st.integers(max_value=0) | st.integers(min_value=2**63))
+def test_ids_out_of_range_are_refused(n: int) -> None:
+    with pytest.raises(BadRequest):
+        parse_id(str(n), "peer_id")
+
+
+@given(st.text(max_size=MAX_TEXT + 10))
+def test_a_text_is_accepted_iff_it_has_content_fits_and_is_valid_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+        encodable = True
+    except UnicodeEncodeError:
+        encodable = False
+    valid = bool(text.strip()) and len(text) <= MAX_TEXT and encodable
+    try:
+        assert validate_text(text) == text
+    except BadRequest:
+        assert not valid
+    else:
+        assert valid
+
+
+@given(st.none() | st.booleans() | st.integers() | st.floats() | st.lists(st.text()))
+def test_a_text_that_is_not_a_string_is_refused(value: object) -> None:
+    with pytest.raises(BadRequest, match="text"):
+        validate_text(value)
+
+
+@given(st.integers(min_value=-1000, max_value=1000).map(str) | st.text(max_size=5))
+def test_limit_is_accepted_only_from_1_to_500(text: str) -> None:
+    try:
+        limit = parse_limit(text)
+    except BadRequest:
+        assert not (text.isascii() and text.isdigit() and text[0] != "0" and int(text) <= 500)
+    else:
+        assert 1 <= limit <= 500 and str(limit) == text
+
+
+@settings(max_examples=50)
+@given(
+    st.dictionaries(
+        st.text(max_size=5),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+            lambda inner: st.lists(inner, max_size=3),
+            max_leaves=5,
+        ),
+        max_size=4,
+    )
+)
+def test_through_the_api_any_body_without_a_good_text_changes_nothing(body: dict[str, Any]) -> None:
+    text = body.get("text")
+    good = isinstance(text, str) and bool(text.strip())
+    chat = Chat()
+    response, _ = chat.send(ALICE, BOB, body)
+    if good:
+        assert response.code == 201
+    else:
+        assert response.code == 400
+        assert chat.messages.rows == [] and chat.unread.hashes == {}

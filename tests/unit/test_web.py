@@ -1,0 +1,434 @@
+"""Unit tests of snet.web: request ids, the JSON error mapping, JSON bodies, draining and
+metrics, through a small Klein app served in memory by StubTreq."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pymysql
+import pytest
+import txredisapi
+from hypothesis import given
+from hypothesis import strategies as st
+from klein import Klein
+from treq.testing import StubTreq
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.test.requesthelper import DummyRequest
+
+from snet.testing import failure_of, result_of
+from snet.web import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    ErrorCode,
+    HTTPMetrics,
+    InFlight,
+    NotFound,
+    ObservedResource,
+    Unavailable,
+    error_response,
+    is_token,
+    json_response,
+    read_json_object,
+    request_id,
+    uncancellable,
+)
+
+BASE = "http://chat.test"
+
+
+class SampleAPI:
+    """A Klein app built like the real ones, whose handlers do what a test tells them."""
+
+    app = Klein()
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.in_flight = InFlight()
+        self.metrics = HTTPMetrics()
+        self.metrics.track(self.in_flight)
+        self.raise_: BaseException | None = None
+        self.pending: Deferred[bytes] | None = None
+        self.seen_ids: list[str] = []
+
+    def resource(self) -> Any:
+        return ObservedResource(
+            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
+        )
+
+    @app.handle_errors(Exception)
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        return error_response(request, failure)
+
+    @app.route("/items/<item_id>", methods=["GET"])
+    def item(self, request: IRequest, item_id: str) -> Any:
+        self.seen_ids.append(request_id(request))
+        self.seen_ids.append(request_id(request))
+        if self.raise_ is not None:
+            raise self.raise_
+        if self.pending is not None:
+            return self.pending
+        return json_response(request, {"item": item_id})
+
+    @app.route("/echo", methods=["POST"])
+    def echo(self, request: IRequest) -> bytes:
+        return json_response(request, read_json_object(request, limit=1024))
+
+
+@pytest.fixture
+def api() -> SampleAPI:
+    return SampleAPI()
+
+
+@pytest.fixture
+def http(api: SampleAPI) -> StubTreq:
+    return StubTreq(api.resource())
+
+
+def call(http: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[Any, Any]:
+    """Make a request in memory; return (response, parsed JSON body or raw bytes)."""
+    d = http.request(method, BASE + path, **kwargs)
+    http.flush()
+    response = result_of(d)
+    raw = result_of(response.content())
+    try:
+        return response, json.loads(raw)
+    except ValueError:
+        return response, raw
+
+
+def header(response: Any, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+# --- request ids ----------------------------------------------------------------------------
+
+
+def test_a_sane_client_request_id_is_kept_and_echoed(http: StubTreq, api: SampleAPI) -> None:
+    response, _ = call(http, "GET", "/items/1", headers={"X-Request-ID": "edge-1:a.b_c"})
+    assert header(response, "X-Request-ID") == "edge-1:a.b_c"
+    assert api.seen_ids == ["edge-1:a.b_c", "edge-1:a.b_c"]
+
+
+@pytest.mark.parametrize("given_id", ["", "x" * 129, "has space", "semi;colon", "ünicode"])
+def test_an_insane_client_request_id_is_replaced_by_a_uuid(
+    http: StubTreq, api: SampleAPI, given_id: str
+) -> None:
+    response, _ = call(http, "GET", "/items/1", headers={"X-Request-ID": given_id.encode()})
+    rid = header(response, "X-Request-ID")
+    assert rid is not None and rid != given_id
+    assert len(rid) == 32 and int(rid, 16) >= 0
+    assert api.seen_ids == [rid, rid]
+
+
+def test_without_a_client_id_each_request_gets_its_own(http: StubTreq) -> None:
+    first, _ = call(http, "GET", "/items/1")
+    second, _ = call(http, "GET", "/items/1")
+    assert header(first, "X-Request-ID") != header(second, "X-Request-ID")
+
+
+@given(st.text(max_size=200))
+def test_is_token_accepts_exactly_1_to_128_safe_characters(text: str) -> None:
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+    assert is_token(text) == (1 <= len(text) <= 128 and set(text) <= allowed)
+
+
+def test_each_request_is_logged_once_at_its_end_with_its_request_id(
+    http: StubTreq, api: SampleAPI
+) -> None:
+    with capturedLogs() as events:
+        call(http, "GET", "/items/7", headers={"X-Request-ID": "rid-7"})
+    lines = [e for e in events if e.get("log_namespace") == "snet.web" and "route" in e]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["method"] == "GET"
+    assert line["route"] == "/items/<item_id>"
+    assert line["status"] == 200
+    assert line["request_id"] == "rid-7"
+    assert "ms" in line
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (BadRequest("bad thing"), 400, ErrorCode.BAD_REQUEST),
+        (NotFound("no thing"), 404, ErrorCode.NOT_FOUND),
+        (Conflict("other thing", code=ErrorCode.IDEMPOTENCY_KEY_REUSED), 409, 40901),
+        (Unavailable("later"), 503, ErrorCode.UNAVAILABLE),
+    ],
+)
+def test_api_errors_become_json_with_their_status_message_code_and_request_id(
+    http: StubTreq, api: SampleAPI, exc: ApiError, status: int, code: int
+) -> None:
+    api.raise_ = exc
+    response, body = call(http, "GET", "/items/1", headers={"X-Request-ID": "r1"})
+    assert response.code == status
+    assert header(response, "Content-Type") == "application/json"
+    assert body == {"message": exc.message, "request_id": "r1", "code": code}
+
+
+def test_unavailable_says_when_to_retry(http: StubTreq, api: SampleAPI) -> None:
+    api.raise_ = Unavailable("later")
+    response, _ = call(http, "GET", "/items/1")
+    assert header(response, "Retry-After") == "1"
+
+
+def test_an_unknown_exception_is_a_500_without_details_and_is_logged_with_the_request_id(
+    http: StubTreq, api: SampleAPI
+) -> None:
+    api.raise_ = KeyError("secret internals")
+    with capturedLogs() as events:
+        response, body = call(http, "GET", "/items/1", headers={"X-Request-ID": "r500"})
+    assert response.code == 500
+    assert body == {"message": "internal error", "request_id": "r500", "code": 50000}
+    failures = [e for e in events if "log_failure" in e]
+    assert len(failures) == 1
+    assert failures[0]["request_id"] == "r500"
+    assert failures[0]["log_failure"].check(KeyError)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pymysql.err.OperationalError(2003, "Can't connect to MySQL server"),
+        pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"),
+        pymysql.err.OperationalError(1213, "Deadlock found"),
+        pymysql.err.InterfaceError(0, ""),
+        error.ConnectionRefusedError(),
+        error.ConnectionLost(),
+        error.ConnectionDone(),
+        txredisapi.ConnectionError("Not connected"),
+        txredisapi.TimeoutError("Not received Redis response in 2 seconds"),
+        defer.TimeoutError(),
+        TimeoutError(),
+    ],
+    ids=lambda e: type(e).__name__ + str(getattr(e, "args", ""))[:12],
+)
+def test_back_end_connection_errors_are_503_with_retry_after(
+    http: StubTreq, api: SampleAPI, exc: BaseException
+) -> None:
+    api.raise_ = exc
+    response, body = call(http, "GET", "/items/1")
+    assert response.code == 503
+    assert header(response, "Retry-After") == "1"
+    assert body["code"] == ErrorCode.UNAVAILABLE
+
+
+def test_a_mysql_error_that_is_a_bug_is_a_500_not_a_503(http: StubTreq, api: SampleAPI) -> None:
+    api.raise_ = pymysql.err.OperationalError(1054, "Unknown column 'nope' in 'field list'")
+    response, _ = call(http, "GET", "/items/1")
+    assert response.code == 500
+
+
+def test_an_unknown_path_is_a_json_404(http: StubTreq) -> None:
+    response, body = call(http, "GET", "/nowhere", headers={"X-Request-ID": "r404"})
+    assert response.code == 404
+    assert body["request_id"] == "r404"
+    assert body["code"] == ErrorCode.NOT_FOUND
+
+
+def test_a_wrong_method_is_a_json_405_listing_the_allowed_ones(http: StubTreq) -> None:
+    response, body = call(http, "DELETE", "/items/1")
+    assert response.code == 405
+    assert "GET" in (header(response, "Allow") or "")
+    assert body["code"] == ErrorCode.METHOD_NOT_ALLOWED
+
+
+# --- JSON bodies ----------------------------------------------------------------------------
+
+
+def test_a_json_object_body_is_read(http: StubTreq) -> None:
+    response, body = call(
+        http,
+        "POST",
+        "/echo",
+        data=b'{"a": [1, "\\u00e9"]}',
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert response.code == 200
+    assert body == {"a": [1, "é"]}
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "code"),
+    [
+        (b'{"a": 1', "application/json", ErrorCode.INVALID_JSON),
+        (b"[1, 2]", "application/json", ErrorCode.INVALID_JSON),
+        (b'"text"', "application/json", ErrorCode.INVALID_JSON),
+        (b"", "application/json", ErrorCode.INVALID_JSON),
+        (b'{"a": NaN}', "application/json", ErrorCode.INVALID_JSON),
+        (b'{"a": "\xff"}', "application/json", ErrorCode.INVALID_JSON),
+        (b'{"a": 1}', "text/plain", ErrorCode.UNSUPPORTED_CONTENT_TYPE),
+        (b'{"a": 1}', "", ErrorCode.UNSUPPORTED_CONTENT_TYPE),
+        (b'{"a": "' + b"x" * 1100 + b'"}', "application/json", ErrorCode.BODY_TOO_LARGE),
+    ],
+)
+def test_a_bad_body_is_a_400_saying_what_is_wrong(
+    http: StubTreq, data: bytes, content_type: str, code: int
+) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response, body = call(http, "POST", "/echo", data=data, headers=headers)
+    assert response.code == 400
+    assert body["code"] == code
+    assert body["message"]
+
+
+# --- draining -------------------------------------------------------------------------------
+
+
+def test_in_flight_counts_a_request_until_it_finishes(http: StubTreq, api: SampleAPI) -> None:
+    api.pending = Deferred()
+    d = http.get(BASE + "/items/1")
+    http.flush()
+    assert api.in_flight.count == 1
+    api.pending.callback(b"done")
+    http.flush()
+    assert result_of(d).code == 200
+    assert api.in_flight.count == 0
+
+
+def test_drained_fires_with_zero_when_the_last_request_finishes(
+    http: StubTreq, api: SampleAPI
+) -> None:
+    api.pending = Deferred()
+    http.get(BASE + "/items/1")
+    http.flush()
+    drained = api.in_flight.drained(10.0, api.clock)
+    assert not drained.called
+    api.pending.callback(b"done")
+    http.flush()
+    assert result_of(drained) == 0
+    assert not api.clock.getDelayedCalls()
+
+
+def test_drained_fires_at_once_with_nothing_in_flight(api: SampleAPI) -> None:
+    assert result_of(api.in_flight.drained(10.0, api.clock)) == 0
+
+
+def test_drained_gives_up_after_the_timeout_with_the_number_left_and_logs_it(
+    http: StubTreq, api: SampleAPI
+) -> None:
+    api.pending = Deferred()
+    http.get(BASE + "/items/1")
+    http.get(BASE + "/items/2")
+    http.flush()
+    drained = api.in_flight.drained(5.0, api.clock)
+    with capturedLogs() as events:
+        api.clock.advance(4.9)
+        assert not drained.called
+        api.clock.advance(0.1)
+    assert result_of(drained) == 2
+    assert any(e.get("in_flight") == 2 for e in events)
+
+
+class FakeChannel:
+    persistent = True
+
+
+def dummy_request() -> DummyRequest:
+    request = DummyRequest([b""])
+    request.channel = FakeChannel()
+    return request
+
+
+def test_after_start_draining_every_response_says_connection_close() -> None:
+    """Requests in flight when draining starts and requests begun later both answer with
+    Connection: close and close their connection afterwards; earlier ones did not."""
+    in_flight = InFlight()
+    before = dummy_request()
+    in_flight.begin(before)
+    assert before.responseHeaders.getRawHeaders(b"Connection") is None
+    in_flight.start_draining()
+    later = dummy_request()
+    in_flight.begin(later)
+    for request in (before, later):
+        assert request.responseHeaders.getRawHeaders(b"Connection") == [b"close"]
+        assert request.channel.persistent is False
+    assert in_flight.count == 2
+    before.finish()
+    later.finish()
+    assert in_flight.count == 0
+
+
+def test_a_request_whose_client_went_away_is_no_longer_in_flight() -> None:
+    in_flight = InFlight()
+    request = dummy_request()
+    in_flight.begin(request)
+    request.processingFailed(Failure(error.ConnectionLost()))
+    assert in_flight.count == 0
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def test_metrics_use_route_templates_and_their_own_registry(http: StubTreq, api: SampleAPI) -> None:
+    other = HTTPMetrics()
+    for item in ("1", "2", "3"):
+        call(http, "GET", "/items/" + item)
+    call(http, "GET", "/nowhere/at/all")
+    call(http, "BREW", "/items/1")
+    text, content_type = api.metrics.render()
+    assert content_type.startswith("text/plain")
+    page = text.decode()
+    assert 'snet_http_requests_total{method="GET",route="/items/<item_id>",status="200"} 3.0' in (
+        page
+    )
+    assert 'route="<unmatched>",status="404"' in page
+    assert 'method="OTHER"' in page
+    assert "/items/1" not in page
+    assert 'snet_http_request_seconds_count{route="/items/<item_id>"} 3.0' in page
+    assert "snet_http_requests_in_flight 0.0" in page
+    assert "snet_http_requests_total{" not in other.render()[0].decode()
+
+
+def test_the_in_flight_gauge_follows_the_requests(http: StubTreq, api: SampleAPI) -> None:
+    api.pending = Deferred()
+    http.get(BASE + "/items/1")
+    http.flush()
+    assert "snet_http_requests_in_flight 1.0" in api.metrics.render()[0].decode()
+
+
+def test_request_time_is_measured_on_the_injected_clock(http: StubTreq, api: SampleAPI) -> None:
+    api.pending = Deferred()
+    d = http.get(BASE + "/items/1")
+    http.flush()
+    api.clock.advance(0.3)
+    api.pending.callback(b"{}")
+    http.flush()
+    result_of(d)
+    page = api.metrics.render()[0].decode()
+    assert 'snet_http_request_seconds_sum{route="/items/<item_id>"} 0.3' in page
+
+
+# --- uncancellable --------------------------------------------------------------------------
+
+
+def test_uncancellable_lets_the_work_finish_when_its_waiter_is_cancelled() -> None:
+    work: Deferred[int] = Deferred()
+    waiter = uncancellable(work)
+    waiter.cancel()
+    failure_of(waiter).trap(defer.CancelledError)
+    assert not work.called
+    work.callback(5)
+    assert result_of(work) is None  # consumed by the relay, nothing left unhandled
+
+
+def test_uncancellable_passes_results_and_failures_on() -> None:
+    ok: Deferred[int] = Deferred()
+    waiter = uncancellable(ok)
+    ok.callback(3)
+    assert result_of(waiter) == 3
+    bad: Deferred[int] = Deferred()
+    waiter = uncancellable(bad)
+    bad.errback(ValueError("x"))
+    failure_of(waiter).trap(ValueError)
