@@ -1,0 +1,308 @@
+"""The chat instance's entry in Consul: registering it, keeping it there, and taking it out.
+
+:class:`ChatRegistration` registers one :class:`ServiceInstance` with the local Consul agent
+when it starts, retries with a back-off policy while the agent cannot be reached, watches that
+the agent still has the instance (an agent restart forgets it) and registers it again when
+not, and deregisters it when it stops, without ever letting a dead agent block shutdown.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import consul
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from snet.consul import ConsulUnavailable, TreqConsul
+
+__all__ = ["ChatRegistration", "ServiceInstance", "consul_duration", "exponential_backoff"]
+
+log = Logger()
+
+
+def consul_duration(seconds: float) -> str:
+    """A duration as Consul reads it: ``1.0`` is ``"1s"``, ``0.25`` is ``"250ms"``."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
+
+
+@frozen
+class ServiceInstance:
+    """What a chat instance registers: its identity, where peers reach it, and its check."""
+
+    service_name: str
+    instance_id: str
+    address: str
+    port: int
+    version: str
+    tags: tuple[str, ...] = ()
+    check_interval: float = 1.0
+    """Seconds between two runs of the HTTP health check."""
+    check_timeout: float = 1.0
+    """Seconds the health check waits for ``/health`` to answer."""
+    deregister_critical_after: float = 60.0
+    """Seconds after which Consul removes an instance whose check stays critical."""
+
+    def check_url(self) -> str:
+        """The URL Consul's HTTP check calls: ``http://address:port/health``."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}/health"
+
+    def registration(self) -> dict[str, Any]:
+        """The keyword arguments of py-consul's ``agent.service.register`` for this instance."""
+        return {
+            "name": self.service_name,
+            "service_id": self.instance_id,
+            "address": self.address,
+            "port": self.port,
+            "tags": [*self.tags, f"version={self.version}"],
+            "meta": {"version": self.version},
+            "check": consul.Check.http(
+                self.check_url(),
+                consul_duration(self.check_interval),
+                timeout=consul_duration(self.check_timeout),
+                deregister=consul_duration(self.deregister_critical_after),
+            ),
+        }
+
+
+def exponential_backoff(
+    initial: float = 0.2,
+    maximum: float = 10.0,
+    factor: float = 2.0,
+    jitter: Callable[[], float] = random.random,
+) -> Callable[[int], float]:
+    """A retry policy: the delay before the attempt that follows failed attempt *n* (from 1).
+
+    The delay grows as ``initial * factor ** (n - 1)``, then gets +-50% jitter
+    (``jitter()`` returns a number in [0, 1): 0 halves the delay, 0.5 keeps it, 1 makes it
+    half as long again), and never exceeds *maximum*. Half-width jitter rather than full
+    jitter keeps a retry from ever firing at once after a failure.
+    """
+
+    def delay(attempt: int) -> float:
+        exponent = min(max(attempt, 1) - 1, 64)
+        base = min(maximum, initial * factor**exponent)
+        return min(maximum, base * (0.5 + jitter()))
+
+    return delay
+
+
+def _accepted(answer: object) -> None:
+    # py-consul's boolean callback is False for an unexpected 2xx or a 404.
+    if not answer:
+        raise consul.ConsulException(f"the agent did not accept the registration ({answer!r})")
+
+
+class ChatRegistration(Service):
+    """Keeps one :class:`ServiceInstance` registered with the Consul agent while running.
+
+    Start it once the instance can serve (its check starts critical and passes after its first
+    run). ``stopService`` deregisters, bounded by *stop_timeout* seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        consul: TreqConsul,
+        instance: ServiceInstance,
+        clock: IReactorTime,
+        retry_delay: Callable[[int], float] = exponential_backoff(),  # noqa: B008 (a pure policy)
+        watch_interval: float = 2.0,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self._consul = consul
+        self.instance = instance
+        self._clock = clock
+        self._retry_delay = retry_delay
+        self._watch_interval = watch_interval
+        self._stop_timeout = stop_timeout
+        self._registered = False
+        self._ever_registered = False
+        self._attempt = 0
+        self._timer: IDelayedCall | None = None
+        self._register_call: Deferred[None] | None = None
+        self._watch_call: Deferred[None] | None = None
+
+    @property
+    def registered(self) -> bool:
+        """Whether the agent has the instance, as far as the last call to it showed."""
+        return self._registered
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._attempt = 0
+        self._register()
+
+    # Registering, with retries.
+
+    def _register(self) -> None:
+        self._timer = None
+        if not self.running:
+            return
+        self._attempt += 1
+        attempt = self._attempt
+        d: Deferred[Any] = self._consul.agent.service.register(**self.instance.registration())
+        self._register_call = d  # before the callbacks, which clear it, can run
+        d.addCallback(_accepted).addCallbacks(
+            self._register_done, self._register_failed, errbackArgs=(attempt,)
+        )
+
+    def _register_done(self, _: None) -> None:
+        self._register_call = None
+        if not self.running:
+            return  # stopService deregisters once this call has settled
+        self._registered = True
+        self._attempt = 0
+        fields = {
+            "service_id": self.instance.instance_id,
+            "service_name": self.instance.service_name,
+            "address": self.instance.address,
+            "port": self.instance.port,
+            "version": self.instance.version,
+        }
+        if self._ever_registered:
+            log.info("registered again {service_id} ({service_name} at {address}:{port})", **fields)
+        else:
+            log.info(
+                "registered {service_id} ({service_name} at {address}:{port}, version {version})",
+                **fields,
+            )
+        self._ever_registered = True
+        self._timer = self._clock.callLater(self._watch_interval, self._watch)
+
+    def _register_failed(self, failure: Failure, attempt: int) -> None:
+        self._register_call = None
+        if not self.running:
+            return
+        delay = self._retry_delay(attempt)
+        if isinstance(failure.value, (ConsulUnavailable, consul.ConsulException)):
+            log.warn(
+                "could not register {service_id} (attempt {attempt}): {error};"
+                " retrying in {delay:.2f}s",
+                service_id=self.instance.instance_id,
+                attempt=attempt,
+                delay=delay,
+                error=failure.getErrorMessage(),
+            )
+        else:
+            log.failure(
+                "could not register {service_id} (attempt {attempt}); retrying in {delay:.2f}s",
+                failure,
+                service_id=self.instance.instance_id,
+                attempt=attempt,
+                delay=delay,
+            )
+        self._timer = self._clock.callLater(delay, self._register)
+
+    # Watching that the agent still has the instance.
+
+    def _watch(self) -> None:
+        self._timer = None
+        if not self.running:
+            return
+        d: Deferred[Any] = self._consul.agent.service_definition(self.instance.instance_id)
+        self._watch_call = d
+        d.addCallbacks(self._watched, self._watch_failed)
+
+    def _watched(self, definition: object) -> None:
+        self._watch_call = None
+        if not self.running:
+            return
+        if definition is None:
+            self._lost("the agent no longer has it")
+            return
+        self._timer = self._clock.callLater(self._watch_interval, self._watch)
+
+    def _watch_failed(self, failure: Failure) -> None:
+        self._watch_call = None
+        if not self.running:
+            return
+        self._lost(f"cannot ask the agent: {failure.getErrorMessage()}")
+
+    def _lost(self, reason: str) -> None:
+        self._registered = False
+        log.warn("lost {service_id}: {reason}", service_id=self.instance.instance_id, reason=reason)
+        self._attempt = 0
+        self._register()
+
+    # Stopping.
+
+    def stopService(self) -> Deferred[None]:
+        """Cancel retries and watching, deregister; fires when done or after *stop_timeout*.
+
+        A registration already sent is let finish first, so that the deregistration comes after
+        it; a failure or a timeout is logged, never raised.
+        """
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._watch_call is not None:
+            self._watch_call.cancel()
+        in_flight = self._register_call
+        settled: Deferred[None]
+        if in_flight is None:
+            settled = succeed(None)
+        else:
+            settled = Deferred()
+
+            def fire(result: object) -> object:
+                settled.callback(None)
+                return result
+
+            in_flight.addBoth(fire)
+
+        service_id = self.instance.instance_id
+        timed_out = False
+
+        def deregister(_: None) -> Deferred[Any]:
+            d: Deferred[Any] = self._consul.agent.service.deregister(service_id)
+            return d
+
+        def deregistered(known: object) -> None:
+            self._registered = False
+            if known:
+                log.info("deregistered {service_id}", service_id=service_id)
+            else:
+                log.info(
+                    "deregistered {service_id} (the agent did not have it)", service_id=service_id
+                )
+
+        def failed(failure: Failure) -> None:
+            if timed_out:
+                log.warn(
+                    "gave up deregistering {service_id}: no answer within {timeout}s",
+                    service_id=service_id,
+                    timeout=self._stop_timeout,
+                )
+            else:
+                log.warn(
+                    "could not deregister {service_id}: {error}",
+                    service_id=service_id,
+                    error=failure.getErrorMessage(),
+                )
+
+        def give_up() -> None:
+            nonlocal timed_out
+            timed_out = True
+            work.cancel()
+            if in_flight is not None:
+                in_flight.cancel()
+
+        work: Deferred[None] = settled.addCallback(deregister).addCallbacks(deregistered, failed)
+        timer = self._clock.callLater(self._stop_timeout, give_up)
+
+        def done(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return work.addBoth(done)
