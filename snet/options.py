@@ -35,6 +35,17 @@ def non_negative_float(text: str) -> float:
 non_negative_float.coerceDoc = "A number of seconds, zero or more."  # type: ignore[attr-defined]
 
 
+class _NamedCoerceParameter(usage.CoerceParameter):
+    """Like twistd's own, but its error names the option: ``--drain-timeout: ...``."""
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:  # noqa: N803
+        try:
+            super().dispatch(parameterName, value)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            detail = str(e).removeprefix("Parameter type enforcement failed: ")
+            raise usage.UsageError(f"--{parameterName}: {detail}") from None
+
+
 class EnvironmentOptions(usage.Options):
     """Options whose unset values are filled from environment variables.
 
@@ -51,6 +62,9 @@ class EnvironmentOptions(usage.Options):
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.environ = os.environ if environ is None else environ
+        for name, handler in self._dispatch.items():
+            if isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = _NamedCoerceParameter(self, handler.coerce)  # type: ignore[no-untyped-call]
 
     def fill_from_environment(self) -> None:
         coercers: dict[str, Callable[[str], Any] | None] = {

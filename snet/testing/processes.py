@@ -56,6 +56,14 @@ def http_json(
     return status, got, (json.loads(raw) if raw else None)
 
 
+def twistd_command() -> list[str]:
+    """``twistd`` of the running Python's environment (the one this package is installed in)."""
+    script = Path(sys.executable).parent / "twistd"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
 @define
 class TwistdProcess:
     """``twistd -n PLUGIN ARGS`` as a child process, logging to a file of its own."""
@@ -77,18 +85,16 @@ class TwistdProcess:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, ready_timeout: float = 20.0) -> TwistdProcess:
+    def start(self, ready_timeout: float | None = 20.0) -> TwistdProcess:
+        """Start the process; wait for its health URL unless *ready_timeout* is None."""
         environment = {**os.environ, **self.environ}
-        command = [
-            sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=",
-            self.plugin, *self.args,
-        ]  # fmt: skip
+        command = [*twistd_command(), "--nodaemon", "--pidfile=", self.plugin, *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=environment, cwd=self.log_path.parent,
             )  # fmt: skip
-        if self.health_url is not None:
+        if self.health_url is not None and ready_timeout is not None:
             self.wait_healthy(ready_timeout)
         return self
 

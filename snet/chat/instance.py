@@ -1,0 +1,172 @@
+"""The life of one chat instance: listen, make the schema, register; on stop, the reverse.
+
+Order matters both ways, so this service chains its steps itself instead of relying on a
+``MultiService`` (which starts and stops its children concurrently):
+
+start: listen -> apply the schema (retrying while MySQL is away) -> register with Consul
+stop:  deregister -> grace for watchers -> stop listening -> drain in-flight requests -> close
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from snet.chat.registration import ChatRegistration, exponential_backoff
+from snet.chat.store import MessageStore
+from snet.web import InFlight
+
+log = Logger()
+
+
+def listen_interface(description: str) -> str | None:
+    """The ``interface=`` of an endpoint string, when it names one specific address."""
+    for part in description.split(":"):
+        key, _, value = part.partition("=")
+        if key == "interface" and value not in ("", "0.0.0.0", "::"):  # noqa: S104
+            return value
+    return None
+
+
+def host_address() -> str:
+    """This host's address as its peers see it (in a container: the container's address)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+class ChatInstance(Service):
+    """One chat instance as a twistd service: see the module docstring for the order of steps."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: IStreamServerEndpoint,
+        site: Site,
+        listen_description: str,
+        advertise: tuple[str, int] | None,
+        messages: MessageStore,
+        in_flight: InFlight,
+        registration: Callable[[str, int], ChatRegistration],
+        clock: IReactorTime,
+        drain_timeout: float,
+        deregister_grace: float,
+        closers: Iterable[Callable[[], Any]] = (),
+        schema_retry_delay: Callable[[int], float] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.site = site
+        self.listen_description = listen_description
+        self.advertise = advertise
+        self.messages = messages
+        self.in_flight = in_flight
+        self.make_registration = registration
+        self.clock = clock
+        self.drain_timeout = drain_timeout
+        self.deregister_grace = deregister_grace
+        self.closers = list(closers)
+        self.schema_retry_delay = schema_retry_delay or exponential_backoff()
+        self.port: IListeningPort | None = None
+        self.registration: ChatRegistration | None = None
+        self._starting: Deferred[None] | None = None
+        self._retry: IDelayedCall | None = None
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._starting = self._start()
+        self._starting.addErrback(self._start_failed)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        self.port = yield self.endpoint.listen(self.site)
+        assert self.port is not None
+        bound: Any = self.port.getHost()
+        host, port = self.advertise or (
+            listen_interface(self.listen_description) or host_address(),
+            bound.port,
+        )
+        log.info(
+            "listening on {listen}, advertised as {host}:{port}",
+            listen=self.listen_description,
+            host=host,
+            port=port,
+        )
+        yield self._apply_schema()
+        if self._stopping:
+            return
+        self.registration = self.make_registration(host, port)
+        self.registration.startService()
+
+    def _apply_schema(self) -> Deferred[None]:
+        """Apply the schema, retrying with back-off while MySQL cannot be reached."""
+        done: Deferred[None] = Deferred()
+
+        def attempt(number: int) -> None:
+            self._retry = None
+            if self._stopping:
+                done.callback(None)
+                return
+            d = self.messages.apply_schema()
+
+            def failed(failure: Any) -> None:
+                delay = self.schema_retry_delay(number)
+                log.warn(
+                    "schema not applied (attempt {attempt}), retrying in {delay:.1f}s: {error}",
+                    attempt=number,
+                    delay=delay,
+                    error=failure.getErrorMessage(),
+                )
+                self._retry = self.clock.callLater(delay, attempt, number + 1)
+
+            d.addCallbacks(lambda _: done.callback(None), failed)
+
+        attempt(1)
+        return done
+
+    def _start_failed(self, failure: Any) -> None:
+        log.failure("chat instance could not start", failure)
+        from twisted.internet import reactor
+
+        reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._stopping = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        return self._stop()
+
+    @inlineCallbacks
+    def _stop(self) -> Any:
+        if self.registration is not None:
+            yield self.registration.stopService()
+            if self.deregister_grace > 0:
+                yield deferLater(self.clock, self.deregister_grace)
+        self.in_flight.start_draining()
+        if self.port is not None:
+            yield self.port.stopListening()
+            log.info("stopped listening; {count} requests in flight", count=self.in_flight.count)
+        remaining = yield self.in_flight.drained(self.drain_timeout, self.clock)
+        if remaining:
+            log.warn("drain timeout: {count} requests still in flight", count=remaining)
+        for close in self.closers:
+            try:
+                yield maybeDeferred(close)
+            except Exception:
+                log.failure("while closing")
+        log.info("chat instance stopped")

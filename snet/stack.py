@@ -1,0 +1,111 @@
+"""``python -m snet.stack``: the whole system as local processes, for trying it without Docker.
+
+Starts a Consul dev agent, MariaDB and Redis (private servers in temporary directories, from
+their real binaries), then N ``twistd -n snet-chat`` instances, and follows every log in one
+terminal with a prefix per process. Ctrl-C stops the chat instances (each deregisters and
+drains first), then the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from snet.testing.processes import TwistdProcess
+from snet.testing.servers import ConsulAgent, MariaDB, Redis, free_port
+
+
+def follow(prefix: str, path: Path, out: TextIO, stop: threading.Event) -> None:
+    """Copy new lines of *path* to *out*, each behind *prefix*, until *stop* is set."""
+    while not path.exists() and not stop.is_set():
+        time.sleep(0.1)
+    with path.open(errors="replace") as log:
+        while not stop.is_set():
+            line = log.readline()
+            if line:
+                out.write(f"{prefix} {line}")
+                out.flush()
+            else:
+                time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def followed(logs: dict[str, Path], out: TextIO) -> Iterator[None]:
+    stop = threading.Event()
+    width = max(len(name) for name in logs)
+    threads = [
+        threading.Thread(target=follow, args=(f"{name:<{width}} |", path, out, stop), daemon=True)
+        for name, path in logs.items()
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        time.sleep(0.3)  # let the last lines (deregistered, drained) reach the terminal
+        stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m snet.stack", description=__doc__)
+    parser.add_argument("--chat", type=int, default=3, help="chat instances to run (default 3)")
+    parser.add_argument(
+        "--chat-port", type=int, default=9001, help="first chat port (default 9001; 0: any free)"
+    )
+    args = parser.parse_args(argv)
+    out = sys.stdout
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    with ConsulAgent() as consul, MariaDB() as mariadb, Redis() as redis:
+        mysql_url = mariadb.create_database("snet")
+        print(f"consul  {consul.url}  (UI: {consul.url}/ui/)", file=out)
+        print(f"mariadb 127.0.0.1:{mariadb.port}  database snet", file=out)
+        print(f"redis   {redis.url}", file=out)
+        chats = []
+        for index in range(args.chat):
+            port = args.chat_port + index if args.chat_port else free_port()
+            chats.append(
+                TwistdProcess(
+                    "snet-chat",
+                    [
+                        "--listen", f"tcp:{port}:interface=127.0.0.1",
+                        "--consul", consul.url,
+                        "--mysql", mysql_url,
+                        "--redis", redis.url,
+                    ],
+                    health_url=f"http://127.0.0.1:{port}/health",
+                    name=f"chat-{index + 1}",
+                )
+            )  # fmt: skip
+        logs = {"consul": consul.log_path, **{c.name: c.log_path for c in chats}}
+        with followed(logs, out):
+            try:
+                for chat in chats:
+                    chat.start(ready_timeout=None)
+                for chat in chats:
+                    chat.wait_healthy(30)
+                    print(f"{chat.name} ready: {chat.health_url}", file=out)
+                print("the stack is up; Ctrl-C stops it", file=out)
+                while all(chat.running() for chat in chats):
+                    time.sleep(0.5)
+                print("a chat instance exited; stopping the stack", file=out)
+                return 1
+            except KeyboardInterrupt:
+                print("stopping: chat instances deregister and drain first", file=out)
+                return 0
+            finally:
+                for chat in chats:
+                    chat.signal(signal.SIGTERM)
+                for chat in chats:
+                    chat.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
