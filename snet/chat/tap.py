@@ -12,11 +12,11 @@ from twisted.python import usage
 
 from snet import __version__
 from snet.chat.app import ChatAPI
-from snet.chat.instance import ChatInstance
 from snet.chat.registration import ChatRegistration, ServiceInstance
 from snet.chat.store import MessageStore, UnreadCounters
 from snet.config import ConfigError, ConsulConfig, MySQLConfig, RedisConfig, parse_host_port
 from snet.consul import TreqConsul
+from snet.lifecycle import ServingInstance
 from snet.options import EnvironmentOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
 from snet.web import HTTPMetrics, InFlight, QuietSite
@@ -164,16 +164,16 @@ def makeService(options: Any) -> IService:
             clock=reactor,
         )
 
-    return ChatInstance(
+    return ServingInstance(
         endpoint=serverFromString(reactor, options["listen"]),
         site=QuietSite(api.resource()),  # type: ignore[no-untyped-call]
         listen_description=options["listen"],
-        advertise=options["advertise-address"],
-        messages=api.messages,
+        apply_schema=api.messages.apply_schema,
         in_flight=in_flight,
-        registration=registration,
         clock=reactor,
         drain_timeout=options["drain-timeout"],
-        deregister_grace=options["deregister-grace"],
+        advertise=options["advertise-address"],
+        announce=registration,
+        announce_grace=options["deregister-grace"],
         closers=[consul.close, lambda: redis.disconnect(), pool.close],
     )

@@ -1,20 +1,22 @@
-"""The life of one chat instance: listen, make the schema, register; on stop, the reverse.
+"""The life of one serving process (a chat instance or the monolith), in order.
 
-Order matters both ways, so this service chains its steps itself instead of relying on a
-``MultiService`` (which starts and stops its children concurrently):
+Order matters both ways, so ``ServingInstance`` chains its steps itself instead of relying on
+a ``MultiService`` (which starts and stops its children concurrently):
 
-start: listen -> apply the schema (retrying while MySQL is away) -> register with Consul
-stop:  deregister -> grace for watchers -> stop listening -> drain in-flight requests -> close
+start: listen -> apply the schema (retrying while MySQL is away) -> start the workers
+       (discovery, feed fan-out) -> announce (register with Consul)
+stop:  withdraw the announcement (deregister) -> grace for watchers -> stop listening ->
+       drain in-flight requests -> stop the workers -> close pools and clients
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -25,8 +27,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from snet.chat.registration import ChatRegistration, exponential_backoff
-from snet.chat.store import MessageStore
+from snet.retry import exponential_backoff
 from snet.web import InFlight
 
 log = Logger()
@@ -49,8 +50,8 @@ def host_address() -> str:
         return "127.0.0.1"
 
 
-class ChatInstance(Service):
-    """One chat instance as a twistd service: see the module docstring for the order of steps."""
+class ServingInstance(Service):
+    """One serving process as a twistd service: see the module docstring for the order."""
 
     def __init__(
         self,
@@ -58,13 +59,14 @@ class ChatInstance(Service):
         endpoint: IStreamServerEndpoint,
         site: Site,
         listen_description: str,
-        advertise: tuple[str, int] | None,
-        messages: MessageStore,
+        apply_schema: Callable[[], Deferred[None]],
         in_flight: InFlight,
-        registration: Callable[[str, int], ChatRegistration],
         clock: IReactorTime,
         drain_timeout: float,
-        deregister_grace: float,
+        advertise: tuple[str, int] | None = None,
+        announce: Callable[[str, int], IService] | None = None,
+        announce_grace: float = 0.0,
+        workers: Sequence[IService] = (),
         closers: Iterable[Callable[[], Any]] = (),
         schema_retry_delay: Callable[[int], float] | None = None,
     ) -> None:
@@ -72,16 +74,18 @@ class ChatInstance(Service):
         self.site = site
         self.listen_description = listen_description
         self.advertise = advertise
-        self.messages = messages
+        self.apply_schema = apply_schema
         self.in_flight = in_flight
-        self.make_registration = registration
+        self.announce = announce
         self.clock = clock
         self.drain_timeout = drain_timeout
-        self.deregister_grace = deregister_grace
+        self.announce_grace = announce_grace
+        self.workers = list(workers)
         self.closers = list(closers)
         self.schema_retry_delay = schema_retry_delay or exponential_backoff()
         self.port: IListeningPort | None = None
-        self.registration: ChatRegistration | None = None
+        self.announcement: IService | None = None
+        self._workers_started = False
         self._starting: Deferred[None] | None = None
         self._retry: IDelayedCall | None = None
         self._stopping = False
@@ -106,13 +110,17 @@ class ChatInstance(Service):
             host=host,
             port=port,
         )
-        yield self._apply_schema()
+        yield self._schema_applied()
         if self._stopping:
             return
-        self.registration = self.make_registration(host, port)
-        self.registration.startService()
+        for worker in self.workers:
+            worker.startService()
+        self._workers_started = True
+        if self.announce is not None:
+            self.announcement = self.announce(host, port)
+            self.announcement.startService()
 
-    def _apply_schema(self) -> Deferred[None]:
+    def _schema_applied(self) -> Deferred[None]:
         """Apply the schema, retrying with back-off while MySQL cannot be reached."""
         done: Deferred[None] = Deferred()
 
@@ -121,7 +129,7 @@ class ChatInstance(Service):
             if self._stopping:
                 done.callback(None)
                 return
-            d = self.messages.apply_schema()
+            d = self.apply_schema()
 
             def failed(failure: Any) -> None:
                 delay = self.schema_retry_delay(number)
@@ -139,7 +147,7 @@ class ChatInstance(Service):
         return done
 
     def _start_failed(self, failure: Any) -> None:
-        log.failure("chat instance could not start", failure)
+        log.failure("could not start", failure)
         from twisted.internet import reactor
 
         reactor.stop()
@@ -153,10 +161,10 @@ class ChatInstance(Service):
 
     @inlineCallbacks
     def _stop(self) -> Any:
-        if self.registration is not None:
-            yield self.registration.stopService()
-            if self.deregister_grace > 0:
-                yield deferLater(self.clock, self.deregister_grace)
+        if self.announcement is not None:
+            yield self.announcement.stopService()
+            if self.announce_grace > 0:
+                yield deferLater(self.clock, self.announce_grace)
         self.in_flight.start_draining()
         if self.port is not None:
             yield self.port.stopListening()
@@ -164,9 +172,11 @@ class ChatInstance(Service):
         remaining = yield self.in_flight.drained(self.drain_timeout, self.clock)
         if remaining:
             log.warn("drain timeout: {count} requests still in flight", count=remaining)
+        if self._workers_started:
+            yield gatherResults([maybeDeferred(w.stopService) for w in self.workers])
         for close in self.closers:
             try:
                 yield maybeDeferred(close)
             except Exception:
                 log.failure("while closing")
-        log.info("chat instance stopped")
+        log.info("stopped")

@@ -1,0 +1,161 @@
+"""The order in which a serving process (chat instance or monolith) starts and stops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.web.test.requesthelper import DummyRequest
+
+from snet.lifecycle import ServingInstance
+from snet.testing import result_of
+from snet.web import InFlight
+
+
+class Recorder:
+    """Fakes of the instance's collaborators that write what happens to one shared list."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.schema_results: list[Deferred[None]] = []
+        self.deregistered: Deferred[None] = Deferred()
+        self.registered_at: tuple[str, int] | None = None
+
+    # the listening port
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "0.0.0.0", 9555)
+
+    def stopListening(self) -> Deferred[None]:
+        self.events.append("stop listening")
+        return succeed(None)
+
+    # the endpoint
+    def listen(self, factory: Any) -> Deferred[Any]:
+        self.events.append("listen")
+        return succeed(self)
+
+    # the message store
+    def apply_schema(self) -> Deferred[None]:
+        self.events.append("apply schema")
+        d: Deferred[None] = Deferred()
+        self.schema_results.append(d)
+        return d
+
+    # the registration
+    def make_registration(self, host: str, port: int) -> Recorder:
+        self.registered_at = (host, port)
+        return self
+
+    def startService(self) -> None:
+        self.events.append("register")
+
+    def stopService(self) -> Deferred[None]:
+        self.events.append("deregister")
+        return self.deregistered
+
+    def close(self) -> None:
+        self.events.append("close")
+
+
+class Worker(Service):
+    """A background worker (discovery, fan-out) that records when it starts and stops."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def startService(self) -> None:
+        self.recorder.events.append("start worker")
+
+    def stopService(self) -> None:
+        self.recorder.events.append("stop worker")
+
+
+def make_instance(recorder: Recorder, clock: Clock, in_flight: InFlight) -> ServingInstance:
+    return ServingInstance(
+        endpoint=recorder,  # type: ignore[arg-type]
+        site=None,  # type: ignore[arg-type]
+        listen_description="tcp:0:interface=127.0.0.1",
+        apply_schema=recorder.apply_schema,
+        in_flight=in_flight,
+        clock=clock,
+        drain_timeout=5.0,
+        announce=recorder.make_registration,  # type: ignore[arg-type]
+        announce_grace=0.5,
+        workers=[Worker(recorder)],
+        closers=[recorder.close],
+        schema_retry_delay=lambda attempt: 2.0**attempt,
+    )
+
+
+def test_it_registers_only_after_listening_and_applying_the_schema_retrying_with_back_off() -> None:
+    recorder, clock = Recorder(), Clock()
+    instance = make_instance(recorder, clock, InFlight())
+    instance.startService()
+    assert recorder.events == ["listen", "apply schema"]
+    recorder.schema_results[0].errback(ConnectionRefusedError("mysql down"))
+    clock.advance(1.9)
+    assert recorder.events == ["listen", "apply schema"]
+    clock.advance(0.1)  # attempt 1 failed -> 2 s
+    recorder.schema_results[1].errback(ConnectionRefusedError("mysql still down"))
+    clock.advance(4.0)  # attempt 2 failed -> 4 s
+    assert recorder.events == ["listen", "apply schema", "apply schema", "apply schema"]
+    recorder.schema_results[2].callback(None)
+    assert recorder.events[-2:] == ["start worker", "register"]
+    assert recorder.registered_at == ("127.0.0.1", 9555)
+
+
+def test_stop_deregisters_then_waits_then_closes_the_port_then_drains_then_closes() -> None:
+    recorder, clock = Recorder(), Clock()
+    in_flight = InFlight()
+    instance = make_instance(recorder, clock, in_flight)
+    instance.startService()
+    recorder.schema_results[0].callback(None)
+    del recorder.events[:]
+
+    stopped = instance.stopService()
+    assert recorder.events == ["deregister"]
+    recorder.deregistered.callback(None)
+    clock.advance(0.4)
+    assert recorder.events == ["deregister"]  # the grace period lets watchers notice
+    clock.advance(0.1)
+    assert recorder.events == ["deregister", "stop listening", "stop worker", "close"]
+    assert result_of(stopped) is None
+
+
+def test_stop_waits_for_requests_in_flight_up_to_the_drain_timeout() -> None:
+    recorder, clock = Recorder(), Clock()
+    in_flight = InFlight()
+    instance = make_instance(recorder, clock, in_flight)
+    instance.startService()
+    recorder.schema_results[0].callback(None)
+    finished, stuck = DummyRequest([b"done"]), DummyRequest([b"stuck"])
+    in_flight.begin(finished)
+    in_flight.begin(stuck)
+    del recorder.events[:]
+
+    stopped = instance.stopService()
+    recorder.deregistered.callback(None)
+    clock.advance(0.5)
+    assert recorder.events == ["deregister", "stop listening"]  # still draining
+    finished.finish()
+    clock.advance(4.9)
+    assert recorder.events == ["deregister", "stop listening"]  # one request still in flight
+    clock.advance(0.1)  # the drain timeout ends the wait for the stuck one
+    assert recorder.events == ["deregister", "stop listening", "stop worker", "close"]
+    assert result_of(stopped) is None
+
+
+def test_stop_before_the_schema_is_applied_never_registers() -> None:
+    recorder, clock = Recorder(), Clock()
+    instance = make_instance(recorder, clock, InFlight())
+    instance.startService()
+    recorder.schema_results[0].errback(ConnectionRefusedError("mysql down"))
+    stopped = instance.stopService()
+    assert result_of(stopped) is None
+    clock.advance(100)
+    assert "register" not in recorder.events
+    assert "start worker" not in recorder.events
+    assert clock.getDelayedCalls() == []
