@@ -12,6 +12,8 @@ from typing import Any
 
 from twisted.python import usage
 
+from snet.config import ConfigError, ConsulConfig, MySQLConfig, RedisConfig
+
 
 def positive_float(text: str) -> float:
     """Coerce an option to a number of seconds greater than zero."""
@@ -21,7 +23,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-positive_float.coerceDoc = "A positive number of seconds."  # type: ignore[attr-defined]
 
 
 def non_negative_float(text: str) -> float:
@@ -32,7 +33,6 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-non_negative_float.coerceDoc = "A number of seconds, zero or more."  # type: ignore[attr-defined]
 
 
 class _NamedCoerceParameter(usage.CoerceParameter):
@@ -49,10 +49,11 @@ class _NamedCoerceParameter(usage.CoerceParameter):
 class EnvironmentOptions(usage.Options):
     """Options whose unset values are filled from environment variables.
 
-    A subclass lists ``environment = {"option-name": "ENV_VAR", ...}`` and
-    ``fallbacks = {"option-name": default}`` (not usage.Options' own ``defaults``). Coerce
-    functions of ``optParameters`` apply to values from the environment too, and their errors
-    name the variable.
+    A class lists ``environment = {"option-name": "ENV_VAR", ...}`` and
+    ``fallbacks = {"option-name": default}`` (not usage.Options' own ``defaults``); like
+    ``optParameters``, both add up along the class hierarchy. Coerce functions of
+    ``optParameters`` apply to values from the environment too, and their errors name the
+    variable.
     """
 
     optParameters: list[list[Any]] = []
@@ -66,11 +67,20 @@ class EnvironmentOptions(usage.Options):
             if isinstance(handler, usage.CoerceParameter):
                 self._dispatch[name] = _NamedCoerceParameter(self, handler.coerce)  # type: ignore[no-untyped-call]
 
+    def _merged(self, attribute: str) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for klass in reversed(type(self).__mro__):
+            merged.update(vars(klass).get(attribute, {}))
+        return merged
+
     def fill_from_environment(self) -> None:
-        coercers: dict[str, Callable[[str], Any] | None] = {
-            p[0]: (p[4] if len(p) > 4 else None) for p in self.optParameters
+        coercers: dict[str, Callable[[str], Any]] = {
+            name: handler.coerce
+            for name, handler in self._dispatch.items()
+            if isinstance(handler, usage.CoerceParameter)
         }
-        for name, variable in self.environment.items():
+        fallbacks = self._merged("fallbacks")
+        for name, variable in self._merged("environment").items():
             if self[name] is not None:
                 continue
             raw = self.environ.get(variable)
@@ -80,8 +90,59 @@ class EnvironmentOptions(usage.Options):
                     self[name] = coerce(raw) if coerce else raw
                 except ValueError as e:
                     raise usage.UsageError(f"{variable}={raw!r}: {e}") from None
-            elif name in self.fallbacks:
-                self[name] = self.fallbacks[name]
+            elif name in fallbacks:
+                self[name] = fallbacks[name]
 
     def postOptions(self) -> None:
         self.fill_from_environment()
+
+
+class ServiceOptions(EnvironmentOptions):
+    """The options every snet service takes: where to listen, Consul, MySQL, Redis, drain."""
+
+    optParameters = [
+        ["listen", None, None, "Endpoint string to listen on.", str],
+        [
+            "consul",
+            None,
+            None,
+            "Consul agent HTTP address (default CONSUL_HTTP_ADDR, else http://127.0.0.1:8500).",
+            str,
+        ],
+        ["mysql", None, None, "mysql://USER:PASSWORD@HOST:PORT/DATABASE (required).", str],
+        ["redis", None, None, "redis://HOST:PORT/DB (default redis://127.0.0.1:6379/0).", str],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "Seconds to let in-flight requests finish on stop (default 10).",
+            positive_float,
+        ],
+    ]
+    environment = {
+        "listen": "SNET_LISTEN",
+        "consul": "CONSUL_HTTP_ADDR",
+        "mysql": "SNET_MYSQL",
+        "redis": "SNET_REDIS",
+        "drain-timeout": "SNET_DRAIN_TIMEOUT",
+    }
+    fallbacks = {
+        "consul": "http://127.0.0.1:8500",
+        "redis": "redis://127.0.0.1:6379/0",
+        "drain-timeout": 10.0,
+    }
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if not self["mysql"]:
+            raise usage.UsageError(
+                "--mysql (or SNET_MYSQL) is required: mysql://USER:PASSWORD@HOST:PORT/DATABASE"
+            )
+        try:
+            self["mysql-config"] = MySQLConfig.from_url(self["mysql"])
+            self["redis-config"] = RedisConfig.from_url(self["redis"])
+            self["consul-config"] = ConsulConfig.from_url(
+                self["consul"], self.environ.get("CONSUL_HTTP_TOKEN")
+            )
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None

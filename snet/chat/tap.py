@@ -14,25 +14,24 @@ from snet import __version__
 from snet.chat.app import ChatAPI
 from snet.chat.registration import ChatRegistration, ServiceInstance
 from snet.chat.store import MessageStore, UnreadCounters
-from snet.config import ConfigError, ConsulConfig, MySQLConfig, RedisConfig, parse_host_port
+from snet.config import ConfigError, parse_host_port
 from snet.consul import TreqConsul
 from snet.lifecycle import ServingInstance
-from snet.options import EnvironmentOptions, non_negative_float, positive_float
+from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
 from snet.web import HTTPMetrics, InFlight, QuietSite
 
 
-class Options(EnvironmentOptions):
+class Options(ServiceOptions):
     """Options of one chat instance; each one can also come from the environment."""
 
     synopsis = "[options]"
     longdesc = (
-        "Run one instance of the snet dialogs service. It serves its HTTP API on --listen, "
-        "stores messages in MySQL, keeps unread counters in Redis and registers with the "
-        "Consul agent once it can serve."
+        "Run one instance of the snet dialogs service. It serves its HTTP API on --listen "
+        "(default tcp:9001), stores messages in MySQL, keeps unread counters in Redis and "
+        "registers with the Consul agent once it can serve."
     )
     optParameters = [
-        ["listen", None, None, "Endpoint string to listen on (default tcp:9001).", str],
         [
             "advertise",
             None,
@@ -41,24 +40,8 @@ class Options(EnvironmentOptions):
             "(default: the listen interface or this host's address, and the listening port).",
             str,
         ],
-        [
-            "consul",
-            None,
-            None,
-            "Consul agent HTTP address (default CONSUL_HTTP_ADDR, else http://127.0.0.1:8500).",
-            str,
-        ],
         ["service-name", None, None, "Name to register under (default snet-chat).", str],
         ["instance-id", None, None, "Consul service ID (default: unique per instance).", str],
-        ["mysql", None, None, "mysql://USER:PASSWORD@HOST:PORT/DATABASE (required).", str],
-        ["redis", None, None, "redis://HOST:PORT/DB (default redis://127.0.0.1:6379/0).", str],
-        [
-            "drain-timeout",
-            None,
-            None,
-            "Seconds to let in-flight requests finish on stop (default 10).",
-            positive_float,
-        ],
         [
             "deregister-grace",
             None,
@@ -83,24 +66,16 @@ class Options(EnvironmentOptions):
         ],
     ]
     environment = {
-        "listen": "SNET_LISTEN",
         "advertise": "SNET_ADVERTISE",
-        "consul": "CONSUL_HTTP_ADDR",
         "service-name": "SNET_SERVICE_NAME",
         "instance-id": "SNET_INSTANCE_ID",
-        "mysql": "SNET_MYSQL",
-        "redis": "SNET_REDIS",
-        "drain-timeout": "SNET_DRAIN_TIMEOUT",
         "deregister-grace": "SNET_DEREGISTER_GRACE",
         "check-interval": "SNET_CHECK_INTERVAL",
         "deregister-after": "SNET_DEREGISTER_AFTER",
     }
     fallbacks = {
         "listen": "tcp:9001",
-        "consul": "http://127.0.0.1:8500",
         "service-name": "snet-chat",
-        "redis": "redis://127.0.0.1:6379/0",
-        "drain-timeout": 10.0,
         "deregister-grace": 0.5,
         "check-interval": 1.0,
         "deregister-after": 60.0,
@@ -109,19 +84,10 @@ class Options(EnvironmentOptions):
     def postOptions(self) -> None:
         super().postOptions()
         try:
-            self["mysql-config"] = MySQLConfig.from_url(self["mysql"] or "")
-            self["redis-config"] = RedisConfig.from_url(self["redis"])
-            self["consul-config"] = ConsulConfig.from_url(
-                self["consul"], self.environ.get("CONSUL_HTTP_TOKEN")
-            )
             self["advertise-address"] = (
                 parse_host_port(self["advertise"], "--advertise") if self["advertise"] else None
             )
         except ConfigError as e:
-            if not self["mysql"]:
-                raise usage.UsageError(
-                    "--mysql (or SNET_MYSQL) is required: mysql://USER:PASSWORD@HOST:PORT/DATABASE"
-                ) from None
             raise usage.UsageError(str(e)) from None
         name = self["service-name"]
         if not name or not all(c.isalnum() or c in "-_" for c in name):
