@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from snet.testing.processes import TwistdProcess
+from snet.testing.fleet import ChatFleet
 from snet.testing.servers import ConsulAgent, MariaDB, Redis, free_port
 
 
@@ -68,22 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consul  {consul.url}  (UI: {consul.url}/ui/)", file=out)
         print(f"mariadb 127.0.0.1:{mariadb.port}  database snet", file=out)
         print(f"redis   {redis.url}", file=out)
-        chats = []
-        for index in range(args.chat):
-            port = args.chat_port + index if args.chat_port else free_port()
-            chats.append(
-                TwistdProcess(
-                    "snet-chat",
-                    [
-                        "--listen", f"tcp:{port}:interface=127.0.0.1",
-                        "--consul", consul.url,
-                        "--mysql", mysql_url,
-                        "--redis", redis.url,
-                    ],
-                    health_url=f"http://127.0.0.1:{port}/health",
-                    name=f"chat-{index + 1}",
-                )
-            )  # fmt: skip
+        ports = [args.chat_port + i if args.chat_port else free_port() for i in range(args.chat)]
+        fleet = ChatFleet(
+            consul_url=consul.url,
+            mysql_url=mysql_url,
+            redis_url=redis.url,
+            count=0,
+            service="snet-chat",
+        )
+        chats = [fleet.add_instance_at(port) for port in ports]
         logs = {"consul": consul.log_path, **{c.name: c.log_path for c in chats}}
         with followed(logs, out):
             try:

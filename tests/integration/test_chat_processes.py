@@ -11,85 +11,22 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import pymysql
 import pytest
 
-from snet.config import MySQLConfig
-from snet.testing.processes import TwistdProcess, http_get, http_json
-from snet.testing.servers import ConsulAgent, MariaDB, Redis, free_port, wait_until
+from snet.testing.fleet import ChatFleet, query
+from snet.testing.processes import http_json
+from snet.testing.servers import ConsulAgent, MariaDB, Redis, wait_until
 
 pytestmark = pytest.mark.integration
 
 
-class Fleet:
-    """N chat processes registered under a service name of their own."""
-
-    def __init__(self, consul: ConsulAgent, mysql_url: str, redis_url: str, count: int) -> None:
-        self.consul = consul
-        self.mysql_url = mysql_url
-        self.service = f"snet-chat-{uuid.uuid4().hex[:8]}"
-        self.instances: list[TwistdProcess] = []
-        for index in range(count):
-            port = free_port()
-            self.instances.append(
-                TwistdProcess(
-                    "snet-chat",
-                    [
-                        "--listen", f"tcp:{port}:interface=127.0.0.1",
-                        "--consul", consul.url,
-                        "--service-name", self.service,
-                        "--instance-id", f"{self.service}-{index}",
-                        "--mysql", mysql_url,
-                        "--redis", redis_url,
-                        "--drain-timeout", "5",
-                    ],
-                    health_url=f"http://127.0.0.1:{port}/health",
-                    name=f"{self.service}-{index}",
-                )
-            )  # fmt: skip
-        for process in self.instances:
-            process.start(ready_timeout=None)  # start all at once (schema applied concurrently)
-        for process in self.instances:
-            process.wait_healthy(30)
-
-    def url(self, index: int) -> str:
-        health = self.instances[index].health_url
-        assert health is not None
-        return health.removesuffix("/health")
-
-    def consul_entries(self, passing: bool = True) -> list[dict[str, Any]]:
-        query = "?passing=true" if passing else ""
-        status, body = http_get(f"{self.consul.url}/v1/health/service/{self.service}{query}")
-        assert status == 200, body
-        import json
-
-        entries: list[dict[str, Any]] = json.loads(body)
-        return entries
-
-    def passing_ids(self) -> set[str]:
-        return {e["Service"]["ID"] for e in self.consul_entries()}
-
-    def check_status(self, instance_id: str) -> str | None:
-        for entry in self.consul_entries(passing=False):
-            if entry["Service"]["ID"] == instance_id:
-                statuses = [c["Status"] for c in entry["Checks"] if c.get("ServiceID")]
-                return statuses[0] if statuses else None
-        return None
-
-    def ids(self) -> set[str]:
-        return {f"{self.service}-{i}" for i in range(len(self.instances))}
-
-    def wait_all_passing(self, timeout: float = 15) -> None:
-        wait_until(lambda: self.passing_ids() == self.ids(), timeout, "every instance passing")
-
-    def stop(self) -> None:
-        for process in self.instances:
-            process.stop()
-
-
 @pytest.fixture
-def fleet(consul_agent: ConsulAgent, chat_database: str, redis_server: Redis) -> Iterator[Fleet]:
-    fleet = Fleet(consul_agent, chat_database, redis_server.url, 3)
+def fleet(
+    consul_agent: ConsulAgent, chat_database: str, redis_server: Redis
+) -> Iterator[ChatFleet]:
+    fleet = ChatFleet(
+        consul_url=consul_agent.url, mysql_url=chat_database, redis_url=redis_server.url
+    )
     try:
         yield fleet
     finally:
@@ -101,20 +38,6 @@ def chat_database(mariadb: MariaDB) -> str:
     return mariadb.create_database("chat_processes")
 
 
-def query(mysql_url: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
-    config = MySQLConfig.from_url(mysql_url)
-    connection = pymysql.connect(
-        host=config.host, port=config.port, user=config.user, password=config.password,
-        database=config.database, autocommit=True,
-    )  # fmt: skip
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, args)
-            return list(cursor.fetchall())
-    finally:
-        connection.close()
-
-
 def send(base: str, sender: int, peer: int, text: str, key: str) -> tuple[int, dict[str, str], Any]:
     return http_json(
         "POST",
@@ -124,7 +47,7 @@ def send(base: str, sender: int, peer: int, text: str, key: str) -> tuple[int, d
     )
 
 
-def test_three_instances_all_show_as_passing_in_consul(fleet: Fleet) -> None:
+def test_three_instances_all_show_as_passing_in_consul(fleet: ChatFleet) -> None:
     fleet.wait_all_passing()
     entries = fleet.consul_entries()
     ports = sorted(e["Service"]["Port"] for e in entries)
@@ -133,7 +56,9 @@ def test_three_instances_all_show_as_passing_in_consul(fleet: Fleet) -> None:
     assert all(e["Service"]["Meta"].get("version") for e in entries)
 
 
-def test_sigterm_removes_the_instance_from_consul_before_the_process_exits(fleet: Fleet) -> None:
+def test_sigterm_removes_the_instance_from_consul_before_the_process_exits(
+    fleet: ChatFleet,
+) -> None:
     victim = fleet.instances[0]
     victim_id = f"{fleet.service}-0"
     fleet.wait_all_passing()
@@ -152,7 +77,9 @@ def test_sigterm_removes_the_instance_from_consul_before_the_process_exits(fleet
     assert {f"{fleet.service}-1", f"{fleet.service}-2"} <= fleet.passing_ids()
 
 
-def test_sigterm_during_a_stream_of_sends_answers_every_request_it_was_sent(fleet: Fleet) -> None:
+def test_sigterm_during_a_stream_of_sends_answers_every_request_it_was_sent(
+    fleet: ChatFleet,
+) -> None:
     """Clients that follow Consul (as the monolith does) stop sending once the instance is
     deregistered; every request sent until then gets its answer, and every 201 is in MySQL."""
     fleet.wait_all_passing()
@@ -182,7 +109,7 @@ def test_sigterm_during_a_stream_of_sends_answers_every_request_it_was_sent(flee
                 answered_after_sigterm.append(key)
 
     def watch_consul() -> None:
-        while victim_id in {e["Service"]["ID"] for e in fleet.consul_entries(passing=False)}:
+        while victim_id in fleet.registered_ids():
             time.sleep(0.005)
         deregistered.set()
 
@@ -207,7 +134,7 @@ def test_sigterm_during_a_stream_of_sends_answers_every_request_it_was_sent(flee
     assert stored == len(acknowledged)
 
 
-def test_sigkill_turns_the_instance_check_critical(fleet: Fleet) -> None:
+def test_sigkill_turns_the_instance_check_critical(fleet: ChatFleet) -> None:
     victim_id = f"{fleet.service}-2"
     fleet.wait_all_passing()
     fleet.instances[2].signal(signal.SIGKILL)
@@ -216,13 +143,15 @@ def test_sigkill_turns_the_instance_check_critical(fleet: Fleet) -> None:
     assert victim_id not in fleet.passing_ids()
 
 
-def test_restarting_the_consul_agent_brings_every_live_instance_back(fleet: Fleet) -> None:
+def test_restarting_the_consul_agent_brings_every_live_instance_back(
+    fleet: ChatFleet, consul_agent: ConsulAgent
+) -> None:
     fleet.wait_all_passing()
-    fleet.consul.restart()
+    consul_agent.restart()
     fleet.wait_all_passing(20)
 
 
-def test_a_repeated_idempotency_key_stores_one_message_and_answers_alike(fleet: Fleet) -> None:
+def test_a_repeated_idempotency_key_stores_one_message_and_answers_alike(fleet: ChatFleet) -> None:
     key = f"same-{uuid.uuid4().hex}"
     first = send(fleet.url(0), 21, 22, "hello once", key)
     second = send(fleet.url(1), 21, 22, "hello once", key)  # another instance, same database
@@ -237,7 +166,7 @@ def test_a_repeated_idempotency_key_stores_one_message_and_answers_alike(fleet: 
     assert rows[0][0] == 1
 
 
-def test_unread_counters_match_mysql_after_a_rebuild(fleet: Fleet, redis_server: Redis) -> None:
+def test_unread_counters_match_mysql_after_a_rebuild(fleet: ChatFleet, redis_server: Redis) -> None:
     base = fleet.url(0)
     for n in range(5):
         assert send(base, 31, 32, f"to 32 #{n}", uuid.uuid4().hex)[0] == 201
@@ -270,7 +199,7 @@ def test_unread_counters_match_mysql_after_a_rebuild(fleet: Fleet, redis_server:
     assert unread(33) == {}
 
 
-def test_bad_input_gets_400_and_leaves_the_tables_unchanged(fleet: Fleet) -> None:
+def test_bad_input_gets_400_and_leaves_the_tables_unchanged(fleet: ChatFleet) -> None:
     base = fleet.url(0)
 
     def snapshot() -> tuple[Any, ...]:

@@ -1,0 +1,157 @@
+"""A fleet of real snet processes: chat instances registered with Consul, and monoliths.
+
+Integration tests, benchmarks and ``python -m snet.stack`` start the same processes the same
+way, from ``twistd`` of the running Python environment, each on a free 127.0.0.1 port.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import pymysql
+
+from snet.config import MySQLConfig
+from snet.testing.processes import TwistdProcess, http_get
+from snet.testing.servers import free_port, wait_until
+
+
+class ChatFleet:
+    """Chat instances registered under one service name (by default a fresh one)."""
+
+    def __init__(
+        self,
+        *,
+        consul_url: str,
+        mysql_url: str,
+        redis_url: str,
+        count: int = 3,
+        service: str | None = None,
+        extra_args: Sequence[str] = ("--drain-timeout", "5"),
+        ports: Sequence[int] | None = None,
+    ) -> None:
+        self.consul_url = consul_url
+        self.mysql_url = mysql_url
+        self.redis_url = redis_url
+        self.service = service or f"snet-chat-{uuid.uuid4().hex[:8]}"
+        self.extra_args = list(extra_args)
+        self.instances: list[TwistdProcess] = []
+        for index in range(count):
+            self.instances.append(self._process(index, ports[index] if ports else free_port()))
+        for process in self.instances:
+            process.start(ready_timeout=None)  # all at once: the schema is applied concurrently
+        for process in self.instances:
+            process.wait_healthy(30)
+
+    def _process(self, index: int, port: int) -> TwistdProcess:
+        return TwistdProcess(
+            "snet-chat",
+            [
+                "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--consul", self.consul_url,
+                "--service-name", self.service,
+                "--instance-id", self.instance_id(index),
+                "--mysql", self.mysql_url,
+                "--redis", self.redis_url,
+                *self.extra_args,
+            ],
+            health_url=f"http://127.0.0.1:{port}/health",
+            name=self.instance_id(index),
+        )  # fmt: skip
+
+    def add_instance(self) -> TwistdProcess:
+        """Start one more instance (it registers once healthy) and return it."""
+        return self.add_instance_at(free_port()).start()
+
+    def add_instance_at(self, port: int) -> TwistdProcess:
+        """One more instance on *port*, not started yet."""
+        process = self._process(len(self.instances), port)
+        self.instances.append(process)
+        return process
+
+    def instance_id(self, index: int) -> str:
+        return f"{self.service}-{index}"
+
+    def url(self, index: int) -> str:
+        health = self.instances[index].health_url
+        assert health is not None
+        return health.removesuffix("/health")
+
+    def consul_entries(self, passing: bool = True) -> list[dict[str, Any]]:
+        query = "?passing=true" if passing else ""
+        status, body = http_get(f"{self.consul_url}/v1/health/service/{self.service}{query}")
+        assert status == 200, body
+        entries: list[dict[str, Any]] = json.loads(body)
+        return entries
+
+    def registered_ids(self) -> set[str]:
+        return {e["Service"]["ID"] for e in self.consul_entries(passing=False)}
+
+    def passing_ids(self) -> set[str]:
+        return {e["Service"]["ID"] for e in self.consul_entries()}
+
+    def check_status(self, instance_id: str) -> str | None:
+        for entry in self.consul_entries(passing=False):
+            if entry["Service"]["ID"] == instance_id:
+                statuses = [c["Status"] for c in entry["Checks"] if c.get("ServiceID")]
+                return statuses[0] if statuses else None
+        return None
+
+    def ids(self) -> set[str]:
+        return {self.instance_id(i) for i in range(len(self.instances))}
+
+    def running_ids(self) -> set[str]:
+        return {self.instance_id(i) for i, p in enumerate(self.instances) if p.running()}
+
+    def wait_all_passing(self, timeout: float = 15) -> None:
+        """Wait until exactly the running instances show as passing in Consul."""
+        wait_until(
+            lambda: self.passing_ids() == self.running_ids(), timeout, "every instance passing"
+        )
+
+    def stop(self) -> None:
+        for process in self.instances:
+            process.stop()
+
+
+def monolith(
+    *,
+    consul_url: str,
+    mysql_url: str,
+    redis_url: str,
+    chat_service: str,
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> TwistdProcess:
+    """A ``twistd -n snet-server`` process (not started yet) discovering *chat_service*."""
+    port = port or free_port()
+    return TwistdProcess(
+        "snet-server",
+        [
+            "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--consul", consul_url,
+            "--chat-service", chat_service,
+            "--mysql", mysql_url,
+            "--redis", redis_url,
+            *extra_args,
+        ],
+        health_url=f"http://127.0.0.1:{port}/health",
+        name=f"monolith-{port}",
+    )  # fmt: skip
+
+
+def query(mysql_url: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """Run one parameterised statement against *mysql_url* and return its rows."""
+    config = MySQLConfig.from_url(mysql_url)
+    connection = pymysql.connect(
+        host=config.host, port=config.port, user=config.user, password=config.password,
+        database=config.database, autocommit=True,
+    )  # fmt: skip
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, args)
+            return list(cursor.fetchall())
+    finally:
+        connection.close()
