@@ -9,7 +9,11 @@ setup(
     python_requires=">=3.11",
     packages=[*find_packages(include=["snet", "snet.*"]), "twisted.plugins"],
     package_dir={"twisted.plugins": "twisted_plugins"},
-    package_data={"snet": ["py.typed"], "snet.chat": ["schema.sql"]},
+    package_data={
+        "snet": ["py.typed"],
+        "snet.chat": ["schema.sql"],
+        "snet.server": ["schema.sql"],
+    },
     include_package_data=True,
     zip_safe=False,
     install_requires=[

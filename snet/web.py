@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import IntEnum
 from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
@@ -132,7 +132,15 @@ class ErrorCode(IntEnum):
     MISSING_HEADER = 40005
     INVALID_TEXT = 40006
     SELF_DIALOG = 40007
+    INVALID_FIELD = 40008
+    WRONG_PASSWORD = 40009
+    NO_SUCH_USER = 40010
+    SELF_FRIENDSHIP = 40011
+    NO_SUCH_POST = 40012
+    NOT_AUTHOR = 40013
+    UNAUTHORIZED = 40100
     NOT_FOUND = 40400
+    USER_NOT_FOUND = 40401
     METHOD_NOT_ALLOWED = 40500
     CONFLICT = 40900
     IDEMPOTENCY_KEY_REUSED = 40901
@@ -141,21 +149,30 @@ class ErrorCode(IntEnum):
     DRAINING = 50301
     MYSQL_UNAVAILABLE = 50302
     UNREAD_UNAVAILABLE = 50303
+    NO_CHAT_INSTANCE = 50304
+    CHAT_UNAVAILABLE = 50305
 
 
 class ApiError(Exception):
-    """An error the client is told about: an HTTP status, a message and a numeric code."""
+    """An error the client is told about: an HTTP status, a message and a numeric code, plus
+    any response *headers* it needs (such as ``WWW-Authenticate``)."""
 
     status: int = 500
     default_code: int = ErrorCode.INTERNAL
 
     def __init__(
-        self, message: str, *, code: int | None = None, retry_after: int | None = None
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        retry_after: int | None = None,
+        headers: Mapping[bytes, bytes] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = int(code if code is not None else self.default_code)
         self.retry_after = retry_after
+        self.headers: dict[bytes, bytes] = dict(headers or {})
 
 
 class BadRequest(ApiError):
@@ -163,6 +180,21 @@ class BadRequest(ApiError):
 
     status = 400
     default_code = ErrorCode.BAD_REQUEST
+
+
+class Unauthorized(ApiError):
+    """No valid credentials (401): ``WWW-Authenticate: Bearer`` says which kind are wanted.
+
+    With *invalid_token* (a token was given but is unknown or expired) the header carries
+    ``error="invalid_token"``, as RFC 6750 has it.
+    """
+
+    status = 401
+    default_code = ErrorCode.UNAUTHORIZED
+
+    def __init__(self, message: str, *, code: int | None = None, invalid_token: bool = False):
+        challenge = b'Bearer error="invalid_token"' if invalid_token else b"Bearer"
+        super().__init__(message, code=code, headers={b"WWW-Authenticate": challenge})
 
 
 class NotFound(ApiError):
@@ -273,6 +305,8 @@ def error_response(request: IRequest, failure: Failure) -> bytes:
     else:
         log.failure("unhandled error answering {request_id}", failure, request_id=rid)
         api_error = ApiError("internal error")
+    for header, header_value in api_error.headers.items():
+        set_header(request, header, header_value)
     if api_error.retry_after is not None:
         set_header(request, b"Retry-After", str(api_error.retry_after).encode("ascii"))
     return json_response(

@@ -1,0 +1,495 @@
+"""The monolith's users: profiles and their prefix search, passwords (salted scrypt hashes,
+computed off the reactor thread) and bearer tokens (random, stored only as SHA-256, expiring).
+Also the monolith's schema (``schema.sql``), which every server part shares.
+
+Validators here turn untrusted JSON values into checked ones or raise ``BadRequest``; the
+stores take checked values only.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import unicodedata
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from importlib.resources import files
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from snet.storage import apply_schema, run_with_retry
+from snet.web import ID, MAX_ID, BadRequest, ErrorCode, NotFound
+
+log = Logger(namespace="snet.server.accounts")
+
+SCHEMA_LOCK = "snet.server.schema"
+"""The MySQL user lock held while the monolith's schema is applied."""
+
+MAX_NAME = 100
+"""The longest first or second name, in characters."""
+MAX_CITY = 100
+MAX_BIOGRAPHY = 2000
+MIN_PASSWORD = 8
+"""The shortest password a new account may have (a product choice; the spec asks only for 1)."""
+MAX_PASSWORD = 256
+OLDEST_BIRTHDATE = date(1900, 1, 1)
+SEARCH_LIMIT = 100
+"""The most users one search returns (the first ones by id)."""
+TOKEN_TTL = 30 * 24 * 3600.0
+"""Seconds a token stays valid after its login."""
+
+
+def schema_sql() -> str:
+    """The text of ``schema.sql``, shipped inside the package."""
+    return files("snet.server").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def apply_server_schema(pool: adbapi.ConnectionPool) -> Deferred[None]:
+    """Create the monolith's tables if they do not exist (safe with many instances at once)."""
+    return apply_schema(pool, schema_sql(), SCHEMA_LOCK)
+
+
+# --- validators -----------------------------------------------------------------------------
+
+
+def _invalid(message: str) -> BadRequest:
+    return BadRequest(message, code=ErrorCode.INVALID_FIELD)
+
+
+def _checked_text(value: object, name: str, max_length: int, *, multiline: bool) -> str:
+    """*value* if it is a string of at most *max_length* characters, valid Unicode (no lone
+    surrogates) and free of control characters (bar newlines and tabs when *multiline*)."""
+    if value is None:
+        raise _invalid(f"{name} is required")
+    if not isinstance(value, str):
+        raise _invalid(f"{name} must be a string")
+    if len(value) > max_length:
+        raise _invalid(f"{name} must be at most {max_length} characters")
+    allowed = "\n\r\t" if multiline else ""
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "Cs" or (category == "Cc" and char not in allowed):
+            raise _invalid(f"{name} must not contain control characters or lone surrogates")
+    return value
+
+
+def validate_name(value: object, name: str) -> str:
+    """A first or second name: 1 to MAX_NAME characters once surrounding white space is
+    stripped (the stripped value is returned), no control characters."""
+    text = _checked_text(value, name, MAX_NAME, multiline=False).strip()
+    if not text:
+        raise _invalid(f"{name} must not be empty")
+    return text
+
+
+def validate_city(value: object) -> str:
+    """A city: optional (absent means ""), at most MAX_CITY characters, stripped."""
+    if value is None:
+        return ""
+    return _checked_text(value, "city", MAX_CITY, multiline=False).strip()
+
+
+def validate_biography(value: object) -> str:
+    """A biography: optional (absent means ""), at most MAX_BIOGRAPHY characters; newlines
+    and tabs are allowed, other control characters are not. Kept as given."""
+    if value is None:
+        return ""
+    return _checked_text(value, "biography", MAX_BIOGRAPHY, multiline=True)
+
+
+DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def parse_birthdate(value: object, today: date) -> date:
+    """A birth date written ``YYYY-MM-DD``: a real calendar day from OLDEST_BIRTHDATE to
+    *today*."""
+    if not isinstance(value, str) or DATE.fullmatch(value) is None:
+        raise _invalid("birthdate must be a date written YYYY-MM-DD")
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise _invalid("birthdate is not a calendar date") from None
+    if day > today:
+        raise _invalid("birthdate must not be in the future")
+    if day < OLDEST_BIRTHDATE:
+        raise _invalid(f"birthdate must not be before {OLDEST_BIRTHDATE.isoformat()}")
+    return day
+
+
+def validate_new_password(value: object) -> str:
+    """A new account's password: MIN_PASSWORD to MAX_PASSWORD characters of valid Unicode."""
+    password = validate_given_password(value)
+    if len(password) < MIN_PASSWORD:
+        raise _invalid(f"password must be at least {MIN_PASSWORD} characters")
+    return password
+
+
+def validate_given_password(value: object) -> str:
+    """A password given at login: a non-empty string of at most MAX_PASSWORD characters."""
+    if not isinstance(value, str) or not value:
+        raise _invalid("password must be a non-empty string")
+    if len(value) > MAX_PASSWORD:
+        raise _invalid(f"password must be at most {MAX_PASSWORD} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("password must be valid Unicode") from None
+    return value
+
+
+def parse_user_id(value: object, name: str = "id") -> int:
+    """A user id as the public API writes it: a JSON string of decimal digits, a positive
+    integer below 2**63."""
+    if not isinstance(value, str) or ID.fullmatch(value) is None or int(value) > MAX_ID:
+        raise BadRequest(
+            f"{name} must be a string of decimal digits: a positive integer below 2**63",
+            code=ErrorCode.INVALID_PARAMETER,
+        )
+    return int(value)
+
+
+def validate_search_prefix(value: str | None, name: str) -> str:
+    """A search prefix: 1 to MAX_NAME characters (surrounding white space stripped)."""
+    if value is None:
+        raise BadRequest(
+            f"the query parameter {name} is required", code=ErrorCode.INVALID_PARAMETER
+        )
+    text = value.strip()
+    if not text or len(text) > MAX_NAME:
+        raise BadRequest(
+            f"{name} must be 1 to {MAX_NAME} characters", code=ErrorCode.INVALID_PARAMETER
+        )
+    return text
+
+
+def like_prefix(prefix: str) -> str:
+    """A ``LIKE`` pattern matching strings that start with *prefix*: its ``\\``, ``%`` and
+    ``_`` are escaped (backslash is LIKE's default escape character)."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+# --- values ---------------------------------------------------------------------------------
+
+
+@frozen
+class Profile:
+    """What a user tells about themself."""
+
+    first_name: str
+    second_name: str
+    birthdate: date
+    biography: str = ""
+    city: str = ""
+
+
+@frozen
+class User:
+    """A stored user (without the password hash)."""
+
+    id: int
+    profile: Profile
+
+    def to_json(self) -> dict[str, Any]:
+        """The public API's ``User``: the id as a decimal string, the date as YYYY-MM-DD."""
+        return {
+            "id": str(self.id),
+            "first_name": self.profile.first_name,
+            "second_name": self.profile.second_name,
+            "birthdate": self.profile.birthdate.isoformat(),
+            "biography": self.profile.biography,
+            "city": self.profile.city,
+        }
+
+
+def _user(row: tuple[Any, ...]) -> User:
+    id_, first, second, birthdate, biography, city = row
+    return User(
+        id=int(id_),
+        profile=Profile(
+            first_name=str(first),
+            second_name=str(second),
+            birthdate=birthdate,
+            biography=str(biography),
+            city=str(city),
+        ),
+    )
+
+
+# --- passwords ------------------------------------------------------------------------------
+
+
+@frozen
+class ScryptParameters:
+    """scrypt's cost parameters; stored with every hash so that they can change later."""
+
+    n: int = 2**14
+    r: int = 8
+    p: int = 1
+    salt_bytes: int = 16
+    key_bytes: int = 32
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, key_bytes: int) -> bytes:
+    return hashlib.scrypt(
+        password.encode("utf-8"),
+        salt=salt,
+        n=n,
+        r=r,
+        p=p,
+        dklen=key_bytes,
+        maxmem=256 * r * n + 1024 * 1024,
+    )
+
+
+def hash_password(password: str, params: ScryptParameters, salt: bytes | None = None) -> str:
+    """``scrypt$N$r$p$SALT$HASH`` (base64 salt and hash) of *password* with a fresh random
+    salt. Slow on purpose: call it in a thread."""
+    if salt is None:
+        salt = secrets.token_bytes(params.salt_bytes)
+    key = _scrypt(password, salt, params.n, params.r, params.p, params.key_bytes)
+    return f"scrypt${params.n}${params.r}${params.p}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Whether *password* matches *stored* (a ``hash_password`` result), compared in constant
+    time; False for a stored value of an unknown shape. Slow on purpose: call it in a thread."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt":
+        return False
+    try:
+        n, r, p = int(parts[1]), int(parts[2]), int(parts[3])
+        salt = base64.b64decode(parts[4], validate=True)
+        expected = base64.b64decode(parts[5], validate=True)
+    except ValueError:
+        return False
+    key = _scrypt(password, salt, n, r, p, len(expected))
+    return hmac.compare_digest(key, expected)
+
+
+ThreadRunner = Callable[..., Deferred[Any]]
+"""``deferToThread``'s shape: run ``f(*args)`` in a thread, fire with its result."""
+
+
+@define
+class PasswordHasher:
+    """Hashes and checks passwords in threads (``run_in_thread``), never on the reactor's."""
+
+    params: ScryptParameters = field(factory=ScryptParameters)
+    run_in_thread: ThreadRunner = deferToThread
+
+    def hash(self, password: str) -> Deferred[str]:
+        """Fire with the stored form of *password*."""
+        d: Deferred[str] = self.run_in_thread(hash_password, password, self.params)
+        return d
+
+    def verify(self, password: str, stored: str) -> Deferred[bool]:
+        """Fire with whether *password* matches the stored form."""
+        d: Deferred[bool] = self.run_in_thread(verify_password, password, stored)
+        return d
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
+"""What a bearer token may look like (ours are ``secrets.token_urlsafe(32)``: 43 characters)."""
+
+
+def new_token() -> str:
+    """A fresh random bearer token."""
+    return secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> bytes:
+    """What is stored of a token: its SHA-256."""
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def is_token_shaped(token: str) -> bool:
+    """Whether *token* could be one of ours (checked before any lookup)."""
+    return TOKEN.fullmatch(token) is not None
+
+
+# --- the store ------------------------------------------------------------------------------
+
+_USER_COLUMNS = "id, first_name, second_name, birthdate, biography, city"
+
+SEARCH_SQL = (
+    f"SELECT {_USER_COLUMNS} FROM users FORCE INDEX (ix_users_names)"  # noqa: S608
+    " WHERE first_name LIKE %s AND second_name LIKE %s ORDER BY id LIMIT %s"
+)
+"""The search: both names by prefix (``like_prefix``), a range read of ``ix_users_names``
+(second names checked in the index), then the matches sorted by id.
+
+The index is forced: with ``ORDER BY id LIMIT`` and a short first-name prefix the optimizer
+otherwise prefers walking the primary key in id order, hoping for early matches, which reads
+the whole table when matches are rare."""
+
+
+def _utc(seconds: float) -> datetime:
+    """A naive UTC datetime, as the DATETIME columns hold."""
+    return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None)
+
+
+def _register(txn: adbapi.Transaction, profile: Profile, password_hash: str, now: datetime) -> int:
+    txn.execute(
+        "INSERT INTO users (first_name, second_name, birthdate, biography, city,"
+        " password_hash, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            profile.first_name,
+            profile.second_name,
+            profile.birthdate,
+            profile.biography,
+            profile.city,
+            password_hash,
+            now,
+        ),
+    )
+    return int(txn.lastrowid)
+
+
+def _password_hash(txn: adbapi.Transaction, user_id: int) -> str | None:
+    txn.execute("SELECT password_hash FROM users WHERE id = %s", (user_id,))
+    row = txn.fetchone()
+    return None if row is None else str(row[0])
+
+
+def _store_token(
+    txn: adbapi.Transaction, digest: bytes, user_id: int, now: datetime, expires: datetime
+) -> None:
+    txn.execute("DELETE FROM user_tokens WHERE user_id = %s AND expires_at <= %s", (user_id, now))
+    txn.execute(
+        "INSERT INTO user_tokens (token_hash, user_id, created_at, expires_at)"
+        " VALUES (%s, %s, %s, %s)",
+        (digest, user_id, now, expires),
+    )
+
+
+def _token_user(txn: adbapi.Transaction, digest: bytes, now: datetime) -> int | None:
+    txn.execute(
+        "SELECT user_id FROM user_tokens WHERE token_hash = %s AND expires_at > %s",
+        (digest, now),
+    )
+    row = txn.fetchone()
+    return None if row is None else int(row[0])
+
+
+def _get(txn: adbapi.Transaction, user_id: int) -> User | None:
+    txn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE id = %s", (user_id,))  # noqa: S608
+    row = txn.fetchone()
+    return None if row is None else _user(row)
+
+
+def _exists(txn: adbapi.Transaction, user_id: int) -> bool:
+    txn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,))
+    return txn.fetchone() is not None
+
+
+def _search(txn: adbapi.Transaction, first: str, second: str, limit: int) -> list[User]:
+    txn.execute(SEARCH_SQL, (like_prefix(first), like_prefix(second), limit))
+    return [_user(row) for row in txn.fetchall()]
+
+
+def _ping(txn: adbapi.Transaction) -> None:
+    txn.execute("SELECT 1")
+    txn.fetchall()
+
+
+@define
+class Accounts:
+    """Users, passwords and tokens in MySQL (the ``users`` and ``user_tokens`` tables)."""
+
+    pool: adbapi.ConnectionPool
+    clock: IReactorTime
+    hasher: PasswordHasher = field(factory=PasswordHasher)
+    token_ttl: float = TOKEN_TTL
+
+    def apply_schema(self) -> Deferred[None]:
+        """Create the monolith's tables if they do not exist."""
+        return apply_server_schema(self.pool)
+
+    def today(self) -> date:
+        """Today's date (UTC) by the injected clock."""
+        return _utc(self.clock.seconds()).date()
+
+    def register(self, profile: Profile, password: str) -> Deferred[int]:
+        """Store a new user with a hash of *password*; fires with the new id."""
+        return Deferred.fromCoroutine(self._register(profile, password))
+
+    async def _register(self, profile: Profile, password: str) -> int:
+        password_hash = await self.hasher.hash(password)
+        user_id = await run_with_retry(
+            self.pool, _register, profile, password_hash, _utc(self.clock.seconds())
+        )
+        log.info("registered user {user_id}", user_id=user_id)
+        return user_id
+
+    def login(self, user_id: int, password: str) -> Deferred[str]:
+        """Check *password* and fire with a new bearer token, valid for ``token_ttl`` s.
+
+        :raises NotFound: there is no such user.
+        :raises BadRequest: the password is wrong (the message says no more than that the
+            pair does not match).
+        """
+        return Deferred.fromCoroutine(self._login(user_id, password))
+
+    async def _login(self, user_id: int, password: str) -> str:
+        stored = await run_with_retry(self.pool, _password_hash, user_id)
+        if stored is None:
+            raise NotFound("no such user", code=ErrorCode.USER_NOT_FOUND)
+        if not await self.hasher.verify(password, stored):
+            log.info("failed login of user {user_id}", user_id=user_id)
+            raise BadRequest("wrong id or password", code=ErrorCode.WRONG_PASSWORD)
+        token = new_token()
+        now = self.clock.seconds()
+        await run_with_retry(
+            self.pool,
+            _store_token,
+            token_digest(token),
+            user_id,
+            _utc(now),
+            _utc(now + self.token_ttl),
+        )
+        log.info("user {user_id} logged in", user_id=user_id)
+        return token
+
+    def authenticate(self, token: str) -> Deferred[int | None]:
+        """Fire with the id of the user whose unexpired token *token* is, else None."""
+        if not is_token_shaped(token):
+            d: Deferred[int | None] = Deferred()
+            d.callback(None)
+            return d
+        return run_with_retry(
+            self.pool, _token_user, token_digest(token), _utc(self.clock.seconds())
+        )
+
+    def get(self, user_id: int) -> Deferred[User | None]:
+        """The user *user_id*, or None."""
+        return run_with_retry(self.pool, _get, user_id)
+
+    def exists(self, user_id: int) -> Deferred[bool]:
+        """Whether user *user_id* exists."""
+        return run_with_retry(self.pool, _exists, user_id)
+
+    def search(
+        self, first_name_prefix: str, second_name_prefix: str, limit: int = SEARCH_LIMIT
+    ) -> Deferred[list[User]]:
+        """Up to *limit* users whose names start with the prefixes (case-insensitive), by id."""
+        return run_with_retry(self.pool, _search, first_name_prefix, second_name_prefix, limit)
+
+    def ping(self) -> Deferred[None]:
+        """``SELECT 1``: fires when MySQL answers."""
+        return run_with_retry(self.pool, _ping)
