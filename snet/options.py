@@ -23,16 +23,12 @@ def positive_float(text: str) -> float:
     return value
 
 
-
-
 def non_negative_float(text: str) -> float:
     """Coerce an option to a number of seconds, zero allowed."""
     value = float(text)
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{text!r} is not a number of seconds >= 0")
     return value
-
-
 
 
 class _NamedCoerceParameter(usage.CoerceParameter):

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from attrs import define, field
 
@@ -40,9 +41,13 @@ def http_json(
     body: object | None = None,
     headers: Mapping[str, str] | None = None,
     timeout: float = 5.0,
-) -> tuple[int, dict[str, str], object]:
-    """Make one JSON request; returns (status, headers, decoded body or None)."""
-    data = None if body is None else json.dumps(body).encode()
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """Make one JSON request; returns (status, headers, decoded body or None).
+
+    *raw* is sent as the body instead of *body*'s JSON, for malformed-input tests.
+    """
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
     if data is not None:
         request.add_header("Content-Type", "application/json")
