@@ -14,6 +14,7 @@ import hmac
 import re
 import secrets
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from importlib.resources import files
@@ -21,7 +22,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -409,13 +410,55 @@ def _ping(txn: adbapi.Transaction) -> None:
 
 
 @define
+class RecentAnswers:
+    """A bounded in-memory memo of answers that stay true for *ttl* seconds (LRU beyond
+    *size* entries), so the hot path of every authenticated call skips a MySQL round trip."""
+
+    clock: IReactorTime
+    ttl: float
+    size: int = 100_000
+    _entries: OrderedDict[Any, tuple[float, Any]] = field(factory=OrderedDict, init=False)
+
+    def get(self, key: Any) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock.seconds():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        self._entries[key] = (self.clock.seconds() + self.ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+TOKEN_MEMO_SECONDS = 10.0
+"""How long a checked token is trusted without asking MySQL again (tokens cannot be revoked
+through the API; one that expires is refused at most this much later)."""
+
+
+@define
 class Accounts:
-    """Users, passwords and tokens in MySQL (the ``users`` and ``user_tokens`` tables)."""
+    """Users, passwords and tokens in MySQL (the ``users`` and ``user_tokens`` tables).
+
+    Two answers are memoised in memory: that a user exists (users are never deleted) and
+    which user a token belongs to (for ``TOKEN_MEMO_SECONDS``).
+    """
 
     pool: adbapi.ConnectionPool
     clock: IReactorTime
     hasher: PasswordHasher = field(factory=PasswordHasher)
     token_ttl: float = TOKEN_TTL
+    _tokens: RecentAnswers = field(init=False)
+    _users: RecentAnswers = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = RecentAnswers(self.clock, TOKEN_MEMO_SECONDS)
+        self._users = RecentAnswers(self.clock, float("inf"))
 
     def apply_schema(self) -> Deferred[None]:
         """Create the monolith's tables if they do not exist."""
@@ -469,12 +512,19 @@ class Accounts:
     def authenticate(self, token: str) -> Deferred[int | None]:
         """Fire with the id of the user whose unexpired token *token* is, else None."""
         if not is_token_shaped(token):
-            d: Deferred[int | None] = Deferred()
-            d.callback(None)
-            return d
-        return run_with_retry(
-            self.pool, _token_user, token_digest(token), _utc(self.clock.seconds())
-        )
+            return succeed(None)
+        digest = token_digest(token)
+        known = self._tokens.get(digest)
+        if known is not None:
+            return succeed(known)
+
+        def remember(user_id: int | None) -> int | None:
+            if user_id is not None:
+                self._tokens.put(digest, user_id)
+            return user_id
+
+        d = run_with_retry(self.pool, _token_user, digest, _utc(self.clock.seconds()))
+        return d.addCallback(remember)
 
     def get(self, user_id: int) -> Deferred[User | None]:
         """The user *user_id*, or None."""
@@ -482,7 +532,15 @@ class Accounts:
 
     def exists(self, user_id: int) -> Deferred[bool]:
         """Whether user *user_id* exists."""
-        return run_with_retry(self.pool, _exists, user_id)
+        if self._users.get(user_id):
+            return succeed(True)
+
+        def remember(exists: bool) -> bool:
+            if exists:
+                self._users.put(user_id, True)
+            return exists
+
+        return run_with_retry(self.pool, _exists, user_id).addCallback(remember)
 
     def search(
         self, first_name_prefix: str, second_name_prefix: str, limit: int = SEARCH_LIMIT

@@ -303,3 +303,22 @@ def test_post_texts_over_the_limit_are_refused() -> None:
     assert validate_post_text("x" * MAX_POST_TEXT)
     with pytest.raises(BadRequest):
         validate_post_text("x" * (MAX_POST_TEXT + 1))
+
+
+def test_recent_answers_expire_after_their_ttl_and_stay_bounded() -> None:
+    from twisted.internet.task import Clock
+
+    from snet.server.accounts import RecentAnswers
+
+    clock = Clock()
+    memo = RecentAnswers(clock, ttl=10.0, size=2)
+    memo.put("a", 1)
+    clock.advance(9.9)
+    assert memo.get("a") == 1
+    clock.advance(0.1)
+    assert memo.get("a") is None  # expired: the caller asks MySQL again
+    memo.put("a", 1)
+    memo.put("b", 2)
+    assert memo.get("a") == 1  # "a" is now the most recently used
+    memo.put("c", 3)
+    assert (memo.get("a"), memo.get("b"), memo.get("c")) == (1, None, 3)
