@@ -1,9 +1,10 @@
 """``python -m snet.stack``: the whole system as local processes, for trying it without Docker.
 
 Starts a Consul dev agent, MariaDB and Redis (private servers in temporary directories, from
-their real binaries), then N ``twistd -n snet-chat`` instances, and follows every log in one
-terminal with a prefix per process. Ctrl-C stops the chat instances (each deregisters and
-drains first), then the servers.
+their real binaries), then N ``twistd -n snet-chat`` instances and the monolith
+(``twistd -n snet-server``), and follows every log in one terminal with a prefix per process.
+Ctrl-C stops the monolith and the chat instances (each deregisters and drains first), then
+the servers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from snet.testing.fleet import ChatFleet
+from snet.testing.fleet import ChatFleet, monolith
 from snet.testing.servers import ConsulAgent, MariaDB, Redis, free_port
 
 
@@ -59,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chat-port", type=int, default=9001, help="first chat port (default 9001; 0: any free)"
     )
+    parser.add_argument("--port", type=int, default=8080, help="the monolith's port (default 8080)")
     args = parser.parse_args(argv)
     out = sys.stdout
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     with ConsulAgent() as consul, MariaDB() as mariadb, Redis() as redis:
-        mysql_url = mariadb.create_database("snet")
+        mysql_url = mariadb.create_database("snet_chat")
+        server_mysql_url = mariadb.create_database("snet")
         print(f"consul  {consul.url}  (UI: {consul.url}/ui/)", file=out)
-        print(f"mariadb 127.0.0.1:{mariadb.port}  database snet", file=out)
+        print(f"mariadb 127.0.0.1:{mariadb.port}  databases snet, snet_chat", file=out)
         print(f"redis   {redis.url}", file=out)
         ports = [args.chat_port + i if args.chat_port else free_port() for i in range(args.chat)]
         fleet = ChatFleet(
@@ -77,7 +80,19 @@ def main(argv: list[str] | None = None) -> int:
             service="snet-chat",
         )
         chats = [fleet.add_instance_at(port) for port in ports]
-        logs = {"consul": consul.log_path, **{c.name: c.log_path for c in chats}}
+        server = monolith(
+            consul_url=consul.url,
+            mysql_url=server_mysql_url,
+            redis_url=redis.url.replace("/0", "/1"),
+            chat_service=fleet.service,
+            port=args.port,
+        )
+        server.name = "monolith"
+        logs = {
+            "consul": consul.log_path,
+            "monolith": server.log_path,
+            **{c.name: c.log_path for c in chats},
+        }
         with followed(logs, out):
             try:
                 for chat in chats:
@@ -85,15 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                 for chat in chats:
                     chat.wait_healthy(30)
                     print(f"{chat.name} ready: {chat.health_url}", file=out)
+                server.start()
+                print(f"monolith ready: http://127.0.0.1:{args.port}/", file=out)
                 print("the stack is up; Ctrl-C stops it", file=out)
-                while all(chat.running() for chat in chats):
+                while server.running() and all(chat.running() for chat in chats):
                     time.sleep(0.5)
-                print("a chat instance exited; stopping the stack", file=out)
+                print("a process exited; stopping the stack", file=out)
                 return 1
             except KeyboardInterrupt:
                 print("stopping: chat instances deregister and drain first", file=out)
                 return 0
             finally:
+                server.stop()
                 for chat in chats:
                     chat.signal(signal.SIGTERM)
                 for chat in chats:

@@ -297,7 +297,7 @@ def error_response(request: IRequest, failure: Failure) -> bytes:
         api_error.status = status
     elif is_unavailable(exc):
         log.warn(
-            "back end unavailable: {error}",
+            "[{request_id}] back end unavailable: {error}",
             error=f"{type(exc).__name__}: {exc}",
             request_id=rid,
         )
@@ -535,6 +535,10 @@ def klein_route(request: IRequest) -> str:
     return str(rule.rule)
 
 
+QUIET_ROUTES = frozenset({"/health", "/metrics"})
+"""Routes whose successful requests are logged at debug level."""
+
+
 @implementer(IResource)
 @define
 class ObservedResource:
@@ -569,9 +573,12 @@ class ObservedResource:
             elapsed = max(0.0, self.clock.seconds() - started)
             self.metrics.observe(method, route, status, elapsed)
             ms = round(elapsed * 1000, 1)
+            # Probes (Consul's health check every second, Prometheus scrapes) are logged at
+            # debug level only, so that they do not drown the requests that matter.
+            emit = log.debug if route in QUIET_ROUTES and status < 400 else log.info
             if isinstance(result, Failure):
                 log.info(
-                    "{method} {route} client went away after {ms} ms",
+                    "[{request_id}] {method} {route} client went away after {ms} ms",
                     method=method,
                     route=route,
                     status=status,
@@ -579,8 +586,8 @@ class ObservedResource:
                     request_id=rid,
                 )
             else:
-                log.info(
-                    "{method} {route} {status} in {ms} ms",
+                emit(
+                    "[{request_id}] {method} {route} {status} in {ms} ms",
                     method=method,
                     route=route,
                     status=status,

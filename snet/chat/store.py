@@ -376,7 +376,7 @@ class Dialogs:
             await self.unread.bump(recipient_id, sender_id)
         except Exception as e:
             log.warn(
-                "unread bump failed, removing message {message_id}: {error}",
+                "[{request_id}] unread bump failed, removing message {message_id}: {error}",
                 message_id=message.id,
                 error=f"{type(e).__name__}: {e}",
                 request_id=request_id,
@@ -385,7 +385,7 @@ class Dialogs:
                 await self.messages.delete(message.id)
             except Exception:
                 log.failure(
-                    "compensation failed: message {message_id} is stored without its unread"
+                    "[{request_id}] compensation failed: message {message_id} is stored without its unread"
                     " count (a rebuild repairs it)",
                     message_id=message.id,
                     request_id=request_id,

@@ -201,7 +201,7 @@ class ServerAPI:
             )
         if mapped is not None:
             log.warn(
-                "chat unavailable: {error}",
+                "[{request_id}] chat unavailable: {error}",
                 error=f"{type(exc).__name__}: {exc}",
                 request_id=request_id(request),
             )

@@ -466,6 +466,7 @@ class ConsulAgent(_Server):
             f"-serf-wan-port={self.serf_wan_port}",
             f"-server-port={self.server_port}",
             "-grpc-port=-1",
+            "-log-level=info",
             "-hcl=disable_update_check = true",
         ]
 
