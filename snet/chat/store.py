@@ -385,8 +385,8 @@ class Dialogs:
                 await self.messages.delete(message.id)
             except Exception:
                 log.failure(
-                    "[{request_id}] compensation failed: message {message_id} is stored without its unread"
-                    " count (a rebuild repairs it)",
+                    "[{request_id}] compensation failed: message {message_id} is stored"
+                    " without its unread count (a rebuild repairs it)",
                     message_id=message.id,
                     request_id=request_id,
                 )
