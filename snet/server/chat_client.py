@@ -1,36 +1,48 @@
 """The monolith's client of the chat service: dialog calls spread over the chat instances.
 
 :class:`ChatClient` implements :class:`~snet.server.gateway.ChatGateway`: each call asks the
-:class:`~snet.server.balancer.RoundRobin` for the instances in rotation order and sends the
-request (docs/chat-api.md) to the first one, with the caller's identity, request id and, for
-sends, idempotency key. What happens when it goes wrong:
+:class:`~snet.server.balancer.RoundRobin` for the next instance and sends the request
+(docs/chat-api.md) to it, with the caller's identity, request id and, for sends, idempotency
+key. Every attempt's outcome goes to the balancer's passive health (``snet.server.health``),
+which ejects instances that keep failing. What happens when an attempt goes wrong:
 
-- The instance could not be reached at all (connection refused, connect timeout, no route,
-  DNS): the request never left, so it goes to the next instance at once, sends included, and
-  the rotation moves on to the instance that took it (``RoundRobin.skipped_to``), so that the
-  calls go round the instances that answer.
-- The request reached the instance but failed (no full answer within ``timeout``, the
-  connection lost, a 5xx answer, a body that is not JSON): :class:`ChatInstanceFailed`, a
-  :class:`~snet.server.gateway.ChatUnavailable`. Not retried in this version, even for reads:
-  a later change retries sends with the same idempotency key.
-- A 503 is treated as every other 5xx (it is not passed through as a reply): the public API
-  answers 503 with ``Retry-After`` for all of them, and the exception keeps the instance's
-  status and body for logs.
-- Every instance unreachable: ``ChatUnavailable``; none listed: ``NoChatInstance``.
+- **Not reached** (connection refused, connect timeout, no route, DNS): the request never
+  left, so it goes to the next instance at once, sends included. Such skips are free: they
+  count neither as attempts (``max_attempts``) nor against the retry budget, since no chat
+  process did any work (a refusing instance is also ejected at once, so they stay rare);
+  each instance is still tried at most once per call, and the deadline bounds them.
+- **Reached but failed** (no full answer within the attempt's timeout, the connection lost
+  mid-request, a 5xx, a body that is not JSON): retried on another instance. That is safe
+  for every call this client makes: lists and unread reads change nothing a repeat would
+  change twice, and a send carries the *same* ``Idempotency-Key`` on every attempt, so the
+  chat service stores it once and answers a replay with the stored message (same status and
+  body). Retries are bounded three ways: at most ``max_attempts`` attempts that reached an
+  instance, a :class:`RetryBudget` shared by all calls (retries at most ``ratio`` of recent
+  calls, plus a small reserve per second), and the call's deadline.
+- **Deadline.** A call has ``deadline`` seconds end to end: no attempt starts after it, and
+  each attempt's timeout is the smaller of ``timeout`` and the time left. An attempt that
+  times out is cancelled (its connection is dropped, not left waiting). An attempt cut
+  short by the deadline rather than by ``timeout`` is not held against the instance.
+- When retries stop, the last :class:`ChatInstanceFailed` is raised (a 503 with
+  ``Retry-After`` from the public API; it keeps the instance's status and body for logs);
+  ``ChatUnavailable`` if no instance could be reached; ``NoChatInstance`` if none is listed.
 
 Answers below 500 are passed on as :class:`~snet.server.gateway.ChatReply` (a 4xx body is the
-chat service's JSON error, which the public API can relay).
+chat service's JSON error, which the public API can relay); ``ChatReply.instance`` names the
+instance that finally served (``X-Snet-Chat-Instance``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Coroutine
+import math
+from collections import deque
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import treq.client
 from attrs import frozen
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
     ConnectError,
@@ -67,6 +79,7 @@ __all__ = [
     "ChatClient",
     "ChatInstanceFailed",
     "PooledHTTPClient",
+    "RetryBudget",
     "chat_http_client",
 ]
 
@@ -80,6 +93,8 @@ of 4096 characters is well under it)."""
 _WRAPPED = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
 # The connection was there, then was lost before the whole answer came.
 _LOST = (ConnectionLost, ConnectionDone, *_WRAPPED)
+# Failure reasons that say the request never got to the instance.
+_NOT_REACHED = frozenset({"refused", "connect_timeout", "connect_error"})
 
 
 class ChatInstanceFailed(ChatUnavailable):
@@ -224,11 +239,80 @@ class _Request:
     data: bytes | None
     request_id: str
 
+    @property
+    def retry_safe(self) -> bool:
+        """Whether the request may be sent again after it reached an instance: a read, or a
+        write with an idempotency key (the chat service stores it once)."""
+        return self.method == "GET" or self.headers.hasHeader(b"Idempotency-Key")
+
 
 @frozen
 class _Answer:
     status: int
     body: bytes
+
+
+# --- the retry budget -------------------------------------------------------------------------
+
+
+class RetryBudget:
+    """How many retries the calls may make: a share of recent calls, plus a reserve.
+
+    Like Finagle's ``RetryBudget``: over the last *window* seconds, retries may number at
+    most ``ratio`` times the calls made plus ``min_per_second * window`` (the reserve, so
+    that a lightly used client still retries). When the chat fleet fails as a whole, the
+    retries thus add at most ``ratio`` to its load instead of multiplying it by
+    ``max_attempts``. The window slides in tenths (*buckets*), driven by *clock*.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        ratio: float = 0.2,
+        min_per_second: float = 10.0,
+        window: float = 10.0,
+        buckets: int = 10,
+    ) -> None:
+        if ratio < 0 or min_per_second < 0 or window <= 0 or buckets < 1:
+            raise ValueError("invalid retry budget")
+        self._clock = clock
+        self.ratio = ratio
+        self.reserve = min_per_second * window
+        self._width = window / buckets
+        self._buckets = buckets
+        # [bucket number, calls, retries], oldest first.
+        self._counts: deque[list[int]] = deque()
+        self._calls = 0
+        self._retries = 0
+
+    def _bucket(self) -> list[int]:
+        number = int(self._clock.seconds() // self._width)
+        while self._counts and self._counts[0][0] <= number - self._buckets:
+            _, calls, retries = self._counts.popleft()
+            self._calls -= calls
+            self._retries -= retries
+        if not self._counts or self._counts[-1][0] != number:
+            self._counts.append([number, 0, 0])
+        return self._counts[-1]
+
+    def available(self) -> int:
+        """How many retries may start now."""
+        self._bucket()
+        return max(0, math.floor(self.reserve + self.ratio * self._calls - self._retries))
+
+    def called(self) -> None:
+        """A call began (its first attempt)."""
+        self._bucket()[1] += 1
+        self._calls += 1
+
+    def try_retry(self) -> bool:
+        """Take one retry from the budget; False (and nothing taken) if none is left."""
+        if self.available() < 1:
+            return False
+        self._bucket()[2] += 1
+        self._retries += 1
+        return True
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -238,13 +322,22 @@ class ChatClient:
     """The chat service behind a round-robin balancer (see the module docstring).
 
     *timeout* bounds each attempt on one instance, from connecting to the last byte of the
-    answer. *connect_timeout* is used only when *http* is not given: the client then makes
-    its own with :func:`chat_http_client` (and *clock* must be the reactor), which ``close()``
+    answer: 2 s by default, which is hundreds of times what a chat call takes, yet finds a
+    stopped (SIGSTOPped, swapped out, wedged) instance quickly enough to retry elsewhere
+    within the call's *deadline* (10 s by default). *max_attempts* bounds the attempts of one
+    call that reached an instance; *budget* (by default a :class:`RetryBudget` on *clock*)
+    bounds the retries of all calls together.
+
+    *connect_timeout* is used only when *http* is not given: the client then makes its own
+    with :func:`chat_http_client` (and *clock* must be the reactor), which ``close()``
     closes; an injected *http* belongs to the caller. With a *registry*, exports
     ``snet_chat_requests_total{instance}`` (attempts), ``snet_chat_request_failures_total
     {instance,reason}`` (reason: refused, connect_timeout, connect_error, timeout, lost,
-    server_error, bad_response) and ``snet_chat_request_seconds{instance}`` (answered
-    attempts).
+    server_error, bad_response), ``snet_chat_request_seconds{instance}`` (answered
+    attempts), ``snet_chat_retries_total{reason}`` (attempts after the first of a call, by
+    the reason the one before failed), ``snet_chat_retries_denied_total{cause}`` (calls
+    that failed with a retry wanted but not allowed: attempts, budget, deadline,
+    no_instance) and ``snet_chat_retry_budget_available`` (retries the budget allows now).
     """
 
     def __init__(
@@ -253,10 +346,15 @@ class ChatClient:
         balancer: RoundRobin,
         http: treq.client.HTTPClient | None = None,
         clock: IReactorTime,
-        timeout: float = 5.0,
+        timeout: float = 2.0,
+        deadline: float = 10.0,
+        max_attempts: int = 3,
+        budget: RetryBudget | None = None,
         connect_timeout: float = 1.0,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
         self._balancer = balancer
         self._own_http: PooledHTTPClient | None = None
         if http is None:
@@ -264,9 +362,14 @@ class ChatClient:
         self._http = http
         self._clock = clock
         self._timeout = timeout
+        self._deadline = deadline
+        self._max_attempts = max_attempts
+        self.budget = budget if budget is not None else RetryBudget(clock=clock)
         self._requests: Counter | None = None
         self._failures: Counter | None = None
         self._seconds: Histogram | None = None
+        self._retries: Counter | None = None
+        self._denied: Counter | None = None
         if registry is not None:
             self._requests = Counter(
                 "snet_chat_requests",
@@ -286,6 +389,23 @@ class ChatClient:
                 ["instance"],
                 registry=registry,
             )
+            self._retries = Counter(
+                "snet_chat_retries",
+                "Attempts of a dialog call after its first, by why the one before failed",
+                ["reason"],
+                registry=registry,
+            )
+            self._denied = Counter(
+                "snet_chat_retries_denied",
+                "Dialog calls that failed although a retry was wanted, by what stopped it",
+                ["cause"],
+                registry=registry,
+            )
+            Gauge(
+                "snet_chat_retry_budget_available",
+                "Retries of dialog calls the retry budget allows now",
+                registry=registry,
+            ).set_function(self.budget.available)
 
     def close(self) -> Deferred[None]:
         """Close the connection pool if this client made it (else the caller owns *http*)."""
@@ -336,43 +456,112 @@ class ChatClient:
         )
 
     def _call(self, request: _Request) -> Deferred[ChatReply]:
-        coroutine: Coroutine[Deferred[Any], Any, ChatReply] = self._try_in_turn(request)
+        coroutine: Coroutine[Deferred[Any], Any, ChatReply] = self._call_in_turn(request)
         return Deferred.fromCoroutine(coroutine)
 
-    async def _try_in_turn(self, request: _Request) -> ChatReply:
-        candidates = self._balancer.candidates()  # raises NoChatInstance
+    async def _call_in_turn(self, request: _Request) -> ChatReply:
+        first = self._balancer.next()  # raises NoChatInstance
+        deadline = self._clock.seconds() + self._deadline
+        self.budget.called()
+        endpoint = first
+        tried: list[str] = []
         unreached: list[str] = []
-        for endpoint in candidates:
+        attempts = 0
+        failure: ChatInstanceFailed | None = None
+        while True:
+            tried.append(endpoint.instance_id)
+            stop: str | None = None
             try:
-                reply = await self._attempt(endpoint, request)
-            except ChatInstanceFailed:
-                if endpoint is not candidates[0]:
-                    self._balancer.skipped_to(candidates[0], endpoint)
-                raise
+                reply = await self._attempt(endpoint, request, deadline - self._clock.seconds())
             except _NotReached as skipped:
-                unreached.append(f"{endpoint.instance_id} ({skipped.reason})")
+                reason, free = skipped.reason, True
+                unreached.append(f"{endpoint.instance_id} ({reason})")
                 log.warn(
                     "chat instance {instance} not reachable ({reason}: {error}) for {method}"
-                    " {path}; trying the next one, request {request_id}",
+                    " {path}, request {request_id}",
                     instance=endpoint.instance_id,
-                    reason=skipped.reason,
+                    reason=reason,
                     error=_describe(skipped.error),
                     method=request.method,
                     path=request.path,
                     request_id=request.request_id,
                 )
+            except ChatInstanceFailed as failed:
+                reason, free = failed.reason, False
+                failure = failed
+                attempts += 1
+                if not request.retry_safe:
+                    stop = "unsafe"
+                elif attempts >= self._max_attempts:
+                    stop = "attempts"
             else:
-                if endpoint is not candidates[0]:
-                    self._balancer.skipped_to(candidates[0], endpoint)
+                self._rotated(first, endpoint)
                 return reply
+            following = None
+            if stop is None:
+                if self._clock.seconds() >= deadline:
+                    stop = "deadline"
+                elif (following := self._balancer.after(endpoint, tried)) is None:
+                    stop = "no_instance"
+                elif not free and not self.budget.try_retry():
+                    stop = "budget"
+            if stop is not None or following is None:
+                self._rotated(first, endpoint)
+                raise self._given_up(request, stop or "no_instance", tried, unreached, failure)
+            if self._retries is not None:
+                self._retries.labels(reason=reason).inc()
+            log.info(
+                "retrying {method} {path} on chat instance {next_instance} after {reason} on"
+                " {instance}, request {request_id}",
+                method=request.method,
+                path=request.path,
+                next_instance=following.instance_id,
+                reason=reason,
+                instance=endpoint.instance_id,
+                request_id=request.request_id,
+            )
+            endpoint = following
+
+    def _rotated(self, first: ChatEndpoint, last: ChatEndpoint) -> None:
+        """The call that began on *first* ended on *last*: the rotation goes on after it."""
+        if last is not first:
+            self._balancer.skipped_to(first, last)
+
+    def _given_up(
+        self,
+        request: _Request,
+        cause: str,
+        tried: Sequence[str],
+        unreached: Sequence[str],
+        failure: ChatInstanceFailed | None,
+    ) -> ChatUnavailable:
+        """The error a call ends with when no further attempt is made, logged and counted."""
+        if self._denied is not None and cause != "unsafe":
+            self._denied.labels(cause=cause).inc()
+        if failure is None:
+            log.warn(
+                "no chat instance reachable for {method} {path} ({cause}): {tried},"
+                " request {request_id}",
+                method=request.method,
+                path=request.path,
+                cause=cause,
+                tried=", ".join(unreached),
+                request_id=request.request_id,
+            )
+            return ChatUnavailable(
+                f"no chat instance could be reached (tried {', '.join(unreached)})"
+            )
         log.warn(
-            "no chat instance reachable for {method} {path}: {tried}, request {request_id}",
+            "giving up {method} {path} after trying {tried} ({cause}): {error},"
+            " request {request_id}",
             method=request.method,
             path=request.path,
-            tried=", ".join(unreached),
+            tried=", ".join(tried),
+            cause=cause,
+            error=str(failure),
             request_id=request.request_id,
         )
-        raise ChatUnavailable(f"no chat instance could be reached (tried {', '.join(unreached)})")
+        return failure
 
     async def _exchange(self, endpoint: ChatEndpoint, request: _Request) -> _Answer:
         response: IResponse = await self._http.request(
@@ -386,11 +575,13 @@ class ChatClient:
         body = await _read_body(response, MAX_BODY)
         return _Answer(response.code, body)
 
-    async def _attempt(self, endpoint: ChatEndpoint, request: _Request) -> ChatReply:
+    async def _attempt(self, endpoint: ChatEndpoint, request: _Request, left: float) -> ChatReply:
+        """One attempt on *endpoint*, given at most *left* seconds (the call's deadline)."""
         instance = endpoint.instance_id
         if self._requests is not None:
             self._requests.labels(instance=instance).inc()
         started = self._clock.seconds()
+        timeout = min(self._timeout, left)
         timed_out = False
         exchange = Deferred.fromCoroutine(self._exchange(endpoint, request))
 
@@ -399,7 +590,7 @@ class ChatClient:
             timed_out = True
             exchange.cancel()
 
-        timer: IDelayedCall = self._clock.callLater(self._timeout, give_up)
+        timer: IDelayedCall = self._clock.callLater(timeout, give_up)
         try:
             answer = await exchange
         except Exception as error:
@@ -409,10 +600,13 @@ class ChatClient:
                     raise CancelledError() from error
                 raise
             self._count_failure(instance, reason)
-            if reason in ("refused", "connect_timeout", "connect_error"):
+            # Cut short by the call's deadline, not by its own timeout: not the instance's fault.
+            if not (timed_out and timeout < self._timeout):
+                self._balancer.failed(endpoint, reason)
+            if reason in _NOT_REACHED:
                 raise _NotReached(reason, error) from error
             self._log_failure(endpoint, request, reason, _describe(error))
-            detail = f"no answer within {self._timeout:g}s" if reason == "timeout" else reason
+            detail = f"no answer within {timeout:g}s" if reason == "timeout" else reason
             raise ChatInstanceFailed(
                 f"chat instance {instance} failed: {detail}", instance=instance, reason=reason
             ) from error
@@ -423,7 +617,13 @@ class ChatClient:
             self._seconds.labels(instance=instance).observe(
                 max(0.0, self._clock.seconds() - started)
             )
-        return self._reply(endpoint, request, answer)
+        try:
+            reply = self._reply(endpoint, request, answer)
+        except ChatInstanceFailed as failed:
+            self._balancer.failed(endpoint, failed.reason)
+            raise
+        self._balancer.succeeded(endpoint)
+        return reply
 
     @staticmethod
     def _reason(error: BaseException, timed_out: bool) -> str | None:

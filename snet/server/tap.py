@@ -19,9 +19,18 @@ from snet.server.balancer import RoundRobin
 from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances, StaticInstances, endpoint_from_url
 from snet.server.feed import FeedCache, FeedFanout, FeedMetrics
+from snet.server.health import PassiveHealth
 from snet.server.social import Social
 from snet.storage import mysql_pool, redis_pool
 from snet.web import HTTPMetrics, InFlight, QuietSite
+
+
+def positive_int(text: str) -> int:
+    """Coerce an option to a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is not a whole number >= 1")
+    return value
 
 
 class Options(ServiceOptions):
@@ -31,7 +40,9 @@ class Options(ServiceOptions):
     longdesc = (
         "Run the snet monolith: the public JSON API on --listen (default tcp:8080). Dialog "
         "calls go round-robin to every chat instance Consul reports as passing for "
-        "--chat-service, or all to one --chat-url."
+        "--chat-service, or all to one --chat-url. Instances that keep failing calls are "
+        "ejected for a while; failed calls are retried on another instance within "
+        "--chat-attempts, a retry budget and --chat-deadline."
     )
     optParameters = [
         ["chat-service", None, None, "Consul service name of the chat instances "
@@ -40,8 +51,18 @@ class Options(ServiceOptions):
          "instead of discovering instances in Consul.", str],
         ["refresh-interval", None, None, "Seconds between periodic reads of Consul's list, "
          "beside the blocking queries (default 5).", positive_float],
-        ["chat-timeout", None, None, "Seconds a chat instance may take to answer (default 5).",
+        ["chat-timeout", None, None, "Seconds one attempt on a chat instance may take, from "
+         "connecting to the last byte of the answer (default 2: chat calls take milliseconds, "
+         "and a stopped instance must be found out quickly enough to retry elsewhere).",
          positive_float],
+        ["chat-deadline", None, None, "Seconds a dialog call may take end to end, retries "
+         "included: no attempt starts after it (default 10).", positive_float],
+        ["chat-attempts", None, None, "Attempts per dialog call that reach a chat instance, "
+         "the first included; sends are retried with the same Idempotency-Key (default 3).",
+         positive_int],
+        ["eject-after", None, None, "Failed attempts in a row (timeout, lost connection, "
+         "5xx) that take a chat instance out of rotation for a growing back-off; a refused "
+         "connection does at once (default 3).", positive_int],
         ["chat-connect-timeout", None, None, "Seconds to connect to a chat instance before "
          "trying the next one (default 1).", positive_float],
     ]  # fmt: skip
@@ -51,13 +72,19 @@ class Options(ServiceOptions):
         "refresh-interval": "SNET_REFRESH_INTERVAL",
         "chat-timeout": "SNET_CHAT_TIMEOUT",
         "chat-connect-timeout": "SNET_CHAT_CONNECT_TIMEOUT",
+        "chat-deadline": "SNET_CHAT_DEADLINE",
+        "chat-attempts": "SNET_CHAT_ATTEMPTS",
+        "eject-after": "SNET_EJECT_AFTER",
     }
     fallbacks = {
         "listen": "tcp:8080",
         "chat-service": "snet-chat",
         "refresh-interval": 5.0,
-        "chat-timeout": 5.0,
+        "chat-timeout": 2.0,
         "chat-connect-timeout": 1.0,
+        "chat-deadline": 10.0,
+        "chat-attempts": 3,
+        "eject-after": 3,
     }
 
     def postOptions(self) -> None:
@@ -91,11 +118,18 @@ def makeService(options: Any) -> IService:
         )
         closers.append(consul.close)
     http = chat_http_client(reactor, connect_timeout=options["chat-connect-timeout"])
+    health = PassiveHealth(
+        clock=reactor,
+        consecutive_failures=options["eject-after"],
+        registry=metrics.registry,
+    )
     chat = ChatClient(
-        balancer=RoundRobin(instances),
+        balancer=RoundRobin(instances, health=health),
         http=http,
         clock=reactor,
         timeout=options["chat-timeout"],
+        deadline=options["chat-deadline"],
+        max_attempts=options["chat-attempts"],
         connect_timeout=options["chat-connect-timeout"],
         registry=metrics.registry,
     )

@@ -190,3 +190,30 @@ def test_skipped_to_leaves_the_rotation_alone_when_another_pick_came_in_between(
     assert balancer.next().instance_id == "b"  # a concurrent call
     balancer.skipped_to(first[0], first[2])
     assert balancer.next().instance_id == "c"
+
+
+def test_after_gives_the_next_instance_not_yet_tried_without_moving_the_rotation() -> None:
+    balancer = RoundRobin(ListSource(["a", "b", "c", "d"]))
+    assert balancer.after(endpoint("b")) == endpoint("c")
+    assert balancer.after(endpoint("d")) == endpoint("a")
+    assert balancer.after(endpoint("b"), exclude={"c", "d"}) == endpoint("a")
+    assert balancer.after(endpoint("b"), exclude={"a", "c", "d"}) is None
+    assert balancer.next().instance_id == "a"
+
+
+def test_after_goes_on_from_an_instance_no_longer_listed() -> None:
+    source = ListSource(["a", "b", "c"])
+    balancer = RoundRobin(source)
+    source.set(["a", "c"])
+    assert balancer.after(endpoint("b")) == endpoint("c")
+    source.set([])
+    assert balancer.after(endpoint("b")) is None
+
+
+def test_without_a_passive_health_failures_eject_nobody() -> None:
+    balancer = RoundRobin(ListSource(["a", "b"]))
+    for _ in range(10):
+        balancer.failed(endpoint("a"), "refused")
+    balancer.succeeded(endpoint("b"))
+    assert ids([balancer.next() for _ in range(4)]) == ["a", "b", "a", "b"]
+    assert not balancer.panic

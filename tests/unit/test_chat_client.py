@@ -21,9 +21,15 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from snet.server import chat_client
 from snet.server.balancer import RoundRobin
-from snet.server.chat_client import ChatClient, ChatInstanceFailed, chat_http_client
+from snet.server.chat_client import (
+    ChatClient,
+    ChatInstanceFailed,
+    RetryBudget,
+    chat_http_client,
+)
 from snet.server.discovery import ChatEndpoint
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
+from snet.server.health import PassiveHealth
 from snet.testing import failure_of, result_of
 
 A = ChatEndpoint("chat-a", "10.0.0.1", 8081)
@@ -35,8 +41,9 @@ class FakeChat(Resource):
     """Chat instances told apart by the Host header; each records what it was sent.
 
     ``behaviour[host]`` is ``"ok"`` (answers as the chat API would), ``"hang"`` (never
-    answers), ``"drop"`` (closes the connection without an answer), ``"garbage"`` (200 with a
-    body that is not JSON) or a ``(status, body)`` answer.
+    answers; ``dropped`` says when the client gave up on it), ``"drop"`` (closes the
+    connection without an answer), ``"garbage"`` (200 with a body that is not JSON) or a
+    ``(status, body)`` answer.
     """
 
     isLeaf = True
@@ -46,6 +53,7 @@ class FakeChat(Resource):
         self.calls: list[dict[str, Any]] = []
         self.behaviour: dict[str, Any] = {}
         self.hanging: list[Request] = []
+        self.dropped: list[str] = []  # hosts whose hanging request lost its connection
 
     def render(self, request: Request) -> bytes | int:
         host = (request.getHeader("host") or "").split(":")[0]
@@ -67,6 +75,7 @@ class FakeChat(Resource):
         request.setHeader("Content-Type", "application/json")
         if behaviour == "hang":
             self.hanging.append(request)
+            request.notifyFinish().addErrback(lambda _: self.dropped.append(host))
             return NOT_DONE_YET
         if behaviour == "drop":
             request.loseConnection()
@@ -122,17 +131,36 @@ class Instances:
 
 
 class Harness:
-    def __init__(self, *endpoints: ChatEndpoint, timeout: float = 5.0) -> None:
+    """A client over FakeChat behind Network, on a Clock; with *eject_after*, the balancer
+    has a passive health that ejects after that many failures."""
+
+    def __init__(
+        self,
+        *endpoints: ChatEndpoint,
+        timeout: float = 5.0,
+        deadline: float = 10.0,
+        max_attempts: int = 3,
+        budget: dict[str, float] | None = None,
+        eject_after: int | None = None,
+    ) -> None:
         self.clock = Clock()
         self.chat = FakeChat()
         self.network = Network(self.chat)
         self.source = Instances(*endpoints)
         self.registry = CollectorRegistry()
+        self.health = (
+            None
+            if eject_after is None
+            else PassiveHealth(clock=self.clock, consecutive_failures=eject_after)
+        )
         self.client = ChatClient(
-            balancer=RoundRobin(self.source),
+            balancer=RoundRobin(self.source, health=self.health),
             http=self.network,  # type: ignore[arg-type]
             clock=self.clock,
             timeout=timeout,
+            deadline=deadline,
+            max_attempts=max_attempts,
+            budget=RetryBudget(clock=self.clock, **budget) if budget is not None else None,
             registry=self.registry,
         )
 
@@ -285,13 +313,105 @@ def test_no_instance_at_all_is_no_chat_instance() -> None:
     assert h.network.requests == []
 
 
-# --- instances that got the request -----------------------------------------------------------
+# --- instances that got the request: retried elsewhere ----------------------------------------
 
 
-def test_no_answer_within_the_timeout_is_chat_unavailable_and_not_retried(
+def test_a_send_that_got_no_answer_is_retried_on_the_next_instance_with_the_same_key(
     logs: Sequence[LogEvent],
 ) -> None:
-    h = Harness(A, B, timeout=5.0)
+    """The chat service stores a send once per (sender, key): the retry cannot duplicate."""
+    h = Harness(A, B, C, timeout=2.0)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    d = h.send("привет", request_id="req-5")
+    h.clock.advance(1.9)
+    assert not d.called
+    h.clock.advance(0.1)
+    reply = result_of(d)
+    assert (reply.status, reply.instance) == (201, "chat-b")
+    assert h.chat.hosts() == ["10.0.0.1", "10.0.0.2"]
+    first, second = h.chat.calls
+    assert first["headers"]["idempotency-key"] == second["headers"]["idempotency-key"] == "key-1"
+    assert first["body"] == second["body"]
+    assert second["headers"]["x-request-id"] == "req-5"
+    assert h.metric("snet_chat_request_failures_total", instance="chat-a", reason="timeout") == 1
+    assert h.metric("snet_chat_retries_total", reason="timeout") == 1
+    assert h.clock.getDelayedCalls() == []
+    assert all(e["request_id"] == "req-5" for e in warnings(logs))
+
+
+def test_a_send_whose_connection_was_lost_is_retried_with_the_same_key() -> None:
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = "drop"
+    d = h.send()
+    h.network.stub.flush()
+    reply = result_of(d)
+    assert reply.instance == "chat-b"
+    assert [c["headers"]["idempotency-key"] for c in h.chat.calls] == ["key-1", "key-1"]
+    assert h.metric("snet_chat_request_failures_total", instance="chat-a", reason="lost") == 1
+    assert h.metric("snet_chat_retries_total", reason="lost") == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_a_send_answered_5xx_is_retried_with_the_same_key(status: int) -> None:
+    """503 included (50303: not stored, retry with the same key)."""
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = (status, {"message": "x", "code": status * 100})
+    reply = result_of(h.send())
+    assert (reply.status, reply.instance) == (201, "chat-b")
+    assert [c["headers"]["idempotency-key"] for c in h.chat.calls] == ["key-1", "key-1"]
+
+
+def test_a_list_is_retried_freely() -> None:
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = (500, {"message": "x", "code": 50000})
+    reply = result_of(h.list())
+    assert (reply.status, reply.instance) == (200, "chat-b")
+    assert [(c["host"], c["method"]) for c in h.chat.calls] == [
+        ("10.0.0.1", "GET"),
+        ("10.0.0.2", "GET"),
+    ]
+    assert "idempotency-key" not in h.chat.calls[1]["headers"]
+
+
+def test_a_4xx_answer_is_not_retried() -> None:
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = (409, {"message": "key reused", "code": 40901})
+    assert result_of(h.send()).status == 409
+    assert h.chat.hosts() == ["10.0.0.1"]
+
+
+def test_the_rotation_goes_on_after_the_instance_that_served_a_retry() -> None:
+    """A's failed call is served by B, so the next call goes to C: A's share is spread."""
+    h = Harness(A, B, C)
+    h.chat.behaviour["10.0.0.1"] = (500, {})
+    assert [result_of(h.list()).instance for _ in range(4)] == [
+        "chat-b",
+        "chat-c",
+        "chat-b",
+        "chat-c",
+    ]
+
+
+def test_when_every_instance_fails_the_last_failure_is_raised() -> None:
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = (500, {"message": "a", "code": 50000})
+    body = {"message": "b", "request_id": "req-1", "code": 50300}
+    h.chat.behaviour["10.0.0.2"] = (503, body)
+    failure = failure_of(h.send())
+    assert failure.check(ChatInstanceFailed)
+    error = failure.value
+    assert (error.status, error.body, error.instance, error.reason) == (
+        503,
+        body,
+        "chat-b",
+        "server_error",
+    )
+    assert h.chat.hosts() == ["10.0.0.1", "10.0.0.2"]
+    assert h.metric("snet_chat_retries_denied_total", cause="no_instance") == 1
+
+
+def test_a_single_instance_that_gives_no_answer_is_chat_unavailable() -> None:
+    h = Harness(A, timeout=5.0)
     h.chat.behaviour["10.0.0.1"] = "hang"
     d = h.send()
     h.clock.advance(4.9)
@@ -302,36 +422,162 @@ def test_no_answer_within_the_timeout_is_chat_unavailable_and_not_retried(
     assert failure.value.reason == "timeout"
     assert h.chat.hosts() == ["10.0.0.1"]
     assert h.clock.getDelayedCalls() == []
-    assert warnings(logs)[0]["request_id"] == "req-1"
 
 
-def test_a_connection_lost_mid_request_is_chat_unavailable_and_not_retried() -> None:
-    h = Harness(A, B)
-    h.chat.behaviour["10.0.0.1"] = "drop"
+def test_max_attempts_bounds_the_attempts_of_a_call() -> None:
+    endpoints = [ChatEndpoint(f"chat-{n}", f"10.0.1.{n}", 8080) for n in range(5)]
+    h = Harness(*endpoints, max_attempts=3)
+    for n in range(5):
+        h.chat.behaviour[f"10.0.1.{n}"] = (500, {})
+    failure = failure_of(h.list())
+    assert failure.value.instance == "chat-2"
+    assert h.chat.hosts() == ["10.0.1.0", "10.0.1.1", "10.0.1.2"]
+    assert h.metric("snet_chat_retries_total", reason="server_error") == 2
+    assert h.metric("snet_chat_retries_denied_total", cause="attempts") == 1
+
+
+def test_one_attempt_means_no_retry_after_reaching_an_instance() -> None:
+    h = Harness(A, B, max_attempts=1)
+    h.chat.behaviour["10.0.0.1"] = (500, {})
+    assert failure_of(h.send()).check(ChatInstanceFailed)
+    assert h.chat.hosts() == ["10.0.0.1"]
+
+
+def test_refused_connections_are_skipped_at_once_and_cost_no_attempt_or_budget() -> None:
+    """Never reached: no process did any work, so the skip is free (but bounded by the
+    instances: each is tried once per call)."""
+    endpoints = [ChatEndpoint(f"chat-{n}", f"10.0.1.{n}", 8080) for n in range(4)]
+    h = Harness(*endpoints, max_attempts=1, budget={"ratio": 0.0, "min_per_second": 0.0})
+    h.network.refused |= {"10.0.1.0", "10.0.1.1"}
+    h.network.timing_out.add("10.0.1.2")
+    reply = result_of(h.send())
+    assert reply.instance == "chat-3"
+    assert h.chat.hosts() == ["10.0.1.3"]
+    assert h.metric("snet_chat_retries_total", reason="refused") == 2
+    assert h.metric("snet_chat_retries_total", reason="connect_timeout") == 1
+    assert h.clock.seconds() == 0.0
+
+
+# --- the retry budget -------------------------------------------------------------------------
+
+
+def test_the_budget_stops_retries_when_exhausted_and_refills_as_the_window_slides() -> None:
+    h = Harness(A, B, budget={"ratio": 0.0, "min_per_second": 0.2, "window": 10.0})
+    h.chat.behaviour["10.0.0.1"] = (500, {})
+    assert h.client.budget.available() == 2
+    assert [result_of(h.list()).instance for _ in range(2)] == ["chat-b", "chat-b"]
+    failure = failure_of(h.list())
+    assert failure.check(ChatInstanceFailed) and failure.value.instance == "chat-a"
+    assert h.metric("snet_chat_retries_denied_total", cause="budget") == 1
+    assert h.metric("snet_chat_retry_budget_available") == 0
+    h.clock.advance(10.0)
+    assert h.client.budget.available() == 2
+    assert result_of(h.list()).instance == "chat-b"
+
+
+def test_the_budget_allows_retries_as_a_share_of_recent_calls_plus_a_reserve() -> None:
+    clock = Clock()
+    budget = RetryBudget(clock=clock, ratio=0.2, min_per_second=0.5, window=10.0)
+    assert budget.available() == 5
+    for _ in range(100):
+        budget.called()
+    assert budget.available() == 25
+    assert sum(budget.try_retry() for _ in range(30)) == 25
+    assert not budget.try_retry()
+    clock.advance(5.0)
+    for _ in range(10):
+        budget.called()
+    assert budget.available() == 2
+    clock.advance(5.0)  # the first 100 calls and 25 retries leave the window
+    assert budget.available() == 7
+
+
+def test_a_budget_must_make_sense() -> None:
+    with pytest.raises(ValueError, match="retry budget"):
+        RetryBudget(clock=Clock(), window=0.0)
+
+
+# --- the deadline -----------------------------------------------------------------------------
+
+
+def test_the_deadline_stops_retries_and_bounds_the_last_attempt() -> None:
+    """Attempts of 2 s, 2 s, then the 1 s left; none starts after the deadline. The attempt
+    cut short by the deadline is not held against its instance."""
+    endpoints = [ChatEndpoint(f"chat-{n}", f"10.0.1.{n}", 8080) for n in range(5)]
+    h = Harness(*endpoints, timeout=2.0, deadline=5.0, max_attempts=10, eject_after=1)
+    for n in range(5):
+        h.chat.behaviour[f"10.0.1.{n}"] = "hang"
     d = h.send()
-    h.network.stub.flush()
+    h.clock.advance(2.0)
+    h.clock.advance(2.0)
+    assert h.chat.hosts() == ["10.0.1.0", "10.0.1.1", "10.0.1.2"]
+    h.clock.advance(0.9)
+    assert not d.called
+    h.clock.advance(0.1)
     failure = failure_of(d)
     assert failure.check(ChatInstanceFailed)
-    assert failure.value.reason == "lost"
-    assert h.chat.hosts() == ["10.0.0.1"]
+    assert (failure.value.instance, failure.value.reason) == ("chat-2", "timeout")
+    assert "within 1s" in str(failure.value)
+    assert h.chat.hosts() == ["10.0.1.0", "10.0.1.1", "10.0.1.2"]
+    assert h.metric("snet_chat_retries_denied_total", cause="deadline") == 1
+    assert h.clock.getDelayedCalls() == []
+    assert h.health is not None
+    assert [h.health.ejection_count(f"chat-{n}") for n in range(3)] == [1, 1, 0]
 
 
-@pytest.mark.parametrize("status", [500, 502, 503])
-def test_a_5xx_answer_is_chat_unavailable_with_the_instances_answer(status: int) -> None:
-    """503 included: the public API answers 503 with Retry-After for every such failure."""
-    h = Harness(A, B)
-    body = {"message": "retry", "request_id": "req-1", "code": status * 100 + 3}
-    h.chat.behaviour["10.0.0.1"] = (status, body)
-    failure = failure_of(h.send())
-    assert failure.check(ChatInstanceFailed)
-    error = failure.value
-    assert (error.status, error.body, error.instance, error.reason) == (
-        status,
-        body,
-        "chat-a",
-        "server_error",
-    )
-    assert h.chat.hosts() == ["10.0.0.1"]
+def test_a_timed_out_attempt_is_cancelled_and_its_connection_dropped() -> None:
+    h = Harness(A, B, timeout=2.0)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    d = h.send()
+    assert h.chat.dropped == []
+    h.clock.advance(2.0)
+    h.network.stub.flush()
+    assert h.chat.dropped == ["10.0.0.1"]
+    assert result_of(d).instance == "chat-b"
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_cancelling_a_call_during_a_retry_stops_it_and_leaves_no_timer() -> None:
+    h = Harness(A, B, C, timeout=2.0)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    h.chat.behaviour["10.0.0.2"] = "hang"
+    d = h.send()
+    h.clock.advance(2.0)
+    assert h.chat.hosts() == ["10.0.0.1", "10.0.0.2"]
+    d.cancel()
+    assert failure_of(d).check(CancelledError)
+    assert h.clock.getDelayedCalls() == []
+    h.clock.advance(10.0)
+    assert h.chat.hosts() == ["10.0.0.1", "10.0.0.2"]
+
+
+# --- passive health ---------------------------------------------------------------------------
+
+
+def test_an_instance_that_keeps_failing_is_ejected_and_its_share_spread() -> None:
+    h = Harness(A, B, C, eject_after=2)
+    h.chat.behaviour["10.0.0.1"] = (500, {})
+    served = [result_of(h.list()).instance for _ in range(6)]
+    # A fails the first call and the third (its turn again): ejected, it gets no more.
+    assert served == ["chat-b", "chat-c", "chat-b", "chat-c", "chat-b", "chat-c"]
+    assert h.chat.hosts().count("10.0.0.1") == 2
+    assert h.health is not None and h.health.ejected("chat-a")
+
+
+def test_a_refusing_instance_is_ejected_at_once_and_no_longer_tried() -> None:
+    h = Harness(A, B, eject_after=3)
+    h.network.refused.add("10.0.0.1")
+    for _ in range(4):
+        assert result_of(h.list()).instance == "chat-b"
+    assert [urlsplit(r[1]).hostname for r in h.network.requests].count("10.0.0.1") == 1
+
+
+def test_answers_below_500_keep_an_instance_in_good_standing() -> None:
+    h = Harness(A, eject_after=1)
+    h.chat.behaviour["10.0.0.1"] = (400, {"message": "bad", "code": 40000})
+    for _ in range(3):
+        assert result_of(h.send()).status == 400
+    assert h.health is not None and not h.health.ejected("chat-a")
 
 
 def test_an_answer_that_is_not_json_is_chat_unavailable() -> None:
@@ -351,6 +597,7 @@ def test_an_answer_over_the_size_limit_is_chat_unavailable(monkeypatch: pytest.M
 
 
 def test_cancelling_a_call_cancels_the_request_and_leaves_no_timer() -> None:
+    """The caller gave up: no retry, no failure held against the instance."""
     h = Harness(A)
     h.chat.behaviour["10.0.0.1"] = "hang"
     d = h.send()
@@ -397,3 +644,34 @@ def test_a_client_without_an_http_client_makes_and_closes_its_own() -> None:
         clock=Clock(),
     )
     assert result_of(injected.close()) is None
+
+
+def test_the_monolith_takes_attempts_deadline_and_ejection_from_options_or_environment() -> None:
+    from twisted.python.usage import UsageError
+
+    from snet.server.tap import Options
+
+    mysql = {"SNET_MYSQL": "mysql://u:p@127.0.0.1:3306/snet"}
+    defaults = Options(environ=mysql)
+    defaults.parseOptions([])
+    assert [defaults[o] for o in ("chat-timeout", "chat-deadline", "chat-attempts")] == [
+        2.0,
+        10.0,
+        3,
+    ]
+    assert defaults["eject-after"] == 3
+    environ = {
+        **mysql,
+        "SNET_CHAT_ATTEMPTS": "5",
+        "SNET_CHAT_DEADLINE": "4.5",
+        "SNET_EJECT_AFTER": "2",
+    }
+    options = Options(environ=environ)
+    options.parseOptions(["--chat-attempts", "4"])
+    assert (options["chat-attempts"], options["chat-deadline"], options["eject-after"]) == (
+        4,
+        4.5,
+        2,
+    )
+    with pytest.raises(UsageError, match="--eject-after"):
+        Options(environ=mysql).parseOptions(["--eject-after", "0"])
