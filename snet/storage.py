@@ -28,6 +28,8 @@ CONNECT_TIMEOUT = 3
 """Seconds to open a MySQL connection."""
 IO_TIMEOUT = 10
 """Seconds a MySQL read or write may block: a dead server never holds a thread longer."""
+LOCK_WAIT_TIMEOUT = 1
+"""Seconds a statement waits for a row lock before it fails (MySQL's default is 50)."""
 
 
 def mysql_pool(
@@ -38,13 +40,16 @@ def mysql_pool(
     max: int = 10,
     connect_timeout: int = CONNECT_TIMEOUT,
     io_timeout: int = IO_TIMEOUT,
+    lock_wait_timeout: int = LOCK_WAIT_TIMEOUT,
 ) -> adbapi.ConnectionPool:
     """An adbapi pool of pymysql connections to *config*'s database.
 
     utf8mb4, autocommit off (each ``runInteraction`` is one transaction), session time zone
-    UTC, and connect/read/write timeouts. ``cp_reconnect`` replaces a connection found dead,
-    but the call that found it still fails: use ``run_with_retry`` for that. The caller
-    closes the pool (``pool.close()``).
+    UTC, connect/read/write timeouts, and a short InnoDB lock wait: a row locked by a
+    frozen peer (a SIGSTOPped instance in the middle of a transaction) fails a request in
+    *lock_wait_timeout* seconds (503) instead of holding a pool thread for 50.
+    ``cp_reconnect`` replaces a connection found dead, but the call that found it still
+    fails: use ``run_with_retry`` for that. The caller closes the pool (``pool.close()``).
     """
     extra: dict[str, Any] = {}
     if reactor is not None:
@@ -61,7 +66,9 @@ def mysql_pool(
         connect_timeout=connect_timeout,
         read_timeout=io_timeout,
         write_timeout=io_timeout,
-        init_command="SET time_zone = '+00:00'",
+        init_command=(
+            f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {int(lock_wait_timeout)}"
+        ),
         cp_reconnect=True,
         cp_min=min,
         cp_max=max,
