@@ -630,3 +630,49 @@ class QuietSite(Site):
 
     def log(self, request: Any) -> None:
         pass
+
+
+async def health_response(
+    request: IRequest,
+    *,
+    in_flight: InFlight,
+    ping: Callable[[], Deferred[Any]],
+    timeout: float,
+    clock: IReactorTime,
+    version: str,
+) -> bytes:
+    """``GET /health`` of either service: 200 only when the process can serve.
+
+    503 (with Retry-After) while draining, or when MySQL does not answer ``ping()`` within
+    *timeout* seconds; Consul's HTTP check and compose's healthcheck read this.
+    """
+    if in_flight.draining:
+        return _unhealthy(
+            request, version, "draining: this instance is stopping", ErrorCode.DRAINING
+        )
+    answer = ping()
+    answer.addTimeout(timeout, clock)
+    try:
+        await answer
+    except Exception as e:
+        return _unhealthy(
+            request,
+            version,
+            f"MySQL does not answer ({type(e).__name__})",
+            ErrorCode.MYSQL_UNAVAILABLE,
+        )
+    return json_response(request, {"status": "ok", "version": version})
+
+
+def _unhealthy(request: IRequest, version: str, message: str, code: int) -> bytes:
+    set_header(request, b"Retry-After", b"1")
+    body: dict[str, Any] = {"status": "unavailable", "version": version}
+    body.update(error_body(request, message, code))
+    return json_response(request, body, 503)
+
+
+def metrics_response(request: IRequest, metrics: HTTPMetrics) -> bytes:
+    """``GET /metrics`` of either service: the Prometheus text of *metrics*' registry."""
+    body, content_type = metrics.render()
+    set_header(request, b"Content-Type", content_type.encode("ascii"))
+    return body

@@ -15,7 +15,6 @@ import uuid
 from typing import Any, cast
 
 from klein import Klein
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,11 +48,12 @@ from snet.web import (
     ObservedResource,
     Unauthorized,
     Unavailable,
-    error_body,
     error_response,
     header_text,
+    health_response,
     is_token,
     json_response,
+    metrics_response,
     parse_id,
     query_arg,
     read_json_object,
@@ -412,30 +412,15 @@ class ServerAPI:
 
     @app.route("/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:
-        if self.in_flight.draining:
-            return self._unhealthy(
-                request, "draining: this instance is stopping", ErrorCode.DRAINING
-            )
-        ping: Deferred[None] = self.accounts.ping()
-        ping.addTimeout(self.health_timeout, self.clock)
-        try:
-            await ping
-        except Exception as e:
-            return self._unhealthy(
-                request,
-                f"MySQL does not answer ({type(e).__name__})",
-                ErrorCode.MYSQL_UNAVAILABLE,
-            )
-        return json_response(request, {"status": "ok", "version": self.version})
-
-    def _unhealthy(self, request: IRequest, message: str, code: int) -> bytes:
-        set_header(request, b"Retry-After", b"1")
-        body: dict[str, Any] = {"status": "unavailable", "version": self.version}
-        body.update(error_body(request, message, code))
-        return json_response(request, body, 503)
+        return await health_response(
+            request,
+            in_flight=self.in_flight,
+            ping=self.accounts.ping,
+            timeout=self.health_timeout,
+            clock=self.clock,
+            version=self.version,
+        )
 
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: IRequest) -> bytes:
-        body, content_type = self.metrics.render()
-        set_header(request, b"Content-Type", content_type.encode("ascii"))
-        return body
+        return metrics_response(request, self.metrics)
