@@ -128,6 +128,15 @@ class ConsulConfig:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def parse_http_address(url: str, what: str) -> tuple[str, int]:
+    """``http://HOST[:PORT]`` and nothing more (port 80 by default; IPv6 in brackets)."""
+    host, port, user, _password, path = _split(url, "http", what)
+    parts = urlsplit(url)
+    if path or parts.query or parts.fragment or user:
+        raise ConfigError(f"{what}: {url!r} must be just http://HOST:PORT")
+    return host, port or 80
+
+
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
     """Split ``HOST:PORT`` (``[v6]:PORT`` too) into its parts."""
     host, sep, port = text.rpartition(":")

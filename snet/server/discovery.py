@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import consul
 from attrs import frozen
@@ -41,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snet.chat.registration import consul_duration, exponential_backoff
-from snet.config import ConfigError
+from snet.config import parse_http_address
 from snet.consul import ConsulUnavailable, TreqConsul
 
 __all__ = [
@@ -548,19 +547,7 @@ def endpoint_from_url(url: str, what: str = "--chat-url") -> ChatEndpoint:
 
     :raises ConfigError: for another scheme, no host, a bad port, or a path or query.
     """
-    parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise ConfigError(f"{what}: expected an http:// URL, got {url!r}")
-    if not parts.hostname:
-        raise ConfigError(f"{what}: {url!r} names no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{what}: {url!r} has an invalid port") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ConfigError(f"{what}: {url!r} must be just http://HOST:PORT")
-    port = port or 80
-    host = parts.hostname
+    host, port = parse_http_address(url, what)
     name = f"[{host}]" if ":" in host else host
     return ChatEndpoint(f"{name}:{port}", host, port)
 
