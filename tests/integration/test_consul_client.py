@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -20,6 +19,7 @@ from snet.chat.registration import ChatRegistration, ServiceInstance, exponentia
 from snet.config import ConsulConfig
 from snet.consul import TreqConsul
 from snet.testing.servers import ConsulAgent
+from snet.testing.waiting import connections_to, eventually, sleep
 
 pytestmark = pytest.mark.integration
 
@@ -35,38 +35,6 @@ def agent() -> Iterator[ConsulAgent]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
-
-
-@inlineCallbacks
-def eventually(
-    check: Callable[[], Deferred[bool]], timeout: float, what: str, interval: float = 0.1
-) -> Inline:
-    """Poll *check* until it fires True, failing after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if (yield check()):
-                return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        yield sleep(interval)
-
-
-def connections_to(port: int) -> list[object]:
-    """Reactor-watched sockets connected to *port* on 127.0.0.1."""
-    found = []
-    for selectable in {*reactor.getReaders(), *reactor.getWriters()}:  # type: ignore[attr-defined]
-        peer = getattr(selectable, "getPeer", None)
-        if peer is not None and getattr(peer(), "port", None) == port:
-            found.append(selectable)
-    return found
 
 
 class Health(Resource):

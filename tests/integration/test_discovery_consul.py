@@ -10,7 +10,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import consul
@@ -18,7 +18,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -30,6 +29,7 @@ from snet.server.balancer import RoundRobin
 from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances
 from snet.testing.servers import ConsulAgent, free_port
+from snet.testing.waiting import connections_to, eventually, sleep
 
 pytestmark = pytest.mark.integration
 
@@ -44,30 +44,6 @@ def agent() -> Iterator[ConsulAgent]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
-
-
-@inlineCallbacks
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> Inline:
-    """Wait on the reactor until *check()* is true, failing after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        yield sleep(0.01)
-
-
-def connections_to(port: int) -> list[object]:
-    """Reactor-watched sockets connected to *port* on 127.0.0.1."""
-    found = []
-    for selectable in {*reactor.getReaders(), *reactor.getWriters()}:  # type: ignore[attr-defined]
-        peer = getattr(selectable, "getPeer", None)
-        if peer is not None and getattr(peer(), "port", None) == port:
-            found.append(selectable)
-    return found
 
 
 class Setup:
