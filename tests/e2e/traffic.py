@@ -1,0 +1,404 @@
+"""Traffic and checks for tests/e2e/compose.sh, with the standard library only.
+
+It talks to the monolith on 127.0.0.1:8080 and to Consul's HTTP API on 127.0.0.1:8500
+(SNET_HTTP_PORT and SNET_CONSUL_PORT change the ports) and to nothing else
+(``stop-during-stream`` also runs ``docker stop`` on the container it is given). Each
+command prints what it did and exits non-zero when a check fails:
+
+    traffic.py users --state S               register and log in users, write them to S
+    traffic.py wait --instances N [--absent ADDR]
+                                              until Consul lists N passing chat instances
+                                              (none at ADDR) and the monolith uses N
+    traffic.py even --state S --sends K --instances N [--must-include ADDR]
+                                              K sequential sends: N instances, counts within 1
+    traffic.py stop-during-stream --state S --container NAME --address ADDR --instances N
+                                              a steady stream of sends while NAME stops: no
+                                              failed request, ADDR gone from Consul, the N
+                                              others share the traffic
+    traffic.py verify --state S               every acknowledged send is in its dialog
+
+Instances are told apart by the monolith's ``X-Snet-Chat-Instance`` header (a Consul service
+id, or HOST:PORT); Consul's catalogue says at which address each one runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+SERVER = f"http://127.0.0.1:{os.environ.get('SNET_HTTP_PORT') or 8080}"
+CONSUL = f"http://127.0.0.1:{os.environ.get('SNET_CONSUL_PORT') or 8500}"
+SERVICE = "snet-chat"
+TIMEOUT = 10.0
+INSTANCE_HEADER = "X-Snet-Chat-Instance"
+
+
+class CheckFailed(Exception):
+    """A check of the end-to-end test failed; the message says which and why."""
+
+
+def say(message: str) -> None:
+    print(f"traffic: {message}", flush=True)
+
+
+def call(
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = TIMEOUT,
+) -> tuple[int, dict[str, str], Any]:
+    """One HTTP call: (status, headers, decoded JSON body or text). Raises OSError."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, answer_headers, raw = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        status, answer_headers, raw = e.code, dict(e.headers), e.read()
+    try:
+        return status, answer_headers, json.loads(raw) if raw else None
+    except ValueError:
+        return status, answer_headers, raw.decode("utf-8", "replace")
+
+
+# Consul and the monolith's view
+
+
+def consul_instances(passing: bool) -> dict[str, str]:
+    """Consul's chat instances: service id -> HOST:PORT."""
+    query = "?passing=true" if passing else ""
+    status, _, entries = call("GET", f"{CONSUL}/v1/health/service/{SERVICE}{query}")
+    if status != 200:
+        raise OSError(f"Consul answered {status}")
+    return {
+        e["Service"]["ID"]: f"{e['Service']['Address']}:{e['Service']['Port']}" for e in entries
+    }
+
+
+def monolith_instances() -> int | None:
+    """The number of chat instances the monolith balances over, from its /metrics."""
+    status, _, text = call("GET", f"{SERVER}/metrics")
+    if status != 200 or not isinstance(text, str):
+        return None
+    for line in text.splitlines():
+        if line.startswith("snet_chat_instances_healthy "):
+            return int(float(line.split()[1]))
+    return None
+
+
+def wait_for(instances: int, absent: str | None, timeout: float) -> dict[str, str]:
+    """Wait until Consul passes exactly *instances* chat instances, none at *absent*, and
+    the monolith uses that many; return Consul's list."""
+    deadline = time.monotonic() + timeout
+    seen: Any = None
+    while time.monotonic() < deadline:
+        try:
+            passing = consul_instances(passing=True)
+            everything = consul_instances(passing=False)
+            used = monolith_instances()
+            seen = (sorted(passing.values()), used)
+            gone = absent is None or all(
+                not a.startswith(f"{absent}:") for a in everything.values()
+            )
+            if len(passing) == instances and used == instances and gone:
+                return passing
+        except OSError as e:
+            seen = repr(e)
+        time.sleep(0.2)
+    raise CheckFailed(
+        f"after {timeout:.0f} s, wanted {instances} passing instances"
+        + (f" and none at {absent}" if absent else "")
+        + f"; last seen (Consul passing, monolith's count): {seen}"
+    )
+
+
+# Users and sends
+
+
+def load_state(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        state: dict[str, Any] = json.load(f)
+    return state
+
+
+def save_state(path: str, state: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def make_users(count: int) -> list[dict[str, str]]:
+    users = []
+    for number in range(count):
+        password = uuid.uuid4().hex
+        status, _, body = call(
+            "POST",
+            f"{SERVER}/user/register",
+            {
+                "first_name": f"E2e{number}",
+                "second_name": "Compose",
+                "birthdate": "1990-01-0" + str(1 + number % 9),
+                "city": "Docker",
+                "password": password,
+            },
+        )
+        if status != 200:
+            raise CheckFailed(f"register: {status} {body}")
+        user_id = body["user_id"]
+        status, _, body = call("POST", f"{SERVER}/login", {"id": user_id, "password": password})
+        if status != 200:
+            raise CheckFailed(f"login: {status} {body}")
+        users.append({"id": user_id, "token": body["token"]})
+    return users
+
+
+@dataclass
+class Sender:
+    """Sends dialog messages from the first user to the others in turn, counting answers."""
+
+    state: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    turn: int = 0
+
+    def send(self) -> tuple[bool, str, str]:
+        """One send: (acknowledged, instance header or error, detail)."""
+        users = self.state["users"]
+        with self.lock:
+            self.turn += 1
+            peer = users[1 + self.turn % (len(users) - 1)]
+        key = f"e2e-{uuid.uuid4().hex}"
+        try:
+            status, headers, body = call(
+                "POST",
+                f"{SERVER}/dialog/{peer['id']}/send",
+                {"text": f"hello {key}"},
+                {"Authorization": f"Bearer {users[0]['token']}", "Idempotency-Key": key},
+            )
+        except OSError as e:
+            return False, "", f"{type(e).__name__}: {e}"
+        instance = headers.get(INSTANCE_HEADER, "")
+        if status != 200:
+            return False, instance, f"{status} {body}"
+        with self.lock:
+            sent = self.state.setdefault("acknowledged", {})
+            sent[peer["id"]] = sent.get(peer["id"], 0) + 1
+        return True, instance, ""
+
+
+def at(address: str, instances: Iterable[str], names: dict[str, str]) -> set[str]:
+    """The instances (header values: service ids, or HOST:PORT) that run at *address*."""
+    return {i for i in instances if names.get(i, i).startswith(f"{address}:")}
+
+
+def spread(counts: Iterable[int]) -> int:
+    values = list(counts)
+    return max(values) - min(values) if values else 0
+
+
+def show(counts: collections.Counter[str]) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+
+
+def check_even(counts: collections.Counter[str], instances: int, tolerance: int, what: str) -> None:
+    say(f"{what}: {sum(counts.values())} sends over {len(counts)} instances: {show(counts)}")
+    if len(counts) != instances:
+        raise CheckFailed(f"{what}: {len(counts)} instances answered, wanted {instances}")
+    if spread(counts.values()) > tolerance:
+        raise CheckFailed(f"{what}: uneven share (counts differ by more than {tolerance})")
+
+
+# Commands
+
+
+def cmd_users(args: argparse.Namespace) -> None:
+    users = make_users(args.count)
+    save_state(args.state, {"users": users, "acknowledged": {}})
+    say(f"registered and logged in {len(users)} users: {[u['id'] for u in users]}")
+
+
+def cmd_wait(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    passing = wait_for(args.instances, args.absent, args.timeout)
+    say(
+        f"Consul passes {len(passing)} chat instances ({', '.join(sorted(passing.values()))}), "
+        f"the monolith uses {args.instances} (waited {time.monotonic() - started:.1f} s)"
+    )
+
+
+def cmd_even(args: argparse.Namespace) -> None:
+    state = load_state(args.state)
+    sender = Sender(state)
+    counts: collections.Counter[str] = collections.Counter()
+    failures = []
+    for _ in range(args.sends):
+        ok, instance, detail = sender.send()
+        if ok:
+            counts[instance] += 1
+        else:
+            failures.append(detail)
+    save_state(args.state, state)
+    if failures:
+        raise CheckFailed(f"{len(failures)} of {args.sends} sends failed: {failures[:5]}")
+    check_even(counts, args.instances, 1, f"{args.sends} sequential sends")
+    if args.must_include:
+        passing = consul_instances(passing=True)
+        current = at(args.must_include, passing, passing)
+        if not current & set(counts):
+            raise CheckFailed(f"the instance at {args.must_include} got no traffic")
+        say(f"the instance at {args.must_include} ({', '.join(current)}) got its share")
+
+
+@dataclass
+class Record:
+    started: float
+    ok: bool
+    instance: str
+    detail: str
+
+
+def stream(sender: Sender, stop: threading.Event, records: list[Record]) -> None:
+    while not stop.is_set():
+        started = time.monotonic()
+        ok, instance, detail = sender.send()
+        records.append(Record(started, ok, instance, detail))
+
+
+def cmd_stop_during_stream(args: argparse.Namespace) -> None:
+    state = load_state(args.state)
+    names = consul_instances(passing=False)
+    sender = Sender(state)
+    stop = threading.Event()
+    records: list[Record] = []
+    workers = [
+        threading.Thread(target=stream, args=(sender, stop, records), daemon=True)
+        for _ in range(args.workers)
+    ]
+    began = time.monotonic()
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(args.warmup)
+        say(f"{len(records)} sends so far from {args.workers} concurrent senders")
+        stop_started = time.monotonic()
+        say(f"docker stop {args.container} (at {args.address}) during the stream")
+        subprocess.run(["docker", "stop", args.container], check=True, capture_output=True)
+        stopped = time.monotonic()
+        say(f"{args.container} stopped after {stopped - stop_started:.1f} s")
+        wait_for(args.instances, args.address, args.timeout)
+        settled = time.monotonic()
+        say(f"Consul no longer lists {args.address} ({settled - stop_started:.1f} s after stop)")
+        time.sleep(args.after)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(TIMEOUT + 5)
+    failures = [r for r in records if not r.ok]
+    say(
+        f"{len(records)} sends in {time.monotonic() - began:.1f} s, "
+        f"{sum(1 for r in records if stop_started <= r.started < stopped)} of them "
+        f"while {args.container} stopped; {len(failures)} failed"
+    )
+    victim = at(args.address, names, names)
+    before: collections.Counter[str] = collections.Counter(
+        r.instance for r in records if r.ok and r.started < stop_started
+    )
+    after: collections.Counter[str] = collections.Counter(
+        r.instance for r in records if r.ok and r.started >= settled
+    )
+    say(f"before the stop: {show(before)}")
+    if failures:
+        for r in failures[:10]:
+            say(f"failed send: {r.instance or '-'} {r.detail}")
+        raise CheckFailed(f"{len(failures)} sends failed while {args.container} stopped")
+    save_state(args.state, state)
+    if not victim & set(before):
+        raise CheckFailed(f"{args.address} got no traffic before it stopped")
+    if victim & set(after):
+        raise CheckFailed(f"{args.address} still got traffic after Consul dropped it")
+    # Concurrent senders may cut a round at each end of the window.
+    check_even(after, args.instances, args.workers, "after the stop")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    state = load_state(args.state)
+    users = state["users"]
+    total = 0
+    for peer_id, acknowledged in sorted(state.get("acknowledged", {}).items()):
+        status, _, body = call(
+            "GET",
+            f"{SERVER}/dialog/{peer_id}/list",
+            headers={"Authorization": f"Bearer {users[0]['token']}"},
+        )
+        if status != 200:
+            raise CheckFailed(f"dialog list with {peer_id}: {status} {body}")
+        if len(body) != acknowledged:
+            raise CheckFailed(
+                f"dialog with {peer_id}: {len(body)} messages stored, {acknowledged} acknowledged"
+            )
+        total += acknowledged
+    say(f"all {total} acknowledged messages are stored, in {len(users) - 1} dialogs")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    users = commands.add_parser("users")
+    users.add_argument("--state", required=True)
+    users.add_argument("--count", type=int, default=4)
+    users.set_defaults(run=cmd_users)
+
+    wait = commands.add_parser("wait")
+    wait.add_argument("--instances", type=int, required=True)
+    wait.add_argument("--absent")
+    wait.add_argument("--timeout", type=float, default=60.0)
+    wait.set_defaults(run=cmd_wait)
+
+    even = commands.add_parser("even")
+    even.add_argument("--state", required=True)
+    even.add_argument("--sends", type=int, required=True)
+    even.add_argument("--instances", type=int, required=True)
+    even.add_argument("--must-include")
+    even.set_defaults(run=cmd_even)
+
+    stop = commands.add_parser("stop-during-stream")
+    stop.add_argument("--state", required=True)
+    stop.add_argument("--container", required=True)
+    stop.add_argument("--address", required=True)
+    stop.add_argument("--instances", type=int, required=True, help="instances left after it")
+    stop.add_argument("--workers", type=int, default=4)
+    stop.add_argument("--warmup", type=float, default=3.0)
+    stop.add_argument("--after", type=float, default=4.0)
+    stop.add_argument("--timeout", type=float, default=60.0)
+    stop.set_defaults(run=cmd_stop_during_stream)
+
+    verify = commands.add_parser("verify")
+    verify.add_argument("--state", required=True)
+    verify.set_defaults(run=cmd_verify)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except CheckFailed as e:
+        say(f"FAILED: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
