@@ -17,7 +17,12 @@ passing (``/v1/health/service/<name>?passing=true``), by two paths at once:
 Answers are applied in Consul's order (by ``X-Consul-Index``), whichever path brought them,
 so that a slow answer never overwrites a newer one. When Consul cannot be reached the last
 list is kept (an outage never empties it) and the outage and the recovery are each logged
-once. An empty list that Consul *answers* is the truth and is applied.
+once. An empty answer never empties a list that had instances: a restarted agent answers
+"none" until the instances have registered again, and the whole fleet failing its checks at
+once (its database away) says more about a shared dependency than about the instances. The
+last list then stays in use; instances that are really gone refuse connections and are
+skipped at once, and passive health ejects the ones that fail (Envoy's "panic" rule). The
+first non-empty answer replaces it.
 
 :class:`StaticInstances` is the same read interface over one fixed address (``--chat-url``),
 for deployments that put a proxy or a single instance in front of the chat service.
@@ -243,6 +248,7 @@ class HealthyInstances(Service):
         self._retry_delay = retry_delay or exponential_backoff(initial=0.2, maximum=5.0)
         self._min_interval = min_interval
         self._instances: Instances = ()
+        self._empty_logged = False
         self._subscribers = _Subscribers()
         self.last_success: float | None = None
         self.consul_reachable = False
@@ -487,6 +493,18 @@ class HealthyInstances(Service):
                 problem=problem,
             )
         self._problems = frozenset(problems)
+        if not endpoints and self._instances:
+            if not self._empty_logged:
+                self._empty_logged = True
+                log.warn(
+                    "consul lists no passing instance of {service}; keeping the last {count}",
+                    service=self.service_name,
+                    count=len(self._instances),
+                )
+            return True
+        if self._empty_logged:
+            self._empty_logged = False
+            log.info("consul lists instances of {service} again", service=self.service_name)
         if endpoints != self._instances:
             self._instances = endpoints
             log.info(

@@ -261,14 +261,31 @@ def test_a_wake_up_is_re_read_never_assumed(h: Harness) -> None:
     assert h.ids() == ["chat-a", "chat-new"]
 
 
-def test_an_empty_answer_empties_the_list(h: Harness) -> None:
-    """Consul answering "none passing" is the truth, unlike an outage."""
-    h.agent.entries = [entry("chat-a")]
+def test_an_empty_answer_keeps_the_last_list_until_instances_are_listed_again(
+    h: Harness, logs: Sequence[LogEvent]
+) -> None:
+    """A restarted agent answers "none passing" until the instances register again: the
+    last list stays in use (logged once) and the next non-empty answer replaces it."""
+    h.agent.entries = [entry("chat-a"), entry("chat-b")]
     h.start()
     h.clock.advance(0.05)
     h.agent.change([])
+    h.clock.advance(0.05)
+    h.agent.change([])
+    assert [e.instance_id for e in h.instances.instances] == ["chat-a", "chat-b"]
+    kept = [e for e in logs if "keeping the last" in e.get("log_format", "")]
+    assert len(kept) == 1
+    h.clock.advance(0.05)
+    h.agent.change([entry("chat-b")])
+    assert [e.instance_id for e in h.instances.instances] == ["chat-b"]
+    assert h.seen[-1] == h.instances.instances
+
+
+def test_a_list_that_was_never_filled_stays_empty(h: Harness) -> None:
+    h.agent.entries = []
+    h.start()
+    h.clock.advance(0.05)
     assert h.instances.instances == ()
-    assert h.seen[-1] == ()
 
 
 def test_an_index_that_goes_backwards_starts_again_with_a_read_that_does_not_block(
@@ -534,7 +551,7 @@ def test_subscribers_can_leave_and_a_failing_one_does_not_stop_the_others(
     h.start()
     leave()
     h.clock.advance(0.05)
-    h.agent.change([])
+    h.agent.change([entry("chat-b")])
     assert got == [1]
     assert len(h.seen) == 2
     assert any(e.get("log_failure") is not None for e in logs)
