@@ -1,0 +1,306 @@
+"""Dialogs under faults: a steady stream of sends and lists through a real monolith
+(``twistd snet-server``) to three real chat instances (``twistd snet-chat``) found through a
+real Consul agent, with real MariaDB and Redis, while one thing breaks.
+
+Each test starts its own fleet and monolith, so that the tests are independent; the ones that
+kill Consul or stop MariaDB start private servers for it, so that nothing else sees the fault.
+What the clients were told is compared with what MySQL holds: a send answered 200 is stored,
+and stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+
+import pytest
+from attrs import frozen
+
+from snet.testing.fleet import ChatFleet, monolith
+from snet.testing.processes import TwistdProcess
+from snet.testing.servers import ConsulAgent, MariaDB, Redis
+from snet.testing.traffic import (
+    ApiUser,
+    DialogTraffic,
+    Outcome,
+    compare_with_mysql,
+    instance_urls,
+    metric_value,
+    poll,
+    register_user,
+    served_sends,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@frozen
+class Deployment:
+    """A fleet of three chat instances, a monolith in front and three users of it."""
+
+    fleet: ChatFleet
+    server: TwistdProcess
+    base: str
+    chat_mysql_url: str
+    sender: ApiUser
+    recipient: ApiUser
+    lister: ApiUser
+
+    def traffic(self, clients: int = 4) -> DialogTraffic:
+        return DialogTraffic(
+            self.base,
+            sender=self.sender,
+            recipient=self.recipient,
+            lister=self.lister,
+            clients=clients,
+            max_seconds=60,
+        )
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return metric_value(self.base, name, **labels)
+
+    def sends_served(self) -> dict[str, int | None]:
+        return {i: served_sends(url, timeout=1.0) for i, url in instance_urls(self.fleet).items()}
+
+    def wait_all_serve_again(self, since: dict[str, int | None], timeout: float) -> float:
+        """Wait until every running instance served more sends than in *since*; the time."""
+        ids = self.fleet.running_ids()
+
+        def all_serve() -> bool:
+            now = self.sends_served()
+            return all((now[i] or 0) > (since.get(i) or 0) for i in ids)
+
+        return poll(all_serve, timeout, f"{sorted(ids)} to serve again", interval=0.02)
+
+
+def _unique(name: str) -> str:
+    return f"{name}_{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def deployment(
+    *,
+    consul_url: str,
+    server_mysql: MariaDB,
+    chat_mysql: MariaDB,
+    redis: Redis,
+    monolith_args: Sequence[str] = (),
+) -> Iterator[Deployment]:
+    chat_mysql_url = chat_mysql.create_database(_unique("faults_chat"))
+    fleet = ChatFleet(consul_url=consul_url, mysql_url=chat_mysql_url, redis_url=redis.url)
+    try:
+        fleet.wait_all_passing()
+        server = monolith(
+            consul_url=consul_url,
+            mysql_url=server_mysql.create_database(_unique("faults_server")),
+            redis_url=redis.url.replace("/0", "/1"),
+            chat_service=fleet.service,
+            extra_args=monolith_args,
+        )
+        with server:
+            assert server.health_url is not None
+            base = server.health_url.removesuffix("/health")
+            poll(
+                lambda: base_metric(base, "snet_chat_instances_healthy") == 3,
+                10,
+                "the monolith to list three instances",
+                interval=0.05,
+            )
+            yield Deployment(
+                fleet,
+                server,
+                base,
+                chat_mysql_url,
+                register_user(base, "Sender"),
+                register_user(base, "Recipient"),
+                register_user(base, "Lister"),
+            )
+    finally:
+        fleet.stop()
+
+
+def base_metric(base: str, name: str) -> float | None:
+    return metric_value(base, name)
+
+
+@pytest.fixture
+def shared(
+    consul_agent: ConsulAgent, mariadb: MariaDB, redis_server: Redis
+) -> Iterator[Deployment]:
+    with deployment(
+        consul_url=consul_agent.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis_server
+    ) as running:
+        yield running
+
+
+def describe(failures: Sequence[Outcome], since: float) -> str:
+    return "; ".join(
+        f"{o.kind} {o.status} at +{o.ended - since:.2f}s via {o.instance} {o.error or ''}"
+        for o in failures[:10]
+    )
+
+
+def assert_stored_once(running: Deployment, traffic: DialogTraffic) -> None:
+    acknowledged = traffic.acknowledged_texts()
+    assert acknowledged
+    duplicated, lost = compare_with_mysql(running.chat_mysql_url, running.sender.id, acknowledged)
+    assert duplicated == [], f"{len(duplicated)} stored twice or more: {duplicated[:5]}"
+    assert lost == [], f"{len(lost)} acknowledged but not in MySQL: {lost[:5]}"
+
+
+def test_sigterm_of_an_instance_fails_no_request(shared: Deployment) -> None:
+    victim = shared.fleet.instances[0]
+    with shared.traffic() as traffic:
+        traffic.wait_for(100)
+        fault = time.monotonic()
+        victim.signal(signal.SIGTERM)
+        assert victim.wait(20) in (0, -signal.SIGTERM)
+        exited = time.monotonic()
+        traffic.wait_for(300, since=exited)
+    assert traffic.failures() == [], describe(traffic.failures(), fault)
+    after = {o.instance for o in traffic.outcomes(since=exited)}
+    assert shared.fleet.instance_id(0) not in after
+    assert after == shared.fleet.ids() - {shared.fleet.instance_id(0)}
+    assert_stored_once(shared, traffic)
+
+
+def test_sigkill_of_an_instance_fails_no_request_and_loses_or_duplicates_no_message(
+    shared: Deployment,
+) -> None:
+    victim = shared.fleet.instances[0]
+    with shared.traffic() as traffic:
+        traffic.wait_for(100)
+        fault = time.monotonic()
+        victim.signal(signal.SIGKILL)
+        victim.wait(5)
+        killed = time.monotonic()
+        traffic.wait_for(300, since=killed)
+    assert traffic.failures() == [], describe(traffic.failures(), fault)
+    assert_stored_once(shared, traffic)
+    after = {o.instance for o in traffic.outcomes(since=killed)}
+    assert after == shared.fleet.ids() - {shared.fleet.instance_id(0)}
+
+
+def out_of_rotation(running: Deployment, instance_id: str) -> bool:
+    """Whether the monolith no longer sends to *instance_id*: ejected by its passive health,
+    or gone from Consul's passing list (whichever saw the fault first)."""
+    ejections = running.metric("snet_chat_ejections_total", instance=instance_id) or 0
+    return ejections >= 1 or running.metric("snet_chat_instances_healthy") == 2
+
+
+def test_sigstop_ejects_the_instance_after_bounded_failures_and_sigcont_brings_it_back(
+    shared: Deployment,
+) -> None:
+    """A stopped instance accepts connections (the kernel does) but answers nothing: its
+    calls time out and are retried elsewhere with the same key, it is taken out of rotation
+    (ejected, or dropped from Consul's list when its check fails first), and once it goes on
+    it is back in rotation within seconds."""
+    victim = shared.fleet.instances[0]
+    victim_id = shared.fleet.instance_id(0)
+    with shared.traffic() as traffic:
+        traffic.wait_for(100)
+        fault = time.monotonic()
+        victim.signal(signal.SIGSTOP)
+        try:
+            ejected = poll(
+                lambda: out_of_rotation(shared, victim_id), 15, f"{victim_id} out", interval=0.02
+            )
+            traffic.wait_for(200, since=ejected)
+            timeouts = shared.metric(
+                "snet_chat_request_failures_total", instance=victim_id, reason="timeout"
+            )
+        finally:
+            victim.signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        before = shared.sends_served()
+        back = poll(
+            lambda: (
+                (served_sends(shared.fleet.url(0), timeout=1.0) or 0) > (before[victim_id] or 0)
+            ),
+            15,
+            f"{victim_id} serving again",
+            interval=0.02,
+        )
+        traffic.wait_for(50, since=back)
+    failed = traffic.failures()
+    assert timeouts is not None and timeouts >= 1, "no call to the stopped instance timed out"
+    assert len(failed) <= 2, describe(failed, fault)
+    assert [o for o in failed if o.started >= ejected] == [], describe(failed, fault)
+    assert back - resumed < 5.0, f"back in rotation {back - resumed:.2f}s after SIGCONT"
+    assert_stored_once(shared, traffic)
+
+
+def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recovers(
+    mariadb: MariaDB, redis_server: Redis
+) -> None:
+    """While the agent is down the monolith serves from the last list; once it is back the
+    instances register again by themselves and the monolith lists and uses all three."""
+    with (
+        ConsulAgent() as consul,
+        deployment(
+            consul_url=consul.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis_server
+        ) as running,
+        running.traffic() as traffic,
+    ):
+        traffic.wait_for(100)
+        killed = time.monotonic()
+        consul.kill()
+        traffic.wait_for(100, since=killed)
+        time.sleep(max(0.0, killed + 2.0 - time.monotonic()))
+        assert running.metric("snet_consul_reachable") == 0
+        consul.start()
+        restarted = time.monotonic()
+        served = running.sends_served()
+        poll(
+            lambda: (
+                running.metric("snet_chat_instances_healthy") == 3
+                and running.metric("snet_consul_reachable") == 1
+            ),
+            15,
+            "the monolith to list three instances again",
+            interval=0.02,
+        )
+        running.wait_all_serve_again(served, 10)
+        traffic.stop()
+        down = traffic.failures(since=killed, until=restarted)
+        assert down == [], describe(down, killed)
+        assert_stored_once(running, traffic)
+        # The restarted dev agent has forgotten every registration and answers "none" until
+        # the instances register again: the monolith keeps its last list meanwhile.
+        after = traffic.failures(since=restarted)
+        assert after == [], describe(after, restarted)
+
+
+def test_chat_mysql_down_answers_503_with_retry_after_writes_nothing_partial_and_recovers(
+    consul_agent: ConsulAgent, mariadb: MariaDB, redis_server: Redis
+) -> None:
+    with (
+        MariaDB() as chat_mysql,
+        deployment(
+            consul_url=consul_agent.url,
+            server_mysql=mariadb,
+            chat_mysql=chat_mysql,
+            redis=redis_server,
+        ) as running,
+        running.traffic() as traffic,
+    ):
+        traffic.wait_for(100)
+        stopped = time.monotonic()
+        chat_mysql.stop()
+        time.sleep(max(0.0, stopped + 2.0 - time.monotonic()))
+        chat_mysql.start()
+        started = time.monotonic()
+        served = running.sends_served()
+        running.wait_all_serve_again(served, 20)
+        traffic.wait_for(50, since=time.monotonic())
+        traffic.stop()
+        failed = traffic.failures()
+        assert failed, "no call failed while the chat service's MySQL was down"
+        assert {o.status for o in failed} == {503}, describe(failed, stopped)
+        assert all(o.retry_after for o in failed), describe(failed, stopped)
+        assert traffic.slowest() < 12.0, f"a call took {traffic.slowest():.1f}s"
+        assert all(o.ended < started + 10 for o in failed), describe(failed, stopped)
+        assert_stored_once(running, traffic)
