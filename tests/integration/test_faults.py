@@ -304,3 +304,21 @@ def test_chat_mysql_down_answers_503_with_retry_after_writes_nothing_partial_and
         assert traffic.slowest() < 12.0, f"a call took {traffic.slowest():.1f}s"
         assert all(o.ended < started + 10 for o in failed), describe(failed, stopped)
         assert_stored_once(running, traffic)
+
+
+def test_sigterm_of_the_monolith_answers_every_call_it_accepted(shared: Deployment) -> None:
+    """A stopping monolith stops accepting connections, then finishes the calls it has: a
+    client sees answers (200), then connection refused; never a call cut off without an
+    answer, and every send it acknowledged is stored once."""
+    with shared.traffic() as traffic:
+        traffic.wait_for(100)
+        fault = time.monotonic()
+        shared.server.signal(signal.SIGTERM)
+        assert shared.server.wait(20) in (0, -signal.SIGTERM), shared.server.log_tail()
+        stopped = time.monotonic()
+        poll(lambda: bool(traffic.failures(since=stopped)), 10, "calls refused after the stop")
+    in_flight = [o for o in traffic.outcomes() if o.started < fault < o.ended]
+    assert any(o.ok for o in in_flight), "no call was answered across the stop"
+    cut_off = [o for o in traffic.failures() if "ConnectionRefused" not in (o.error or "")]
+    assert cut_off == [], describe(cut_off, fault)
+    assert_stored_once(shared, traffic)
