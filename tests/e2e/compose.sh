@@ -208,7 +208,7 @@ check even --state "${state}" --sends 90 --instances 3
 
 # 3. One chat container stops during a stream of sends
 
-victim="$(compose ps -q chat | head -n 1)"
+victim="$(compose ps -q chat | sed -n 1p)"
 victim_name="$(docker inspect -f '{{.Name}}' "${victim}")"
 victim_name="${victim_name#/}"
 say "3. docker stop ${victim_name} during a steady stream of sends"
@@ -222,7 +222,7 @@ before="$(compose ps -a -q chat | sort)"
 say "4. docker compose up --scale chat=4 (the stopped one starts again, one is new)"
 compose up -d --no-build --pull never --no-recreate --scale chat=4 --wait >"${work}/up.log" 2>&1 \
     || { cat "${work}/up.log" >&2; die "docker compose up --scale chat=4 failed"; }
-new="$(comm -13 <(echo "${before}") <(compose ps -a -q chat | sort) | head -n 1)"
+new="$(comm -13 <(echo "${before}") <(compose ps -a -q chat | sort) | sed -n 1p)"
 [[ -n ${new} ]] || die "no new chat container after --scale chat=4"
 new_name="$(docker inspect -f '{{.Name}}' "${new}")"
 say "new chat container: ${new_name#/} at $(container_address "${new}")"
