@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("stopping: chat instances deregister and drain first", file=out)
                 return 0
             finally:
+                # A terminal's Ctrl-C reaches every process of the group, this one included;
+                # a second signal must not cut the orderly stop short.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 server.stop()
                 for chat in chats:
                     chat.signal(signal.SIGTERM)
