@@ -65,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
-    with ConsulAgent() as consul, MariaDB() as mariadb, Redis() as redis:
+    # Every process gets a session of its own, so that Ctrl-C reaches only this one, which
+    # then stops them in order: the monolith, the chat instances (deregistering from a Consul
+    # that still runs, draining against a MySQL that still runs), then the servers.
+    with (
+        ConsulAgent(own_session=True) as consul,
+        MariaDB(own_session=True) as mariadb,
+        Redis(own_session=True) as redis,
+    ):
         mysql_url = mariadb.create_database("snet_chat")
         server_mysql_url = mariadb.create_database("snet")
         print(f"consul  {consul.url}  (UI: {consul.url}/ui/)", file=out)
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_url=redis.url,
             count=0,
             service="snet-chat",
+            own_session=True,
         )
         chats = [fleet.add_instance_at(port) for port in ports]
         server = monolith(
@@ -86,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_url=redis.url.replace("/0", "/1"),
             chat_service=fleet.service,
             port=args.port,
+            own_session=True,
         )
         server.name = "monolith"
         logs = {
@@ -111,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("stopping: chat instances deregister and drain first", file=out)
                 return 0
             finally:
-                # A terminal's Ctrl-C reaches every process of the group, this one included;
-                # a second signal must not cut the orderly stop short.
+                # A second Ctrl-C must not cut the orderly stop short.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 server.stop()

@@ -31,12 +31,14 @@ class ChatFleet:
         service: str | None = None,
         extra_args: Sequence[str] = ("--drain-timeout", "5"),
         ports: Sequence[int] | None = None,
+        own_session: bool = False,
     ) -> None:
         self.consul_url = consul_url
         self.mysql_url = mysql_url
         self.redis_url = redis_url
         self.service = service or f"snet-chat-{uuid.uuid4().hex[:8]}"
         self.extra_args = list(extra_args)
+        self.own_session = own_session
         self.instances: list[TwistdProcess] = []
         for index in range(count):
             self.instances.append(self._process(index, ports[index] if ports else free_port()))
@@ -59,6 +61,7 @@ class ChatFleet:
             ],
             health_url=f"http://127.0.0.1:{port}/health",
             name=self.instance_id(index),
+            own_session=self.own_session,
         )  # fmt: skip
 
     def add_instance(self) -> TwistdProcess:
@@ -124,6 +127,7 @@ def monolith(
     chat_service: str,
     port: int | None = None,
     extra_args: Sequence[str] = (),
+    own_session: bool = False,
 ) -> TwistdProcess:
     """A ``twistd -n snet-server`` process (not started yet) discovering *chat_service*."""
     port = port or free_port()
@@ -139,6 +143,7 @@ def monolith(
         ],
         health_url=f"http://127.0.0.1:{port}/health",
         name=f"monolith-{port}",
+        own_session=own_session,
     )  # fmt: skip
 
 

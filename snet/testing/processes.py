@@ -78,6 +78,8 @@ class TwistdProcess:
     environ: Mapping[str, str] = field(factory=dict)
     health_url: str | None = None
     name: str = ""
+    own_session: bool = False
+    """Start in a session of its own, out of reach of a terminal's Ctrl-C (see servers)."""
     log_path: Path = field(init=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
@@ -98,6 +100,7 @@ class TwistdProcess:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=environment, cwd=self.log_path.parent,
+                start_new_session=self.own_session,
             )  # fmt: skip
         if self.health_url is not None and ready_timeout is not None:
             self.wait_healthy(ready_timeout)

@@ -205,6 +205,9 @@ class _Server:
     startup_timeout: float = 30.0
     """Seconds a start may take before it counts as failed."""
     keep_files: bool = False
+    own_session: bool = False
+    """Start in a session of its own, out of reach of a terminal's Ctrl-C, so that whoever
+    started it stops it in order (the local stack); tests leave it in their process group."""
     """Keep the temporary directory (data and log) after ``close()``, for debugging."""
     directory: Path = field(init=False)
     """The server's own temporary directory: data, sockets, log."""
@@ -296,6 +299,7 @@ class _Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.directory,
+            start_new_session=self.own_session,
         )
         try:
             wait_until(
