@@ -356,6 +356,26 @@ ID = re.compile(r"[1-9][0-9]{0,18}")
 MAX_ID = 2**63 - 1
 
 
+def validate_text(value: object, max_length: int) -> str:
+    """A ``text`` field (a message, a post): a string with something besides white space, at
+    most *max_length* characters, encodable as UTF-8 (no lone surrogates). Kept as given."""
+    if value is None:
+        raise BadRequest("text is required", code=ErrorCode.INVALID_TEXT)
+    if not isinstance(value, str):
+        raise BadRequest("text must be a string", code=ErrorCode.INVALID_TEXT)
+    if not value.strip():
+        raise BadRequest("text must not be empty", code=ErrorCode.INVALID_TEXT)
+    if len(value) > max_length:
+        raise BadRequest(
+            f"text must be at most {max_length} characters", code=ErrorCode.INVALID_TEXT
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("text must be valid Unicode", code=ErrorCode.INVALID_TEXT) from None
+    return value
+
+
 def parse_id(text: str | None, name: str) -> int:
     """A positive id below 2**63 written as plain decimal digits (no sign, zero, space).
 

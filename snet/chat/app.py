@@ -35,6 +35,7 @@ from snet.web import (
     request_id,
     set_header,
     uncancellable,
+    validate_text,
 )
 
 USER_HEADER = b"X-Snet-User-Id"
@@ -53,22 +54,9 @@ def acting_user(request: IRequest) -> int:
     return parse_id(text, "X-Snet-User-Id")
 
 
-def validate_text(value: object) -> str:
-    """A message text: a string with something besides whitespace, at most MAX_TEXT
-    characters, encodable as UTF-8 (no lone surrogates). Kept as given (not stripped)."""
-    if value is None:
-        raise BadRequest("text is required", code=ErrorCode.INVALID_TEXT)
-    if not isinstance(value, str):
-        raise BadRequest("text must be a string", code=ErrorCode.INVALID_TEXT)
-    if not value.strip():
-        raise BadRequest("text must not be empty", code=ErrorCode.INVALID_TEXT)
-    if len(value) > MAX_TEXT:
-        raise BadRequest(f"text must be at most {MAX_TEXT} characters", code=ErrorCode.INVALID_TEXT)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("text must be valid Unicode", code=ErrorCode.INVALID_TEXT) from None
-    return value
+def validate_message_text(value: object) -> str:
+    """A message's text: see ``snet.web.validate_text``; at most MAX_TEXT characters."""
+    return validate_text(value, MAX_TEXT)
 
 
 def parse_limit(text: str | None) -> int:
@@ -148,7 +136,7 @@ class ChatAPI:
                 code=ErrorCode.INVALID_PARAMETER,
             )
         body = read_json_object(request)
-        text = validate_text(body.get("text"))
+        text = validate_message_text(body.get("text"))
         # The store and its compensation run to their end even if the client goes away.
         message, created = await uncancellable(
             Deferred.fromCoroutine(

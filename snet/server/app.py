@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from snet.chat.app import validate_text as validate_message_text
+from snet.chat.app import validate_message_text
 from snet.server.accounts import (
     SEARCH_LIMIT,
     Accounts,

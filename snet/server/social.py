@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from snet.storage import run_with_retry
-from snet.web import BadRequest, ErrorCode
+from snet.web import BadRequest, ErrorCode, validate_text
 
 log = Logger(namespace="snet.server.social")
 
@@ -28,23 +28,8 @@ FEED_SIZE = 1000
 
 
 def validate_post_text(value: object) -> str:
-    """A post's text: a string with something besides white space, at most MAX_POST_TEXT
-    characters, valid Unicode. Kept as given."""
-    if value is None:
-        raise BadRequest("text is required", code=ErrorCode.INVALID_TEXT)
-    if not isinstance(value, str):
-        raise BadRequest("text must be a string", code=ErrorCode.INVALID_TEXT)
-    if not value.strip():
-        raise BadRequest("text must not be empty", code=ErrorCode.INVALID_TEXT)
-    if len(value) > MAX_POST_TEXT:
-        raise BadRequest(
-            f"text must be at most {MAX_POST_TEXT} characters", code=ErrorCode.INVALID_TEXT
-        )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("text must be valid Unicode", code=ErrorCode.INVALID_TEXT) from None
-    return value
+    """A post's text: see ``snet.web.validate_text``; at most MAX_POST_TEXT characters."""
+    return validate_text(value, MAX_POST_TEXT)
 
 
 @frozen

@@ -17,7 +17,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from snet.chat.app import ChatAPI, parse_limit, validate_text
+from snet.chat.app import ChatAPI, parse_limit, validate_message_text
 from snet.chat.store import MAX_TEXT, Message, MessageStore, UnreadCounters
 from snet.testing import result_of
 from snet.web import BadRequest, Conflict, ErrorCode, HTTPMetrics, InFlight, parse_id
@@ -520,7 +520,7 @@ def test_a_text_is_accepted_iff_it_has_content_fits_and_is_valid_unicode(text: s
         encodable = False
     valid = bool(text.strip()) and len(text) <= MAX_TEXT and encodable
     try:
-        assert validate_text(text) == text
+        assert validate_message_text(text) == text
     except BadRequest:
         assert not valid
     else:
@@ -530,7 +530,7 @@ def test_a_text_is_accepted_iff_it_has_content_fits_and_is_valid_unicode(text: s
 @given(st.none() | st.booleans() | st.integers() | st.floats() | st.lists(st.text()))
 def test_a_text_that_is_not_a_string_is_refused(value: object) -> None:
     with pytest.raises(BadRequest, match="text"):
-        validate_text(value)
+        validate_message_text(value)
 
 
 @given(st.integers(min_value=-1000, max_value=1000).map(str) | st.text(max_size=5))
