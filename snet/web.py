@@ -26,12 +26,13 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from weakref import WeakKeyDictionary
 
 import pymysql
 import txredisapi
 from attrs import define, field
+from klein import Klein
 from klein.interfaces import IKleinRequest
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -650,6 +651,44 @@ class QuietSite(Site):
 
     def log(self, request: Any) -> None:
         pass
+
+
+HEALTH_TIMEOUT = 1.0
+"""Seconds /health waits for MySQL's answer to ``SELECT 1``."""
+
+
+class ServiceApp:
+    """What the two services' Klein apps share: the in-flight tracker, the metrics, the
+    version, the clock, and ``resource()``, the app wrapped so that every request gets an id,
+    is counted in flight, measured and logged. A subclass has its own ``app = Klein()``."""
+
+    app: Klein
+
+    def __init__(
+        self,
+        *,
+        in_flight: InFlight,
+        metrics: HTTPMetrics,
+        version: str,
+        clock: IReactorTime | None = None,
+        health_timeout: float = HEALTH_TIMEOUT,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        self.in_flight = in_flight
+        self.metrics = metrics
+        self.version = version
+        self.clock = clock
+        self.health_timeout = health_timeout
+        metrics.track(in_flight)
+
+    def resource(self) -> IResource:
+        """The app as a resource that a Site serves."""
+        return ObservedResource(
+            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
+        )
 
 
 async def health_response(

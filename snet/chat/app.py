@@ -7,22 +7,20 @@ client); every error is a JSON body ``{"message", "request_id", "code"}`` (see s
 
 from __future__ import annotations
 
-from typing import cast
-
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 
 from snet.chat.store import MAX_TEXT, Dialogs, MessageStore, UnreadCounters
 from snet.web import (
+    HEALTH_TIMEOUT,
     BadRequest,
     ErrorCode,
     HTTPMetrics,
     InFlight,
-    ObservedResource,
+    ServiceApp,
     error_response,
     header_text,
     health_response,
@@ -42,8 +40,6 @@ USER_HEADER = b"X-Snet-User-Id"
 IDEMPOTENCY_HEADER = b"Idempotency-Key"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
-HEALTH_TIMEOUT = 1.0
-"""Seconds /health waits for MySQL's answer to ``SELECT 1``."""
 
 
 def acting_user(request: IRequest) -> int:
@@ -79,7 +75,7 @@ def parse_after_id(text: str | None) -> int | None:
     return parse_id(text, "after_id")
 
 
-class ChatAPI:
+class ChatAPI(ServiceApp):
     """The chat HTTP API; ``resource()`` is what a Site serves."""
 
     app = Klein()
@@ -95,25 +91,15 @@ class ChatAPI:
         clock: IReactorTime | None = None,
         health_timeout: float = HEALTH_TIMEOUT,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = cast(IReactorTime, reactor)
+        super().__init__(
+            in_flight=in_flight,
+            metrics=metrics,
+            version=version,
+            clock=clock,
+            health_timeout=health_timeout,
+        )
         self.messages = messages
         self.dialogs = Dialogs(messages, unread)
-        self.in_flight = in_flight
-        self.metrics = metrics
-        self.version = version
-        self.clock = clock
-        self.health_timeout = health_timeout
-        metrics.track(in_flight)
-
-    def resource(self) -> IResource:
-        """The app as a resource: every request gets an id, is counted in flight, measured
-        and logged."""
-        return ObservedResource(
-            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
-        )
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, cast
+from typing import Any
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
 
 from snet.chat.app import validate_message_text
 from snet.server.accounts import (
@@ -39,13 +38,14 @@ from snet.server.feed import FeedCache
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
 from snet.server.social import FEED_SIZE, Social, validate_post_text
 from snet.web import (
+    HEALTH_TIMEOUT,
     ApiError,
     BadRequest,
     ErrorCode,
     HTTPMetrics,
     InFlight,
     NotFound,
-    ObservedResource,
+    ServiceApp,
     Unauthorized,
     Unavailable,
     error_response,
@@ -73,8 +73,6 @@ DIALOG_PAGE = 500
 MAX_DIALOG_PAGES = 20
 """Pages read for one ``/dialog/{id}/list``: the oldest 10,000 messages at most."""
 CHAT_RETRY_AFTER = 1
-HEALTH_TIMEOUT = 1.0
-"""Seconds /health waits for MySQL's answer to ``SELECT 1``."""
 
 _NUMBER = re.compile(r"[0-9]{1,9}")
 
@@ -143,7 +141,7 @@ def _chat_error(reply: ChatReply) -> ApiError:
     )
 
 
-class ServerAPI:
+class ServerAPI(ServiceApp):
     """The monolith's public API; ``resource()`` is what a Site serves."""
 
     app = Klein()
@@ -161,27 +159,17 @@ class ServerAPI:
         clock: IReactorTime | None = None,
         health_timeout: float = HEALTH_TIMEOUT,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = cast(IReactorTime, reactor)
+        super().__init__(
+            in_flight=in_flight,
+            metrics=metrics,
+            version=version,
+            clock=clock,
+            health_timeout=health_timeout,
+        )
         self.accounts = accounts
         self.social = social
         self.feed = feed
         self.chat = chat
-        self.in_flight = in_flight
-        self.metrics = metrics
-        self.version = version
-        self.clock = clock
-        self.health_timeout = health_timeout
-        metrics.track(in_flight)
-
-    def resource(self) -> IResource:
-        """The app as a resource: every request gets an id, is counted in flight, measured
-        and logged."""
-        return ObservedResource(
-            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
-        )
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
