@@ -27,23 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import LoadResult, json_body, run_load
 
 from snet.testing.fleet import ChatFleet, monolith
-from snet.testing.processes import http_json
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
-
-
-def user(base: str, name: str) -> tuple[str, str]:
-    password = uuid.uuid4().hex
-    status, _, body = http_json(
-        "POST",
-        f"{base}/user/register",
-        {"first_name": name, "second_name": "Bench", "birthdate": "1990-01-01",
-         "city": "Bench", "biography": "", "password": password},
-    )  # fmt: skip
-    assert status == 200, body
-    user_id = body["user_id"]
-    status, _, body = http_json("POST", f"{base}/login", {"id": user_id, "password": password})
-    assert status == 200, body
-    return user_id, body["token"]
+from snet.testing.traffic import register_user
 
 
 def line(name: str, result: LoadResult) -> str:
@@ -79,8 +64,9 @@ def main() -> int:
             server.start()
             assert server.health_url is not None
             base = server.health_url.removesuffix("/health")
-            sender, token = user(base, "Sender")
-            recipient, _ = user(base, "Recipient")
+            sender_user = register_user(base, "Sender")
+            sender, token = sender_user.id, sender_user.token
+            recipient = register_user(base, "Recipient").id
             run = uuid.uuid4().hex[:8]
             warmup = max(args.concurrency * 20, 200)
 

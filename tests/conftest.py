@@ -7,10 +7,13 @@ at the end of the run (or at exit, if the run is interrupted).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_twisted
 
+from snet.config import RedisConfig
+from snet.storage import RedisPool, redis_pool
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 
 
@@ -30,3 +33,16 @@ def mariadb() -> Iterator[MariaDB]:
 def redis_server() -> Iterator[Redis]:
     with Redis() as server:
         yield server
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(request: pytest.FixtureRequest, redis_server: Redis) -> AsyncIterator[RedisPool]:
+    """A client of the shared Redis server, on the database number the test module names
+    (``REDIS_DB``), emptied first, so that modules never see each other's keys."""
+    config = RedisConfig.from_url(redis_server.url)
+    client = redis_pool(RedisConfig(config.host, config.port, request.module.REDIS_DB), timeout=2.0)
+    try:
+        await client.call("flushdb")
+        yield client
+    finally:
+        await client.disconnect()

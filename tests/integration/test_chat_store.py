@@ -60,17 +60,6 @@ async def pool(mysql_config: MySQLConfig) -> AsyncIterator[adbapi.ConnectionPool
         pool.close()
 
 
-@pytest_twisted.async_yield_fixture
-async def redis(redis_server: Redis) -> AsyncIterator[RedisPool]:
-    config = RedisConfig.from_url(redis_server.url)
-    client = redis_pool(RedisConfig(config.host, config.port, REDIS_DB), timeout=2.0)
-    try:
-        await client.call("flushdb")
-        yield client
-    finally:
-        await client.disconnect()
-
-
 @pytest.fixture
 def store(pool: adbapi.ConnectionPool) -> MessageStore:
     return MessageStore(pool)

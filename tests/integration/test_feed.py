@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,7 +23,6 @@ from treq.client import HTTPClient
 from twisted.enterprise import adbapi
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -35,6 +34,7 @@ from snet.server.gateway import ChatReply, NoChatInstance
 from snet.server.social import Social
 from snet.storage import RedisPool, mysql_pool, redis_pool
 from snet.testing.servers import MariaDB, Redis, free_port
+from snet.testing.waiting import eventually
 from snet.web import HTTPMetrics, InFlight, QuietSite
 
 pytestmark = pytest.mark.integration
@@ -165,15 +165,6 @@ async def start_stack(
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    """Wait until *check* holds, polling on the reactor."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout}s")
-        await deferLater(reactor, 0.02, lambda: None)
-
-
 @pytest.fixture(scope="module")
 def mysql_config(mariadb: MariaDB) -> MySQLConfig:
     return MySQLConfig.from_url(mariadb.create_database("server_feed_test"))
@@ -189,17 +180,6 @@ async def pool(mysql_config: MySQLConfig) -> AsyncIterator[adbapi.ConnectionPool
         yield pool
     finally:
         pool.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def redis(redis_server: Redis) -> AsyncIterator[RedisPool]:
-    config = RedisConfig.from_url(redis_server.url)
-    client = redis_pool(RedisConfig(config.host, config.port, REDIS_DB), timeout=2.0)
-    try:
-        await client.call("flushdb")
-        yield client
-    finally:
-        await client.disconnect()
 
 
 @pytest_twisted.async_yield_fixture
@@ -235,7 +215,7 @@ async def test_feed_follows_creates_updates_and_deletes(stack: Stack) -> None:
     async def shows(expected: list[str]) -> bool:
         return await stack.feed_texts(alice) == expected
 
-    await eventually(lambda: shows(["b2", "c1", "b1"]))
+    await eventually(lambda: shows(["b2", "c1", "b1"]), 15, "the feed to show the new posts")
     post = await stack.call("GET", f"/post/get/{created['b2']}")
     assert post.body == {"id": created["b2"], "text": "b2", "author_user_id": bob_id}
 
@@ -256,7 +236,9 @@ async def test_feed_follows_creates_updates_and_deletes(stack: Stack) -> None:
     await eventually(
         lambda: stack.feed.redis.call("zscore", feed_key(int(alice_id)), created["b2"]).addCallback(
             lambda score: score is None
-        )
+        ),
+        15,
+        "the deleted post to leave the feed",
     )
     assert await stack.feed_texts(bob) == []
 
@@ -378,9 +360,17 @@ async def test_fanout_to_5000_followers_runs_in_batches_after_the_request(
 
         partial = await reached()
         assert partial < len(fans)
-        await eventually(lambda: Deferred.fromCoroutine(reached()).addCallback(lambda n: n == 5000))
+        await eventually(
+            lambda: Deferred.fromCoroutine(reached()).addCallback(lambda n: n == 5000),
+            15,
+            "every follower's feed to have the post",
+        )
         # Ten full batches leave one continuation that finds no one left.
-        await eventually(lambda: redis.call("llen", JOBS_KEY).addCallback(lambda n: n == 0))
+        await eventually(
+            lambda: redis.call("llen", JOBS_KEY).addCallback(lambda n: n == 0),
+            15,
+            "the fan-out queue to empty",
+        )
         batches = stack.feed.metrics.batches.labels(op="add")._value.get()
         assert batches == 10
         assert answered_in < 5.0
@@ -417,16 +407,12 @@ async def test_feed_falls_back_to_mysql_while_redis_is_down(pool: adbapi.Connect
             assert stack.feed.pending > 0
 
             own_redis.start()
-            await eventually(lambda: _is(stack.feed.pending == 0))
+            await eventually(lambda: stack.feed.pending == 0, 15, "the kept writes to be applied")
             assert await stack.feed_texts(alice) == ["during", "before"]
             assert await client.call("zscore", feed_key(int(_alice_id)), created.body) is not None
         finally:
             await stack.close()
             await client.disconnect()
-
-
-async def _is(value: bool) -> bool:
-    return value
 
 
 @pytest_twisted.ensureDeferred
