@@ -46,7 +46,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
     ConnectError,
-    ConnectingCancelledError,
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
@@ -54,22 +53,23 @@ from twisted.internet.error import (
     TCPTimedOutError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from snet.httpcall import (
+    WRAPPED,
+    BodyTooLarge,
+    PooledHTTPClient,
+    TimedOut,
+    cancelled,
+    describe,
+    pooled_http_client,
+    read_body,
+    while_connecting,
+    within,
+)
 from snet.server.balancer import RoundRobin
 from snet.server.discovery import ChatEndpoint
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable
@@ -78,7 +78,6 @@ __all__ = [
     "MAX_BODY",
     "ChatClient",
     "ChatInstanceFailed",
-    "PooledHTTPClient",
     "RetryBudget",
     "chat_http_client",
 ]
@@ -89,10 +88,8 @@ MAX_BODY = 16 * 1024 * 1024
 """The largest answer body read from a chat instance, in bytes (a full page of 500 messages
 of 4096 characters is well under it)."""
 
-# Failures of an HTTP exchange that carry the underlying reasons as a list of Failures.
-_WRAPPED = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
 # The connection was there, then was lost before the whole answer came.
-_LOST = (ConnectionLost, ConnectionDone, *_WRAPPED)
+_LOST = (ConnectionLost, ConnectionDone, *WRAPPED)
 # Failure reasons that say the request never got to the instance.
 _NOT_REACHED = frozenset({"refused", "connect_timeout", "connect_error"})
 
@@ -129,24 +126,7 @@ class _NotReached(Exception):
         self.error = error
 
 
-class _TooLarge(Exception):
-    pass
-
-
 # --- HTTP plumbing ----------------------------------------------------------------------------
-
-
-class PooledHTTPClient(treq.client.HTTPClient):
-    """A treq client over its own persistent connection pool; ``close()`` closes the pool."""
-
-    def __init__(self, agent: Agent, pool: HTTPConnectionPool) -> None:
-        super().__init__(agent)
-        self.pool = pool
-
-    def close(self) -> Deferred[None]:
-        """Close the pool's idle connections; fires when they are closed."""
-        closed: Deferred[None] = self.pool.closeCachedConnections()  # type: ignore[no-untyped-call]
-        return closed
 
 
 def chat_http_client(
@@ -159,76 +139,7 @@ def chat_http_client(
     instance that cannot be reached is skipped quickly. *reactor* provides ``IReactorTCP`` and
     ``IReactorTime`` (the reactor). Close the client's pool with ``close()`` on shutdown.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-    pool.maxPersistentPerHost = max_per_host
-    pool.retryAutomatically = True
-    agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
-    return PooledHTTPClient(agent, pool)
-
-
-class _BodyReader(Protocol):
-    """Collects a response body up to a limit; cancelling it drops the connection."""
-
-    def __init__(self, limit: int) -> None:
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.done.errback(_TooLarge(f"the answer is over {self._limit} bytes"))
-            if self.transport is not None:
-                self.transport.stopProducing()  # type: ignore[attr-defined]
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.done.called:
-            return
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-
-def _read_body(response: IResponse, limit: int) -> Deferred[bytes]:
-    if response.length == 0:
-        return succeed(b"")
-    reader = _BodyReader(limit)
-    response.deliverBody(reader)  # type: ignore[no-untyped-call]
-    return reader.done
-
-
-def _while_connecting(error: BaseException) -> bool:
-    """Whether *error* says that the request was cancelled before it had a connection."""
-    if isinstance(error, ConnectingCancelledError):
-        return True
-    if isinstance(error, _WRAPPED):
-        return any(r.value is not None and _while_connecting(r.value) for r in error.reasons)
-    return False
-
-
-def _cancelled(error: BaseException) -> bool:
-    if isinstance(error, (CancelledError, ConnectingCancelledError)):
-        return True
-    if isinstance(error, _WRAPPED):
-        return any(r.value is not None and _cancelled(r.value) for r in error.reasons)
-    return False
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, _WRAPPED):
-        reasons = ", ".join(r.getErrorMessage() for r in error.reasons)
-        return f"{type(error).__name__}({reasons})"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return pooled_http_client(reactor, connect_timeout=connect_timeout, max_per_host=max_per_host)
 
 
 @frozen
@@ -481,7 +392,7 @@ class ChatClient:
                     " {path}, request {request_id}",
                     instance=endpoint.instance_id,
                     reason=reason,
-                    error=_describe(skipped.error),
+                    error=describe(skipped.error),
                     method=request.method,
                     path=request.path,
                     request_id=request.request_id,
@@ -572,7 +483,7 @@ class ChatClient:
             unbuffered=True,
             allow_redirects=False,
         )
-        body = await _read_body(response, MAX_BODY)
+        body = await read_body(response, MAX_BODY)
         return _Answer(response.code, body)
 
     async def _attempt(self, endpoint: ChatEndpoint, request: _Request, left: float) -> ChatReply:
@@ -582,37 +493,28 @@ class ChatClient:
             self._requests.labels(instance=instance).inc()
         started = self._clock.seconds()
         timeout = min(self._timeout, left)
-        timed_out = False
-        exchange = Deferred.fromCoroutine(self._exchange(endpoint, request))
-
-        def give_up() -> None:
-            nonlocal timed_out
-            timed_out = True
-            exchange.cancel()
-
-        timer: IDelayedCall = self._clock.callLater(timeout, give_up)
+        exchange = within(
+            Deferred.fromCoroutine(self._exchange(endpoint, request)), timeout, self._clock
+        )
         try:
             answer = await exchange
-        except Exception as error:
-            reason = self._reason(error, timed_out)
-            if reason is None:
-                if _cancelled(error):
-                    raise CancelledError() from error
-                raise
+        except TimedOut as timed_out:
+            reason = "connect_timeout" if while_connecting(timed_out.cause) else "timeout"
             self._count_failure(instance, reason)
             # Cut short by the call's deadline, not by its own timeout: not the instance's fault.
-            if not (timed_out and timeout < self._timeout):
+            if timeout >= self._timeout:
                 self._balancer.failed(endpoint, reason)
-            if reason in _NOT_REACHED:
-                raise _NotReached(reason, error) from error
-            self._log_failure(endpoint, request, reason, _describe(error))
-            detail = f"no answer within {timeout:g}s" if reason == "timeout" else reason
-            raise ChatInstanceFailed(
-                f"chat instance {instance} failed: {detail}", instance=instance, reason=reason
-            ) from error
-        finally:
-            if timer.active():
-                timer.cancel()
+            error = timed_out.cause
+            raise self._attempt_failed(endpoint, request, reason, error, str(timed_out)) from error
+        except Exception as error:
+            why = self._reason(error)
+            if why is None:
+                if cancelled(error):
+                    raise CancelledError() from error
+                raise
+            self._count_failure(instance, why)
+            self._balancer.failed(endpoint, why)
+            raise self._attempt_failed(endpoint, request, why, error, why) from error
         if self._seconds is not None:
             self._seconds.labels(instance=instance).observe(
                 max(0.0, self._clock.seconds() - started)
@@ -625,13 +527,28 @@ class ChatClient:
         self._balancer.succeeded(endpoint)
         return reply
 
+    def _attempt_failed(
+        self,
+        endpoint: ChatEndpoint,
+        request: _Request,
+        reason: str,
+        error: BaseException,
+        detail: str,
+    ) -> Exception:
+        """What an attempt that failed for *reason* with *error* ends with (logged)."""
+        if reason in _NOT_REACHED:
+            return _NotReached(reason, error)
+        self._log_failure(endpoint, request, reason, describe(error))
+        instance = endpoint.instance_id
+        return ChatInstanceFailed(
+            f"chat instance {instance} failed: {detail}", instance=instance, reason=reason
+        )
+
     @staticmethod
-    def _reason(error: BaseException, timed_out: bool) -> str | None:
-        """Why an attempt failed, or None when the error is not about the instance (a bug, or
-        the caller cancelled the call)."""
-        if timed_out:
-            return "connect_timeout" if _while_connecting(error) else "timeout"
-        if _cancelled(error):
+    def _reason(error: BaseException) -> str | None:
+        """Why an attempt failed (other than by its timeout), or None when the error is not
+        about the instance (a bug, or the caller cancelled the call)."""
+        if cancelled(error):
             return None
         if isinstance(error, ConnectionRefusedError):
             return "refused"
@@ -641,7 +558,7 @@ class ChatClient:
             return "connect_error"
         if isinstance(error, _LOST):
             return "lost"
-        if isinstance(error, _TooLarge):
+        if isinstance(error, BodyTooLarge):
             return "bad_response"
         return None
 
