@@ -1,9 +1,9 @@
 """The monolith's client of the chat service: dialog calls spread over the chat instances.
 
 :class:`ChatClient` implements :class:`~snet.server.gateway.ChatGateway`: each call asks the
-:class:`~snet.server.balancer.RoundRobin` for the next instance and sends the request
+:class:`~snet.server.roundrobin.RoundRobin` for the next instance and sends the request
 (docs/chat-api.md) to it, with the caller's identity, request id and, for sends, idempotency
-key. Every attempt's outcome goes to the balancer's passive health (``snet.server.health``),
+key. Every attempt's outcome goes to the balancer's passive health (``snet.server.ejection``),
 which ejects instances that keep failing. What happens when an attempt goes wrong:
 
 - **Not reached** (connection refused, connect timeout, no route, DNS): the request never
@@ -70,9 +70,9 @@ from snet.httpcall import (
     within,
 )
 from snet.retry import RetryBudget, RetryLimits
-from snet.server.balancer import RoundRobin
 from snet.server.discovery import ChatEndpoint
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable
+from snet.server.roundrobin import RoundRobin
 
 __all__ = [
     "MAX_BODY",

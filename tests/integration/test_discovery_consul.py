@@ -25,9 +25,9 @@ from twisted.web.server import Request, Site
 from snet.chat.registration import exponential_backoff
 from snet.config import ConsulConfig
 from snet.consul import TreqConsul
-from snet.server.balancer import RoundRobin
 from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances
+from snet.server.roundrobin import RoundRobin
 from snet.testing.servers import ConsulAgent, free_port
 from snet.testing.waiting import connections_to, eventually, sleep
 

@@ -21,15 +21,15 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from snet.retry import RetryBudget
 from snet.server import chat_client
-from snet.server.balancer import RoundRobin
 from snet.server.chat_client import (
     ChatClient,
     ChatInstanceFailed,
     chat_http_client,
 )
 from snet.server.discovery import ChatEndpoint
+from snet.server.ejection import PassiveHealth
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
-from snet.server.health import PassiveHealth
+from snet.server.roundrobin import RoundRobin
 from snet.testing import failure_of, result_of
 
 A = ChatEndpoint("chat-a", "10.0.0.1", 8081)
