@@ -19,20 +19,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snet.consul import ConsulUnavailable, TreqConsul
+from snet.consul import ConsulUnavailable, TreqConsul, consul_duration
 from snet.httpcall import TimedOut, within
 from snet.retry import exponential_backoff
 
-__all__ = ["ChatRegistration", "ServiceInstance", "consul_duration", "exponential_backoff"]
+__all__ = ["ChatRegistration", "ServiceInstance"]
 
 log = Logger()
-
-
-def consul_duration(seconds: float) -> str:
-    """A duration as Consul reads it: ``1.0`` is ``"1s"``, ``0.25`` is ``"250ms"``."""
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{round(seconds * 1000)}ms"
 
 
 @frozen

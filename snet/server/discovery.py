@@ -44,9 +44,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snet.chat.registration import consul_duration, exponential_backoff
 from snet.config import parse_http_address
-from snet.consul import ConsulUnavailable, TreqConsul
+from snet.consul import ConsulUnavailable, TreqConsul, consul_duration
+from snet.retry import exponential_backoff
 
 __all__ = [
     "DEFAULT_MIN_INTERVAL",

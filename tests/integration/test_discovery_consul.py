@@ -22,9 +22,9 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from snet.chat.registration import exponential_backoff
 from snet.config import ConsulConfig
 from snet.consul import TreqConsul
+from snet.retry import exponential_backoff
 from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances
 from snet.server.roundrobin import RoundRobin
