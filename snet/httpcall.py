@@ -189,22 +189,23 @@ def within(call: Deferred[_T], timeout: float, clock: IReactorTime) -> Deferred[
 # --- the failures -----------------------------------------------------------------------------
 
 
-def cancelled(error: BaseException) -> bool:
-    """Whether *error* says that the request was cancelled, however deep the agent wrapped it."""
-    if isinstance(error, (CancelledError, ConnectingCancelledError)):
+def _found(error: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether *error*, or a reason it wraps however deep, is one of *kinds*."""
+    if isinstance(error, kinds):
         return True
     if isinstance(error, WRAPPED):
-        return any(r.value is not None and cancelled(r.value) for r in error.reasons)
+        return any(r.value is not None and _found(r.value, kinds) for r in error.reasons)
     return False
+
+
+def cancelled(error: BaseException) -> bool:
+    """Whether *error* says that the request was cancelled, however deep the agent wrapped it."""
+    return _found(error, (CancelledError, ConnectingCancelledError))
 
 
 def while_connecting(error: BaseException) -> bool:
     """Whether *error* says that the request was cancelled before it had a connection."""
-    if isinstance(error, ConnectingCancelledError):
-        return True
-    if isinstance(error, WRAPPED):
-        return any(r.value is not None and while_connecting(r.value) for r in error.reasons)
-    return False
+    return _found(error, (ConnectingCancelledError,))
 
 
 def describe(error: BaseException) -> str:
