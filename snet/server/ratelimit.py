@@ -379,6 +379,14 @@ class LoginAttempt:
         """The password was wrong (or there is no such account): the counts stay."""
         self._done = True
 
+    async def abandoned(self) -> None:
+        """The password could not be checked (MySQL unavailable, the client went away):
+        give the counts back, remember nothing."""
+        if self._done:
+            return
+        self._done = True
+        await _refund_all(self._throttle.counters, self._hits)
+
 
 @define
 class LoginThrottle:

@@ -182,6 +182,20 @@ async def test_a_right_password_gives_the_counts_back(counters: SlidingWindow) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_attempt_whose_password_could_not_be_checked_is_not_counted(
+    counters: SlidingWindow,
+) -> None:
+    throttle = LoginThrottle(counters, SMALL)
+    for _ in range(10):
+        await (await throttle.begin("42", ATTACKER)).abandoned()
+    await fail(throttle, "42", ATTACKER)
+    await fail(throttle, "42", ATTACKER)
+    await fail(throttle, "42", ATTACKER)
+    with pytest.raises(RateLimited):
+        await throttle.begin("42", ATTACKER)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_distributed_attack_locks_out_new_addresses_but_not_the_owners_known_one(
     counters: SlidingWindow,
 ) -> None:
