@@ -28,3 +28,13 @@ CREATE TABLE IF NOT EXISTS chat_reads (
     last_read_id BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (reader_id, peer_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
+
+-- Dialogs whose unread counters in Redis may have missed an update (Redis failed or stalled
+-- after a message was committed, or after a read). Every instance settles them from the two
+-- tables above and deletes the rows (snet.chat.unread.UnreadRepairs).
+CREATE TABLE IF NOT EXISTS chat_unread_repairs (
+    id BIGINT NOT NULL AUTO_INCREMENT,
+    reader_id BIGINT UNSIGNED NOT NULL,
+    peer_id BIGINT UNSIGNED NOT NULL,
+    PRIMARY KEY (id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
