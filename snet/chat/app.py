@@ -14,26 +14,17 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from snet.chat.store import MAX_TEXT, Dialogs, MessageStore, UnreadCounters
-from snet.web import (
+from snet.web.draining import InFlight
+from snet.web.errors import BadRequest, ErrorCode, error_response
+from snet.web.inputs import parse_id, query_arg, read_json_object, validate_text
+from snet.web.metrics import HTTPMetrics
+from snet.web.requests import header_text, is_client_token, json_response, request_id, set_header
+from snet.web.service import (
     HEALTH_TIMEOUT,
-    BadRequest,
-    ErrorCode,
-    HTTPMetrics,
-    InFlight,
     ServiceApp,
-    error_response,
-    header_text,
     health_response,
-    is_token,
-    json_response,
     metrics_response,
-    parse_id,
-    query_arg,
-    read_json_object,
-    request_id,
-    set_header,
     uncancellable,
-    validate_text,
 )
 
 USER_HEADER = b"X-Snet-User-Id"
@@ -51,7 +42,7 @@ def acting_user(request: IRequest) -> int:
 
 
 def validate_message_text(value: object) -> str:
-    """A message's text: see ``snet.web.validate_text``; at most MAX_TEXT characters."""
+    """A message's text: see ``snet.web.inputs.validate_text``; at most MAX_TEXT characters."""
     return validate_text(value, MAX_TEXT)
 
 
@@ -116,7 +107,7 @@ class ChatAPI(ServiceApp):
             raise BadRequest(
                 "the Idempotency-Key header is required", code=ErrorCode.MISSING_HEADER
             )
-        if not is_token(key):
+        if not is_client_token(key):
             raise BadRequest(
                 "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : -",
                 code=ErrorCode.INVALID_PARAMETER,

@@ -17,8 +17,8 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from snet.storage import RedisPool, apply_schema, run_with_retry
-from snet.web import Conflict, ErrorCode, Unavailable, is_unavailable
+from snet.storage import RedisPool, apply_schema, is_unavailable, run_with_retry
+from snet.web.errors import Conflict, ErrorCode, Unavailable
 
 log = Logger(namespace="snet.chat.store")
 

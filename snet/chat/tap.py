@@ -19,7 +19,9 @@ from snet.consul import TreqConsul
 from snet.lifecycle import ServingInstance
 from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
-from snet.web import HTTPMetrics, InFlight, QuietSite
+from snet.web.draining import InFlight
+from snet.web.metrics import HTTPMetrics
+from snet.web.service import QuietSite
 
 
 class Options(ServiceOptions):

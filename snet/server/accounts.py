@@ -28,7 +28,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from snet.storage import apply_schema, run_with_retry
-from snet.web import ID, MAX_ID, BadRequest, ErrorCode, NotFound
+from snet.web.errors import BadRequest, ErrorCode, NotFound
+from snet.web.inputs import ID, MAX_ID
 
 log = Logger(namespace="snet.server.accounts")
 
@@ -305,7 +306,7 @@ class PasswordHasher:
 
 # --- tokens ---------------------------------------------------------------------------------
 
-TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
 """What a bearer token may look like (ours are ``secrets.token_urlsafe(32)``: 43 characters)."""
 
 
@@ -321,7 +322,7 @@ def token_digest(token: str) -> bytes:
 
 def is_token_shaped(token: str) -> bool:
     """Whether *token* could be one of ours (checked before any lookup)."""
-    return TOKEN.fullmatch(token) is not None
+    return BEARER_TOKEN.fullmatch(token) is not None
 
 
 # --- the store ------------------------------------------------------------------------------

@@ -37,28 +37,24 @@ from snet.server.accounts import (
 from snet.server.feed import FeedCache
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
 from snet.server.social import FEED_SIZE, Social, validate_post_text
-from snet.web import (
-    HEALTH_TIMEOUT,
+from snet.web.draining import InFlight
+from snet.web.errors import (
     ApiError,
     BadRequest,
     ErrorCode,
-    HTTPMetrics,
-    InFlight,
     NotFound,
-    ServiceApp,
     Unauthorized,
     Unavailable,
     error_response,
-    header_text,
+)
+from snet.web.inputs import parse_id, query_arg, read_json_object
+from snet.web.metrics import HTTPMetrics
+from snet.web.requests import header_text, is_client_token, json_response, request_id, set_header
+from snet.web.service import (
+    HEALTH_TIMEOUT,
+    ServiceApp,
     health_response,
-    is_token,
-    json_response,
     metrics_response,
-    parse_id,
-    query_arg,
-    read_json_object,
-    request_id,
-    set_header,
     uncancellable,
 )
 
@@ -327,7 +323,7 @@ class ServerAPI(ServiceApp):
     async def send_message(self, request: IRequest, user_id: str) -> bytes:
         caller = await self._caller(request)
         key = header_text(request, IDEMPOTENCY_HEADER)
-        if key is not None and not is_token(key):
+        if key is not None and not is_client_token(key):
             raise BadRequest(
                 "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : -",
                 code=ErrorCode.INVALID_PARAMETER,

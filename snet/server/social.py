@@ -17,7 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from snet.storage import run_with_retry
-from snet.web import BadRequest, ErrorCode, validate_text
+from snet.web.errors import BadRequest, ErrorCode
+from snet.web.inputs import validate_text
 
 log = Logger(namespace="snet.server.social")
 
@@ -28,7 +29,7 @@ FEED_SIZE = 1000
 
 
 def validate_post_text(value: object) -> str:
-    """A post's text: see ``snet.web.validate_text``; at most MAX_POST_TEXT characters."""
+    """A post's text: see ``snet.web.inputs.validate_text``; at most MAX_POST_TEXT characters."""
     return validate_text(value, MAX_POST_TEXT)
 
 

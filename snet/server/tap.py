@@ -22,7 +22,9 @@ from snet.server.feed import FeedCache, FeedFanout, FeedMetrics
 from snet.server.health import PassiveHealth
 from snet.server.social import Social
 from snet.storage import mysql_pool, redis_pool
-from snet.web import HTTPMetrics, InFlight, QuietSite
+from snet.web.draining import InFlight
+from snet.web.metrics import HTTPMetrics
+from snet.web.service import QuietSite
 
 
 def positive_int(text: str) -> int:

@@ -32,7 +32,7 @@ from snet.chat.store import (
 from snet.config import MySQLConfig, RedisConfig
 from snet.storage import RedisPool, apply_schema, mysql_pool, redis_pool, run_with_retry
 from snet.testing.servers import MariaDB, Redis
-from snet.web import Conflict, Unavailable
+from snet.web.errors import Conflict, Unavailable
 
 pytestmark = pytest.mark.integration
 

@@ -35,7 +35,9 @@ from snet.server.social import Social
 from snet.storage import RedisPool, mysql_pool, redis_pool
 from snet.testing.servers import MariaDB, Redis, free_port
 from snet.testing.waiting import eventually
-from snet.web import HTTPMetrics, InFlight, QuietSite
+from snet.web.draining import InFlight
+from snet.web.metrics import HTTPMetrics
+from snet.web.service import QuietSite
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,7 @@ from snet.server.accounts import (
 from snet.server.social import Post, Social
 from snet.storage import mysql_pool, split_statements
 from snet.testing.servers import MariaDB
-from snet.web import BadRequest, ErrorCode, NotFound
+from snet.web.errors import BadRequest, ErrorCode, NotFound
 
 pytestmark = pytest.mark.integration
 

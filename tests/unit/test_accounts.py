@@ -40,7 +40,7 @@ from snet.server.accounts import (
 )
 from snet.server.social import MAX_POST_TEXT, Post, validate_post_text
 from snet.testing import result_of
-from snet.web import BadRequest
+from snet.web.errors import BadRequest
 
 TODAY = date(2026, 11, 27)
 CHEAP = ScryptParameters(n=2**4, r=1, p=1)

@@ -20,7 +20,10 @@ from twisted.internet.task import Clock
 from snet.chat.app import ChatAPI, parse_limit, validate_message_text
 from snet.chat.store import MAX_TEXT, Message, MessageStore, UnreadCounters
 from snet.testing import result_of
-from snet.web import BadRequest, Conflict, ErrorCode, HTTPMetrics, InFlight, parse_id
+from snet.web.draining import InFlight
+from snet.web.errors import BadRequest, Conflict, ErrorCode
+from snet.web.inputs import parse_id
+from snet.web.metrics import HTTPMetrics
 
 BASE = "http://chat.test"
 ALICE, BOB, CAROL = 1, 2, 3

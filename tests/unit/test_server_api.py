@@ -26,7 +26,9 @@ from snet.server.app import (
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
 from snet.server.social import Post
 from snet.testing import result_of
-from snet.web import BadRequest, ErrorCode, HTTPMetrics, InFlight, NotFound
+from snet.web.draining import InFlight
+from snet.web.errors import BadRequest, ErrorCode, NotFound
+from snet.web.metrics import HTTPMetrics
 
 BASE = "http://server.test"
 TODAY = date(2026, 11, 27)
