@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from importlib.resources import files
 from typing import Any
 
 import pymysql
@@ -17,28 +16,15 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from snet.storage import RedisPool, apply_schema, is_unavailable, run_with_retry
+from snet.storage import RedisPool, is_unavailable, run_with_retry
 from snet.web.errors import Conflict, ErrorCode, Unavailable
 
 log = Logger(namespace="snet.chat.store")
-
-SCHEMA_LOCK = "snet.chat.schema"
-"""The MySQL user lock held while the chat schema is applied."""
 
 MAX_TEXT = 4096
 """The longest message text, in characters (code points)."""
 
 DUPLICATE_KEY = 1062
-
-
-def schema_sql() -> str:
-    """The text of ``schema.sql``, shipped inside the package."""
-    return files("snet.chat").joinpath("schema.sql").read_text(encoding="utf-8")
-
-
-def apply_chat_schema(pool: adbapi.ConnectionPool) -> Deferred[None]:
-    """Create the chat tables if they do not exist (safe with many instances at once)."""
-    return apply_schema(pool, schema_sql(), SCHEMA_LOCK)
 
 
 @frozen
@@ -198,13 +184,10 @@ def _ping(txn: adbapi.Transaction) -> None:
 
 @define
 class MessageStore:
-    """Messages and read marks in MySQL, through an adbapi pool (see snet.storage)."""
+    """Messages and read marks in MySQL, through an adbapi pool (see snet.storage); the tables
+    are ``snet.chat.schema``'s."""
 
     pool: adbapi.ConnectionPool
-
-    def apply_schema(self) -> Deferred[None]:
-        """Create the chat tables if they do not exist (safe with many instances at once)."""
-        return apply_chat_schema(self.pool)
 
     def send(
         self, sender_id: int, recipient_id: int, text: str, idempotency_key: str

@@ -1,6 +1,5 @@
 """The monolith's users: profiles and their prefix search, passwords (salted scrypt hashes,
 computed off the reactor thread) and bearer tokens (random, stored only as SHA-256, expiring).
-Also the monolith's schema (``schema.sql``), which every server part shares.
 
 Validators here turn untrusted JSON values into checked ones or raise ``BadRequest``; the
 stores take checked values only.
@@ -17,7 +16,6 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, date, datetime
-from importlib.resources import files
 from typing import Any
 
 from attrs import define, field, frozen
@@ -27,14 +25,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from snet.storage import apply_schema, run_with_retry
+from snet.storage import run_with_retry
 from snet.web.errors import BadRequest, ErrorCode, NotFound
 from snet.web.inputs import ID, MAX_ID
 
 log = Logger(namespace="snet.server.accounts")
-
-SCHEMA_LOCK = "snet.server.schema"
-"""The MySQL user lock held while the monolith's schema is applied."""
 
 MAX_NAME = 100
 """The longest first or second name, in characters."""
@@ -48,16 +43,6 @@ SEARCH_LIMIT = 100
 """The most users one search returns (the first ones by id)."""
 TOKEN_TTL = 30 * 24 * 3600.0
 """Seconds a token stays valid after its login."""
-
-
-def schema_sql() -> str:
-    """The text of ``schema.sql``, shipped inside the package."""
-    return files("snet.server").joinpath("schema.sql").read_text(encoding="utf-8")
-
-
-def apply_server_schema(pool: adbapi.ConnectionPool) -> Deferred[None]:
-    """Create the monolith's tables if they do not exist (safe with many instances at once)."""
-    return apply_schema(pool, schema_sql(), SCHEMA_LOCK)
 
 
 # --- validators -----------------------------------------------------------------------------
@@ -444,7 +429,8 @@ through the API; one that expires is refused at most this much later)."""
 
 @define
 class Accounts:
-    """Users, passwords and tokens in MySQL (the ``users`` and ``user_tokens`` tables).
+    """Users, passwords and tokens in MySQL (the ``users`` and ``user_tokens`` tables of
+    ``snet.server.schema``).
 
     Two answers are memoised in memory: that a user exists (users are never deleted) and
     which user a token belongs to (for ``TOKEN_MEMO_SECONDS``).
@@ -460,10 +446,6 @@ class Accounts:
     def __attrs_post_init__(self) -> None:
         self._tokens = RecentAnswers(self.clock, TOKEN_MEMO_SECONDS)
         self._users = RecentAnswers(self.clock, float("inf"))
-
-    def apply_schema(self) -> Deferred[None]:
-        """Create the monolith's tables if they do not exist."""
-        return apply_server_schema(self.pool)
 
     def today(self) -> date:
         """Today's date (UTC) by the injected clock."""

@@ -20,15 +20,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
 
-from snet.chat.store import (
-    SCHEMA_LOCK,
-    Dialogs,
-    Message,
-    MessageStore,
-    UnreadCounters,
-    apply_chat_schema,
-    schema_sql,
-)
+from snet.chat.schema import SCHEMA_LOCK, apply_chat_schema, schema_sql
+from snet.chat.store import Dialogs, Message, MessageStore, UnreadCounters
 from snet.config import MySQLConfig, RedisConfig
 from snet.storage import RedisPool, apply_schema, mysql_pool, redis_pool, run_with_retry
 from snet.testing.servers import MariaDB, Redis

@@ -29,10 +29,9 @@ from snet.server.accounts import (
     PasswordHasher,
     Profile,
     ScryptParameters,
-    apply_server_schema,
     like_prefix,
-    schema_sql,
 )
+from snet.server.schema import apply_server_schema, schema_sql
 from snet.server.social import Post, Social
 from snet.storage import mysql_pool, split_statements
 from snet.testing.servers import MariaDB
