@@ -13,12 +13,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from snet.chat.store import MAX_TEXT, Dialogs, MessageStore, UnreadCounters
+from snet.chat.store import Dialogs, MessageStore, UnreadCounters
+from snet.chat_contract import (
+    DEFAULT_LIMIT,
+    IDEMPOTENCY_HEADER,
+    MAX_LIMIT,
+    USER_HEADER,
+    validate_idempotency_key,
+    validate_message_text,
+)
 from snet.web.draining import InFlight
 from snet.web.errors import BadRequest, ErrorCode, error_response
-from snet.web.inputs import parse_id, query_arg, read_json_object, validate_text
+from snet.web.inputs import parse_id, query_arg, read_json_object
 from snet.web.metrics import HTTPMetrics
-from snet.web.requests import header_text, is_client_token, json_response, request_id, set_header
+from snet.web.requests import header_text, json_response, request_id, set_header
 from snet.web.service import (
     HEALTH_TIMEOUT,
     ServiceApp,
@@ -27,11 +35,6 @@ from snet.web.service import (
     uncancellable,
 )
 
-USER_HEADER = b"X-Snet-User-Id"
-IDEMPOTENCY_HEADER = b"Idempotency-Key"
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 500
-
 
 def acting_user(request: IRequest) -> int:
     """The id of the user the request acts for, from ``X-Snet-User-Id``."""
@@ -39,11 +42,6 @@ def acting_user(request: IRequest) -> int:
     if text is None:
         raise BadRequest("the X-Snet-User-Id header is required", code=ErrorCode.MISSING_HEADER)
     return parse_id(text, "X-Snet-User-Id")
-
-
-def validate_message_text(value: object) -> str:
-    """A message's text: see ``snet.web.inputs.validate_text``; at most MAX_TEXT characters."""
-    return validate_text(value, MAX_TEXT)
 
 
 def parse_limit(text: str | None) -> int:
@@ -107,11 +105,7 @@ class ChatAPI(ServiceApp):
             raise BadRequest(
                 "the Idempotency-Key header is required", code=ErrorCode.MISSING_HEADER
             )
-        if not is_client_token(key):
-            raise BadRequest(
-                "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                code=ErrorCode.INVALID_PARAMETER,
-            )
+        validate_idempotency_key(key)
         body = read_json_object(request)
         text = validate_message_text(body.get("text"))
         # The store and its compensation run to their end even if the client goes away.

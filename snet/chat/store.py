@@ -21,9 +21,6 @@ from snet.web.errors import Conflict, ErrorCode, Unavailable
 
 log = Logger(namespace="snet.chat.store")
 
-MAX_TEXT = 4096
-"""The longest message text, in characters (code points)."""
-
 DUPLICATE_KEY = 1062
 
 

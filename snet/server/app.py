@@ -20,7 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from snet.chat.app import validate_message_text
+from snet.chat_contract import (
+    CHAT_INSTANCE_HEADER,
+    IDEMPOTENCY_HEADER,
+    MAX_LIMIT,
+    validate_idempotency_key,
+    validate_message_text,
+)
 from snet.server.accounts import (
     SEARCH_LIMIT,
     Accounts,
@@ -49,7 +55,7 @@ from snet.web.errors import (
 )
 from snet.web.inputs import parse_id, query_arg, read_json_object
 from snet.web.metrics import HTTPMetrics
-from snet.web.requests import header_text, is_client_token, json_response, request_id, set_header
+from snet.web.requests import header_text, json_response, request_id, set_header
 from snet.web.service import (
     HEALTH_TIMEOUT,
     ServiceApp,
@@ -60,12 +66,10 @@ from snet.web.service import (
 
 log = Logger(namespace="snet.server.app")
 
-CHAT_INSTANCE_HEADER = b"X-Snet-Chat-Instance"
-IDEMPOTENCY_HEADER = b"Idempotency-Key"
 DEFAULT_FEED_LIMIT = 10
 MAX_FEED_LIMIT = FEED_SIZE
-DIALOG_PAGE = 500
-"""Messages asked of the chat service per page of ``/dialog/{id}/list``."""
+DIALOG_PAGE = MAX_LIMIT
+"""Messages asked of the chat service per page of ``/dialog/{id}/list``: the most it gives."""
 MAX_DIALOG_PAGES = 20
 """Pages read for one ``/dialog/{id}/list``: the oldest 10,000 messages at most."""
 CHAT_RETRY_AFTER = 1
@@ -323,11 +327,8 @@ class ServerAPI(ServiceApp):
     async def send_message(self, request: IRequest, user_id: str) -> bytes:
         caller = await self._caller(request)
         key = header_text(request, IDEMPOTENCY_HEADER)
-        if key is not None and not is_client_token(key):
-            raise BadRequest(
-                "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                code=ErrorCode.INVALID_PARAMETER,
-            )
+        if key is not None:
+            validate_idempotency_key(key)
         text = validate_message_text(read_json_object(request).get("text"))
         peer = await self._peer(request, caller, user_id)
         reply = await uncancellable(

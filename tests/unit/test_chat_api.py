@@ -17,8 +17,9 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from snet.chat.app import ChatAPI, parse_limit, validate_message_text
-from snet.chat.store import MAX_TEXT, Message, MessageStore, UnreadCounters
+from snet.chat.app import ChatAPI, parse_limit
+from snet.chat.store import Message, MessageStore, UnreadCounters
+from snet.chat_contract import MAX_TEXT, validate_message_text
 from snet.testing import result_of
 from snet.web.draining import InFlight
 from snet.web.errors import BadRequest, Conflict, ErrorCode
