@@ -2,7 +2,7 @@
 health and metrics. docs/chat-api.md describes it for its callers.
 
 The acting user comes in ``X-Snet-User-Id`` (set by the monolith, which authenticates the
-client); every error is a JSON body ``{"message", "request_id", "code"}`` (see snet.web).
+client); every error is a JSON body ``{"message", "request_id", "code"}`` (see snet.web.errors).
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from snet.chat.store import Dialogs, MessageStore, UnreadCounters
+from snet.chat.store import (
+    Dialogs,
+    IdempotencyKeyReused,
+    MessageStore,
+    UnreadCounters,
+    UnreadUnavailable,
+)
 from snet.chat_contract import (
     DEFAULT_LIMIT,
     IDEMPOTENCY_HEADER,
@@ -23,7 +29,14 @@ from snet.chat_contract import (
     validate_message_text,
 )
 from snet.web.draining import InFlight
-from snet.web.errors import BadRequest, ErrorCode, error_response
+from snet.web.errors import (
+    BadRequest,
+    Conflict,
+    DomainErrors,
+    ErrorCode,
+    Unavailable,
+    error_response,
+)
 from snet.web.inputs import parse_id, query_arg, read_json_object
 from snet.web.metrics import HTTPMetrics
 from snet.web.requests import header_text, json_response, request_id, set_header
@@ -34,6 +47,12 @@ from snet.web.service import (
     metrics_response,
     uncancellable,
 )
+
+DOMAIN_ERRORS: DomainErrors = {
+    IdempotencyKeyReused: (Conflict, ErrorCode.IDEMPOTENCY_KEY_REUSED),
+    UnreadUnavailable: (Unavailable, ErrorCode.UNREAD_UNAVAILABLE),
+}
+"""What the stores' exceptions are answered with."""
 
 
 def acting_user(request: IRequest) -> int:
@@ -92,7 +111,7 @@ class ChatAPI(ServiceApp):
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
-        return error_response(request, failure)
+        return error_response(request, failure, DOMAIN_ERRORS)
 
     @app.route("/v1/dialogs/<peer_id>/messages", methods=["POST"])
     async def send_message(self, request: IRequest, peer_id: str) -> bytes:

@@ -17,11 +17,19 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from snet.storage import RedisPool, is_unavailable, run_with_retry
-from snet.web.errors import Conflict, ErrorCode, Unavailable
 
 log = Logger(namespace="snet.chat.store")
 
 DUPLICATE_KEY = 1062
+
+
+class IdempotencyKeyReused(Exception):
+    """A send's idempotency key was used before for another recipient or text."""
+
+
+class UnreadUnavailable(Exception):
+    """Redis could not count a new message as unread, so the message was removed again:
+    nothing is stored, and the same send may be retried with the same key."""
 
 
 @frozen
@@ -89,9 +97,8 @@ def _send(
                 continue
             stored = _message(row)
             if stored.recipient_id != recipient_id or stored.text != text:
-                raise Conflict(
-                    "idempotency key reused with a different message",
-                    code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                raise IdempotencyKeyReused(
+                    "idempotency key reused with a different message"
                 ) from None
             return stored, False
         message_id = txn.lastrowid
@@ -192,7 +199,8 @@ class MessageStore:
         """Store a message once per (sender, key): fires with (message, True) when stored
         now, (stored message, False) when the key was used before for the same message.
 
-        :raises Conflict: if the key was used before for another recipient or text.
+        :raises IdempotencyKeyReused: if the key was used before for another recipient or
+            text.
         """
         return run_with_retry(self.pool, _send, sender_id, recipient_id, text, idempotency_key)
 
@@ -346,8 +354,9 @@ class Dialogs:
     ) -> tuple[Message, bool]:
         """Send a message; (message, created). A replay of a stored key bumps nothing.
 
-        :raises Conflict: the key was used for another message.
-        :raises Unavailable: the counter could not be bumped (the message was removed).
+        :raises IdempotencyKeyReused: the key was used for another message.
+        :raises UnreadUnavailable: Redis could not bump the counter (the message was
+            removed).
         """
         message, created = await self.messages.send(sender_id, recipient_id, text, idempotency_key)
         if not created:
@@ -371,10 +380,9 @@ class Dialogs:
                     request_id=request_id,
                 )
             if is_unavailable(e):
-                raise Unavailable(
+                raise UnreadUnavailable(
                     "the message could not be counted as unread and was not stored;"
-                    " retry with the same Idempotency-Key",
-                    code=ErrorCode.UNREAD_UNAVAILABLE,
+                    " retry with the same Idempotency-Key"
                 ) from e
             raise
         return message, True

@@ -5,7 +5,7 @@
 Users, tokens and passwords live in ``Accounts``, friendships and posts in ``Social`` (both
 MySQL), feeds in ``FeedCache`` (Redis over MySQL); dialogs are forwarded to the chat service
 through a ``ChatGateway``. Every error is a JSON body ``{"message", "request_id", "code"}``
-(see snet.web).
+(see snet.web.errors).
 """
 
 from __future__ import annotations
@@ -27,10 +27,18 @@ from snet.chat_contract import (
     validate_idempotency_key,
     validate_message_text,
 )
-from snet.server.accounts import (
-    SEARCH_LIMIT,
-    Accounts,
-    Profile,
+from snet.server.accounts import SEARCH_LIMIT, Accounts, NoSuchUser, Profile, WrongPassword
+from snet.server.feed import FeedCache
+from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
+from snet.server.social import (
+    FEED_SIZE,
+    NoSuchFriend,
+    NoSuchPost,
+    NotAuthor,
+    SelfFriendship,
+    Social,
+)
+from snet.server.validation import (
     parse_birthdate,
     parse_user_id,
     validate_biography,
@@ -38,15 +46,14 @@ from snet.server.accounts import (
     validate_given_password,
     validate_name,
     validate_new_password,
+    validate_post_text,
     validate_search_prefix,
 )
-from snet.server.feed import FeedCache
-from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
-from snet.server.social import FEED_SIZE, Social, validate_post_text
 from snet.web.draining import InFlight
 from snet.web.errors import (
     ApiError,
     BadRequest,
+    DomainErrors,
     ErrorCode,
     NotFound,
     Unauthorized,
@@ -73,6 +80,16 @@ DIALOG_PAGE = MAX_LIMIT
 MAX_DIALOG_PAGES = 20
 """Pages read for one ``/dialog/{id}/list``: the oldest 10,000 messages at most."""
 CHAT_RETRY_AFTER = 1
+
+DOMAIN_ERRORS: DomainErrors = {
+    NoSuchUser: (NotFound, ErrorCode.USER_NOT_FOUND),
+    WrongPassword: (BadRequest, ErrorCode.WRONG_PASSWORD),
+    SelfFriendship: (BadRequest, ErrorCode.SELF_FRIENDSHIP),
+    NoSuchFriend: (BadRequest, ErrorCode.NO_SUCH_USER),
+    NoSuchPost: (BadRequest, ErrorCode.NO_SUCH_POST),
+    NotAuthor: (BadRequest, ErrorCode.NOT_AUTHOR),
+}
+"""What the stores' exceptions are answered with."""
 
 _NUMBER = re.compile(r"[0-9]{1,9}")
 
@@ -194,7 +211,7 @@ class ServerAPI(ServiceApp):
                 request_id=request_id(request),
             )
             failure = Failure(mapped)  # type: ignore[no-untyped-call]
-        return error_response(request, failure)
+        return error_response(request, failure, DOMAIN_ERRORS)
 
     async def _caller(self, request: IRequest) -> int:
         """The id of the user whose valid bearer token the request carries.

@@ -16,11 +16,12 @@ An app built on it looks like this::
 
         @app.handle_errors(Exception)
         def _error(self, request: IRequest, failure: Failure) -> bytes:
-            return error_response(request, failure)
+            return error_response(request, failure, DOMAIN_ERRORS)
 
 ``ServiceApp.resource()`` wraps the app in ``ObservedResource``, which runs around every
 request, matched or not: it gives the request its id, counts it in flight (for draining), and
 at its end records its metrics and logs it once. Handlers raise ``ApiError`` subclasses for
-client and availability errors; everything else becomes a logged 500 whose body never
-carries a traceback.
+client and availability errors, stores raise their own exceptions that each app's table
+turns into ``ApiError``; everything else becomes a logged 500 whose body never carries a
+traceback.
 """

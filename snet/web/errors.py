@@ -1,7 +1,9 @@
 """Errors as clients see them: the numeric codes of every app, the ``ApiError`` family, and
 ``error_response``, the one place an exception becomes a JSON error answer.
 
-Handlers (and stores) raise ``ApiError`` subclasses; everything else is mapped here too.
+Handlers raise ``ApiError`` subclasses. Stores raise exceptions of their own, which know
+nothing of HTTP: each app lists the ones it expects in a ``DomainErrors`` table (exception
+type -> ``ApiError`` class and code) that it hands to ``error_response``.
 """
 
 from __future__ import annotations
@@ -122,15 +124,23 @@ class Unavailable(ApiError):
         super().__init__(message, code=code, retry_after=retry_after)
 
 
+DomainErrors = Mapping[type[Exception], tuple[type[ApiError], ErrorCode]]
+"""An app's table of the exceptions its stores raise: type -> the ``ApiError`` class (the
+status) and code to answer with; the message is the exception's own."""
+
+
 def error_body(request: IRequest, message: str, code: int) -> dict[str, object]:
     """The JSON body of every error answer (the public API's 5xx shape, used for 4xx too)."""
     return {"message": message, "request_id": request_id(request), "code": code}
 
 
-def error_response(request: IRequest, failure: Failure) -> bytes:
+def error_response(
+    request: IRequest, failure: Failure, domain_errors: DomainErrors | None = None
+) -> bytes:
     """Turn *failure* into a JSON error answer on *request*: the one place errors are mapped.
 
-    ``ApiError`` keeps its status; routing errors (unknown path, wrong method) keep theirs; back-end
+    ``ApiError`` keeps its status; an exception listed in *domain_errors* gets the status
+    and code listed there; routing errors (unknown path, wrong method) keep theirs; back-end
     connection errors become 503 with ``Retry-After: 1``; anything else is logged with its
     traceback and request id and answered 500 without any detail.
     """
@@ -139,6 +149,8 @@ def error_response(request: IRequest, failure: Failure) -> bytes:
     rid = request_id(request)
     if isinstance(exc, ApiError):
         api_error = exc
+    elif (listed := _listed_error(exc, domain_errors or {})) is not None:
+        api_error = listed
     elif isinstance(exc, HTTPException):
         response = exc.get_response({})
         for name, value in response.headers.items():
@@ -164,3 +176,11 @@ def error_response(request: IRequest, failure: Failure) -> bytes:
     return json_response(
         request, error_body(request, api_error.message, api_error.code), api_error.status
     )
+
+
+def _listed_error(exc: BaseException, domain_errors: DomainErrors) -> ApiError | None:
+    """The ``ApiError`` *domain_errors* lists for *exc*, if any."""
+    for kind, (error_class, code) in domain_errors.items():
+        if isinstance(exc, kind):
+            return error_class(str(exc), code=code)
+    return None

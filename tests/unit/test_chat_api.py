@@ -18,11 +18,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from snet.chat.app import ChatAPI, parse_limit
-from snet.chat.store import Message, MessageStore, UnreadCounters
+from snet.chat.store import IdempotencyKeyReused, Message, MessageStore, UnreadCounters
 from snet.chat_contract import MAX_TEXT, validate_message_text
 from snet.testing import result_of
 from snet.web.draining import InFlight
-from snet.web.errors import BadRequest, Conflict, ErrorCode
+from snet.web.errors import BadRequest, ErrorCode
 from snet.web.inputs import parse_id
 from snet.web.metrics import HTTPMetrics
 
@@ -46,10 +46,7 @@ class FakeMessages:
             if row.sender_id == sender and self._keys[row.id] == key:
                 if row.recipient_id != recipient or row.text != text:
                     return fail(
-                        Conflict(
-                            "idempotency key reused with a different message",
-                            code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                        )
+                        IdempotencyKeyReused("idempotency key reused with a different message")
                     )
                 return succeed((row, False))
         message = Message(
