@@ -2,8 +2,9 @@
 
 py-consul (the ``consul`` module) builds the requests and parses the answers; this module owns
 the transport underneath it: every call is a treq request over a persistent connection pool of
-its own, bounded by a timeout, and returns a Deferred that fires with what py-consul's
-synchronous client would return.
+its own, bounded by a timeout (both from :mod:`snet.httpcall`), and returns a Deferred that
+fires with what py-consul's synchronous client would return. It also owns Consul's durations:
+:func:`parse_duration` reads them, :func:`consul_duration` writes them.
 
 - Errors from the agent keep py-consul's exceptions (``consul.base.NotFound``,
   ``ConsulException`` and its subclasses), raised by py-consul's own response callbacks.
@@ -23,28 +24,23 @@ from typing import Any
 import consul.base
 import treq.client
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.error import (
-    ConnectError,
-    ConnectingCancelledError,
-    ConnectionLost,
-    DNSLookupError,
-)
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.error import ConnectError, ConnectionLost, DNSLookupError
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from snet.config import ConsulConfig
+from snet.httpcall import (
+    WRAPPED,
+    PooledHTTPClient,
+    TimedOut,
+    cancelled,
+    describe,
+    pooled_http_client,
+    read_body,
+    within,
+)
 
 __all__ = [
     "BLOCKING_QUERY_DEFAULT_WAIT",
@@ -52,6 +48,7 @@ __all__ = [
     "ResponseHeaders",
     "TreqConsul",
     "TreqHTTPClient",
+    "consul_duration",
     "parse_duration",
 ]
 
@@ -67,9 +64,7 @@ _UNREACHABLE = (
     ConnectError,  # includes ConnectionRefusedError and TCPTimedOutError
     DNSLookupError,
     ConnectionLost,
-    ResponseFailed,
-    ResponseNeverReceived,
-    RequestTransmissionFailed,
+    *WRAPPED,
 )
 
 
@@ -81,26 +76,10 @@ class ConsulUnavailable(Exception):
     """
 
     def __init__(self, url: str, cause: BaseException) -> None:
-        super().__init__(f"Consul agent unavailable ({url}): {_describe(cause)}")
+        super().__init__(f"Consul agent unavailable ({url}): {describe(cause)}")
         self.url = url
         self.cause = cause
         self.__cause__ = cause
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
-        reasons = ", ".join(r.getErrorMessage() for r in error.reasons)
-        return f"{type(error).__name__}({reasons})"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def _cancelled(error: BaseException) -> bool:
-    """Whether *error* says that the request was cancelled, however deep the agent wrapped it."""
-    if isinstance(error, (CancelledError, ConnectingCancelledError)):
-        return True
-    if isinstance(error, (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)):
-        return any(r.value is not None and _cancelled(r.value) for r in error.reasons)
-    return False
 
 
 def parse_duration(duration: str) -> float:
@@ -109,6 +88,13 @@ def parse_duration(duration: str) -> float:
     A string without any duration in it is 0.
     """
     return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION.findall(duration))
+
+
+def consul_duration(seconds: float) -> str:
+    """A duration as Consul reads it: ``1.0`` is ``"1s"``, ``0.25`` is ``"250ms"``."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"
 
 
 class ResponseHeaders(Mapping[str, str]):
@@ -143,33 +129,6 @@ class ResponseHeaders(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"ResponseHeaders({dict(self.items())!r})"
-
-
-class _BodyReader(Protocol):
-    """Collects a response body; its Deferred can be cancelled, which drops the connection."""
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-
-def _read_body(response: IResponse) -> Deferred[bytes]:
-    reader = _BodyReader()
-    response.deliverBody(reader)  # type: ignore[no-untyped-call]
-    return reader.done
 
 
 _Callback = Callable[[Any], Any]
@@ -242,37 +201,27 @@ class TreqHTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
         uri = self.uri(path, params)
         body = data.encode("utf-8") if isinstance(data, str) else data
         timeout = self.request_timeout(params, connections_timeout)
-        timed_out = False
-
-        def give_up() -> None:
-            nonlocal timed_out
-            timed_out = True
-            d.cancel()
 
         def answered(response: IResponse) -> Deferred[consul.base.Response]:
             def respond(content: bytes) -> consul.base.Response:
                 text: str | bytes = content if raw else content.decode("utf-8", "replace")
                 return consul.base.Response(response.code, ResponseHeaders(response.headers), text)
 
-            return _read_body(response).addCallback(respond)
+            return read_body(response).addCallback(respond)
 
         def failed(failure: Failure) -> Failure:
-            if timed_out:
-                raise ConsulUnavailable(
-                    uri, TimeoutError(f"no answer within {timeout:g}s")
-                ) from failure.value
             error = failure.value
+            if isinstance(error, TimedOut):
+                raise ConsulUnavailable(uri, TimeoutError(str(error))) from error.cause
             if error is None:
                 return failure
-            if _cancelled(error):
+            if cancelled(error):
                 raise CancelledError() from error
             if isinstance(error, _UNREACHABLE):
                 raise ConsulUnavailable(uri, error) from error
             return failure
 
         def settled(result: object) -> object:
-            if timer.active():
-                timer.cancel()
             self._in_flight.discard(d)
             return result
 
@@ -284,9 +233,9 @@ class TreqHTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
             unbuffered=True,
             allow_redirects=False,
         )
-        timer: IDelayedCall = self._clock.callLater(timeout, give_up)
         self._in_flight.add(d)
         d.addCallback(answered)
+        within(d, timeout, self._clock)
         d.addBoth(settled)
         d.addErrback(failed)
         d.addCallback(callback)
@@ -379,11 +328,9 @@ class TreqConsul(consul.base.Consul):  # type: ignore[misc]
             reactor = global_reactor
         assert reactor is not None
         self._reactor = reactor
-        self._pool: HTTPConnectionPool | None = None
+        self._own_http: PooledHTTPClient | None = None
         if http is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-            agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)  # type: ignore[no-untyped-call]
-            http = treq.client.HTTPClient(agent)
+            http = self._own_http = pooled_http_client(reactor, connect_timeout=timeout)
         self._treq = http
         self._timeout = timeout
         self.config = config
@@ -414,7 +361,6 @@ class TreqConsul(consul.base.Consul):  # type: ignore[misc]
         """Cancel calls in flight and close the connection pool; fires when it is closed."""
         client: TreqHTTPClient = self.http
         client.cancel_all()
-        if self._pool is None:
+        if self._own_http is None:
             return succeed(None)
-        closed: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
-        return closed
+        return self._own_http.close()

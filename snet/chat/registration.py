@@ -19,19 +19,13 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snet.consul import ConsulUnavailable, TreqConsul
+from snet.consul import ConsulUnavailable, TreqConsul, consul_duration
+from snet.httpcall import TimedOut, within
 from snet.retry import exponential_backoff
 
-__all__ = ["ChatRegistration", "ServiceInstance", "consul_duration", "exponential_backoff"]
+__all__ = ["ChatRegistration", "ServiceInstance"]
 
 log = Logger()
-
-
-def consul_duration(seconds: float) -> str:
-    """A duration as Consul reads it: ``1.0`` is ``"1s"``, ``0.25`` is ``"250ms"``."""
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{round(seconds * 1000)}ms"
 
 
 @frozen
@@ -240,7 +234,6 @@ class ChatRegistration(Service):
             in_flight.addBoth(fire)
 
         service_id = self.instance.instance_id
-        timed_out = False
 
         def deregister(_: None) -> Deferred[Any]:
             d: Deferred[Any] = self._consul.agent.service.deregister(service_id)
@@ -256,12 +249,14 @@ class ChatRegistration(Service):
                 )
 
         def failed(failure: Failure) -> None:
-            if timed_out:
+            if failure.check(TimedOut):  # type: ignore[no-untyped-call]
                 log.warn(
                     "gave up deregistering {service_id}: no answer within {timeout}s",
                     service_id=service_id,
                     timeout=self._stop_timeout,
                 )
+                if in_flight is not None:
+                    in_flight.cancel()
             else:
                 log.warn(
                     "could not deregister {service_id}: {error}",
@@ -269,18 +264,5 @@ class ChatRegistration(Service):
                     error=failure.getErrorMessage(),
                 )
 
-        def give_up() -> None:
-            nonlocal timed_out
-            timed_out = True
-            work.cancel()
-            if in_flight is not None:
-                in_flight.cancel()
-
-        work: Deferred[None] = settled.addCallback(deregister).addCallbacks(deregistered, failed)
-        timer = self._clock.callLater(self._stop_timeout, give_up)
-
-        def done(result: None) -> None:
-            if timer.active():
-                timer.cancel()
-
-        return work.addBoth(done)
+        work = within(settled.addCallback(deregister), self._stop_timeout, self._clock)
+        return work.addCallbacks(deregistered, failed)

@@ -1,9 +1,9 @@
 """The monolith's client of the chat service: dialog calls spread over the chat instances.
 
 :class:`ChatClient` implements :class:`~snet.server.gateway.ChatGateway`: each call asks the
-:class:`~snet.server.balancer.RoundRobin` for the next instance and sends the request
+:class:`~snet.server.roundrobin.RoundRobin` for the next instance and sends the request
 (docs/chat-api.md) to it, with the caller's identity, request id and, for sends, idempotency
-key. Every attempt's outcome goes to the balancer's passive health (``snet.server.health``),
+key. Every attempt's outcome goes to the balancer's passive health (``snet.server.ejection``),
 which ejects instances that keep failing. What happens when an attempt goes wrong:
 
 - **Not reached** (connection refused, connect timeout, no route, DNS): the request never
@@ -16,9 +16,10 @@ which ejects instances that keep failing. What happens when an attempt goes wron
   for every call this client makes: lists and unread reads change nothing a repeat would
   change twice, and a send carries the *same* ``Idempotency-Key`` on every attempt, so the
   chat service stores it once and answers a replay with the stored message (same status and
-  body). Retries are bounded three ways: at most ``max_attempts`` attempts that reached an
-  instance, a :class:`RetryBudget` shared by all calls (retries at most ``ratio`` of recent
-  calls, plus a small reserve per second), and the call's deadline.
+  body). Retries are bounded three ways (:class:`~snet.retry.RetryLimits`): at most
+  ``max_attempts`` attempts that reached an instance, a :class:`~snet.retry.RetryBudget`
+  shared by all calls (retries at most ``ratio`` of recent calls, plus a small reserve per
+  second), and the call's deadline.
 - **Deadline.** A call has ``deadline`` seconds end to end: no attempt starts after it, and
   each attempt's timeout is the smaller of ``timeout`` and the time left. An attempt that
   times out is cancelled (its connection is dropped, not left waiting). An attempt cut
@@ -35,8 +36,6 @@ instance that finally served (``X-Snet-Chat-Instance``).
 from __future__ import annotations
 
 import json
-import math
-from collections import deque
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -46,7 +45,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
     ConnectError,
-    ConnectingCancelledError,
     ConnectionDone,
     ConnectionLost,
     ConnectionRefusedError,
@@ -54,32 +52,33 @@ from twisted.internet.error import (
     TCPTimedOutError,
 )
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from snet.server.balancer import RoundRobin
+from snet.httpcall import (
+    WRAPPED,
+    BodyTooLarge,
+    PooledHTTPClient,
+    TimedOut,
+    cancelled,
+    describe,
+    pooled_http_client,
+    read_body,
+    while_connecting,
+    within,
+)
+from snet.retry import RetryBudget, RetryLimits
 from snet.server.discovery import ChatEndpoint
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable
+from snet.server.roundrobin import RoundRobin
 
 __all__ = [
     "MAX_BODY",
+    "ChatCallMetrics",
     "ChatClient",
     "ChatInstanceFailed",
-    "PooledHTTPClient",
-    "RetryBudget",
     "chat_http_client",
 ]
 
@@ -89,10 +88,8 @@ MAX_BODY = 16 * 1024 * 1024
 """The largest answer body read from a chat instance, in bytes (a full page of 500 messages
 of 4096 characters is well under it)."""
 
-# Failures of an HTTP exchange that carry the underlying reasons as a list of Failures.
-_WRAPPED = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
 # The connection was there, then was lost before the whole answer came.
-_LOST = (ConnectionLost, ConnectionDone, *_WRAPPED)
+_LOST = (ConnectionLost, ConnectionDone, *WRAPPED)
 # Failure reasons that say the request never got to the instance.
 _NOT_REACHED = frozenset({"refused", "connect_timeout", "connect_error"})
 
@@ -129,24 +126,7 @@ class _NotReached(Exception):
         self.error = error
 
 
-class _TooLarge(Exception):
-    pass
-
-
 # --- HTTP plumbing ----------------------------------------------------------------------------
-
-
-class PooledHTTPClient(treq.client.HTTPClient):
-    """A treq client over its own persistent connection pool; ``close()`` closes the pool."""
-
-    def __init__(self, agent: Agent, pool: HTTPConnectionPool) -> None:
-        super().__init__(agent)
-        self.pool = pool
-
-    def close(self) -> Deferred[None]:
-        """Close the pool's idle connections; fires when they are closed."""
-        closed: Deferred[None] = self.pool.closeCachedConnections()  # type: ignore[no-untyped-call]
-        return closed
 
 
 def chat_http_client(
@@ -159,76 +139,7 @@ def chat_http_client(
     instance that cannot be reached is skipped quickly. *reactor* provides ``IReactorTCP`` and
     ``IReactorTime`` (the reactor). Close the client's pool with ``close()`` on shutdown.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
-    pool.maxPersistentPerHost = max_per_host
-    pool.retryAutomatically = True
-    agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
-    return PooledHTTPClient(agent, pool)
-
-
-class _BodyReader(Protocol):
-    """Collects a response body up to a limit; cancelling it drops the connection."""
-
-    def __init__(self, limit: int) -> None:
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.done: Deferred[bytes] = Deferred(self._cancel)
-
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.done.errback(_TooLarge(f"the answer is over {self._limit} bytes"))
-            if self.transport is not None:
-                self.transport.stopProducing()  # type: ignore[attr-defined]
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.done.called:
-            return
-        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-
-def _read_body(response: IResponse, limit: int) -> Deferred[bytes]:
-    if response.length == 0:
-        return succeed(b"")
-    reader = _BodyReader(limit)
-    response.deliverBody(reader)  # type: ignore[no-untyped-call]
-    return reader.done
-
-
-def _while_connecting(error: BaseException) -> bool:
-    """Whether *error* says that the request was cancelled before it had a connection."""
-    if isinstance(error, ConnectingCancelledError):
-        return True
-    if isinstance(error, _WRAPPED):
-        return any(r.value is not None and _while_connecting(r.value) for r in error.reasons)
-    return False
-
-
-def _cancelled(error: BaseException) -> bool:
-    if isinstance(error, (CancelledError, ConnectingCancelledError)):
-        return True
-    if isinstance(error, _WRAPPED):
-        return any(r.value is not None and _cancelled(r.value) for r in error.reasons)
-    return False
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, _WRAPPED):
-        reasons = ", ".join(r.getErrorMessage() for r in error.reasons)
-        return f"{type(error).__name__}({reasons})"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return pooled_http_client(reactor, connect_timeout=connect_timeout, max_per_host=max_per_host)
 
 
 @frozen
@@ -252,67 +163,73 @@ class _Answer:
     body: bytes
 
 
-# --- the retry budget -------------------------------------------------------------------------
+# --- metrics ----------------------------------------------------------------------------------
 
 
-class RetryBudget:
-    """How many retries the calls may make: a share of recent calls, plus a reserve.
+class ChatCallMetrics:
+    """What the chat client counts (the names are in :class:`ChatClient`'s docstring).
 
-    Like Finagle's ``RetryBudget``: over the last *window* seconds, retries may number at
-    most ``ratio`` times the calls made plus ``min_per_second * window`` (the reserve, so
-    that a lightly used client still retries). When the chat fleet fails as a whole, the
-    retries thus add at most ``ratio`` to its load instead of multiplying it by
-    ``max_attempts``. The window slides in tenths (*buckets*), driven by *clock*.
+    Exported in *registry*; without one the metrics are kept but exported nowhere, so that
+    the client counts the same way whether or not anyone reads them. *budget* is the retry
+    budget whose available retries the gauge reads.
     """
 
-    def __init__(
-        self,
-        *,
-        clock: IReactorTime,
-        ratio: float = 0.2,
-        min_per_second: float = 10.0,
-        window: float = 10.0,
-        buckets: int = 10,
-    ) -> None:
-        if ratio < 0 or min_per_second < 0 or window <= 0 or buckets < 1:
-            raise ValueError("invalid retry budget")
-        self._clock = clock
-        self.ratio = ratio
-        self.reserve = min_per_second * window
-        self._width = window / buckets
-        self._buckets = buckets
-        # [bucket number, calls, retries], oldest first.
-        self._counts: deque[list[int]] = deque()
-        self._calls = 0
-        self._retries = 0
+    def __init__(self, *, budget: RetryBudget, registry: CollectorRegistry | None = None) -> None:
+        self._requests = Counter(
+            "snet_chat_requests",
+            "Requests sent to chat instances (each instance tried counts)",
+            ["instance"],
+            registry=registry,
+        )
+        self._failures = Counter(
+            "snet_chat_request_failures",
+            "Requests to chat instances that failed, by reason",
+            ["instance", "reason"],
+            registry=registry,
+        )
+        self._seconds = Histogram(
+            "snet_chat_request_seconds",
+            "Time for a chat instance to answer a request",
+            ["instance"],
+            registry=registry,
+        )
+        self._retries = Counter(
+            "snet_chat_retries",
+            "Attempts of a dialog call after its first, by why the one before failed",
+            ["reason"],
+            registry=registry,
+        )
+        self._denied = Counter(
+            "snet_chat_retries_denied",
+            "Dialog calls that failed although a retry was wanted, by what stopped it",
+            ["cause"],
+            registry=registry,
+        )
+        Gauge(
+            "snet_chat_retry_budget_available",
+            "Retries of dialog calls the retry budget allows now",
+            registry=registry,
+        ).set_function(budget.available)
 
-    def _bucket(self) -> list[int]:
-        number = int(self._clock.seconds() // self._width)
-        while self._counts and self._counts[0][0] <= number - self._buckets:
-            _, calls, retries = self._counts.popleft()
-            self._calls -= calls
-            self._retries -= retries
-        if not self._counts or self._counts[-1][0] != number:
-            self._counts.append([number, 0, 0])
-        return self._counts[-1]
+    def attempted(self, instance: str) -> None:
+        """An attempt was sent to *instance*."""
+        self._requests.labels(instance=instance).inc()
 
-    def available(self) -> int:
-        """How many retries may start now."""
-        self._bucket()
-        return max(0, math.floor(self.reserve + self.ratio * self._calls - self._retries))
+    def failed(self, instance: str, reason: str) -> None:
+        """An attempt on *instance* failed for *reason*."""
+        self._failures.labels(instance=instance, reason=reason).inc()
 
-    def called(self) -> None:
-        """A call began (its first attempt)."""
-        self._bucket()[1] += 1
-        self._calls += 1
+    def answered(self, instance: str, seconds: float) -> None:
+        """*instance* answered an attempt after *seconds*."""
+        self._seconds.labels(instance=instance).observe(max(0.0, seconds))
 
-    def try_retry(self) -> bool:
-        """Take one retry from the budget; False (and nothing taken) if none is left."""
-        if self.available() < 1:
-            return False
-        self._bucket()[2] += 1
-        self._retries += 1
-        return True
+    def retried(self, reason: str) -> None:
+        """A call goes on to another instance after an attempt that failed for *reason*."""
+        self._retries.labels(reason=reason).inc()
+
+    def denied(self, cause: str) -> None:
+        """A call failed although a retry was wanted: *cause* stopped it."""
+        self._denied.labels(cause=cause).inc()
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -325,8 +242,8 @@ class ChatClient:
     answer: 2 s by default, which is hundreds of times what a chat call takes, yet finds a
     stopped (SIGSTOPped, swapped out, wedged) instance quickly enough to retry elsewhere
     within the call's *deadline* (10 s by default). *max_attempts* bounds the attempts of one
-    call that reached an instance; *budget* (by default a :class:`RetryBudget` on *clock*)
-    bounds the retries of all calls together.
+    call that reached an instance; *budget* (by default a :class:`~snet.retry.RetryBudget` on
+    *clock*) bounds the retries of all calls together.
 
     *connect_timeout* is used only when *http* is not given: the client then makes its own
     with :func:`chat_http_client` (and *clock* must be the reactor), which ``close()``
@@ -353,8 +270,9 @@ class ChatClient:
         connect_timeout: float = 1.0,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        self._retries = RetryLimits(
+            clock=clock, max_attempts=max_attempts, deadline=deadline, budget=budget
+        )
         self._balancer = balancer
         self._own_http: PooledHTTPClient | None = None
         if http is None:
@@ -362,50 +280,8 @@ class ChatClient:
         self._http = http
         self._clock = clock
         self._timeout = timeout
-        self._deadline = deadline
-        self._max_attempts = max_attempts
-        self.budget = budget if budget is not None else RetryBudget(clock=clock)
-        self._requests: Counter | None = None
-        self._failures: Counter | None = None
-        self._seconds: Histogram | None = None
-        self._retries: Counter | None = None
-        self._denied: Counter | None = None
-        if registry is not None:
-            self._requests = Counter(
-                "snet_chat_requests",
-                "Requests sent to chat instances (each instance tried counts)",
-                ["instance"],
-                registry=registry,
-            )
-            self._failures = Counter(
-                "snet_chat_request_failures",
-                "Requests to chat instances that failed, by reason",
-                ["instance", "reason"],
-                registry=registry,
-            )
-            self._seconds = Histogram(
-                "snet_chat_request_seconds",
-                "Time for a chat instance to answer a request",
-                ["instance"],
-                registry=registry,
-            )
-            self._retries = Counter(
-                "snet_chat_retries",
-                "Attempts of a dialog call after its first, by why the one before failed",
-                ["reason"],
-                registry=registry,
-            )
-            self._denied = Counter(
-                "snet_chat_retries_denied",
-                "Dialog calls that failed although a retry was wanted, by what stopped it",
-                ["cause"],
-                registry=registry,
-            )
-            Gauge(
-                "snet_chat_retry_budget_available",
-                "Retries of dialog calls the retry budget allows now",
-                registry=registry,
-            ).set_function(self.budget.available)
+        self.budget = self._retries.budget
+        self._metrics = ChatCallMetrics(budget=self.budget, registry=registry)
 
     def close(self) -> Deferred[None]:
         """Close the connection pool if this client made it (else the caller owns *http*)."""
@@ -461,55 +337,45 @@ class ChatClient:
 
     async def _call_in_turn(self, request: _Request) -> ChatReply:
         first = self._balancer.next()  # raises NoChatInstance
-        deadline = self._clock.seconds() + self._deadline
-        self.budget.called()
+        retries = self._retries.begin()
         endpoint = first
         tried: list[str] = []
         unreached: list[str] = []
-        attempts = 0
         failure: ChatInstanceFailed | None = None
         while True:
             tried.append(endpoint.instance_id)
-            stop: str | None = None
             try:
-                reply = await self._attempt(endpoint, request, deadline - self._clock.seconds())
+                reply = await self._attempt(endpoint, request, retries.time_left())
             except _NotReached as skipped:
-                reason, free = skipped.reason, True
+                reason, reached = skipped.reason, False
                 unreached.append(f"{endpoint.instance_id} ({reason})")
                 log.warn(
                     "chat instance {instance} not reachable ({reason}: {error}) for {method}"
                     " {path}, request {request_id}",
                     instance=endpoint.instance_id,
                     reason=reason,
-                    error=_describe(skipped.error),
+                    error=describe(skipped.error),
                     method=request.method,
                     path=request.path,
                     request_id=request.request_id,
                 )
             except ChatInstanceFailed as failed:
-                reason, free = failed.reason, False
+                reason, reached = failed.reason, True
                 failure = failed
-                attempts += 1
-                if not request.retry_safe:
-                    stop = "unsafe"
-                elif attempts >= self._max_attempts:
-                    stop = "attempts"
             else:
                 self._rotated(first, endpoint)
                 return reply
+            stop = retries.stop(reached=reached, repeatable=request.retry_safe)
             following = None
             if stop is None:
-                if self._clock.seconds() >= deadline:
-                    stop = "deadline"
-                elif (following := self._balancer.after(endpoint, tried)) is None:
+                if (following := self._balancer.after(endpoint, tried)) is None:
                     stop = "no_instance"
-                elif not free and not self.budget.try_retry():
+                elif not retries.take(reached=reached):
                     stop = "budget"
             if stop is not None or following is None:
                 self._rotated(first, endpoint)
                 raise self._given_up(request, stop or "no_instance", tried, unreached, failure)
-            if self._retries is not None:
-                self._retries.labels(reason=reason).inc()
+            self._metrics.retried(reason)
             log.info(
                 "retrying {method} {path} on chat instance {next_instance} after {reason} on"
                 " {instance}, request {request_id}",
@@ -536,8 +402,8 @@ class ChatClient:
         failure: ChatInstanceFailed | None,
     ) -> ChatUnavailable:
         """The error a call ends with when no further attempt is made, logged and counted."""
-        if self._denied is not None and cause != "unsafe":
-            self._denied.labels(cause=cause).inc()
+        if cause != "unsafe":
+            self._metrics.denied(cause)
         if failure is None:
             log.warn(
                 "no chat instance reachable for {method} {path} ({cause}): {tried},"
@@ -572,51 +438,38 @@ class ChatClient:
             unbuffered=True,
             allow_redirects=False,
         )
-        body = await _read_body(response, MAX_BODY)
+        body = await read_body(response, MAX_BODY)
         return _Answer(response.code, body)
 
     async def _attempt(self, endpoint: ChatEndpoint, request: _Request, left: float) -> ChatReply:
         """One attempt on *endpoint*, given at most *left* seconds (the call's deadline)."""
         instance = endpoint.instance_id
-        if self._requests is not None:
-            self._requests.labels(instance=instance).inc()
+        self._metrics.attempted(instance)
         started = self._clock.seconds()
         timeout = min(self._timeout, left)
-        timed_out = False
-        exchange = Deferred.fromCoroutine(self._exchange(endpoint, request))
-
-        def give_up() -> None:
-            nonlocal timed_out
-            timed_out = True
-            exchange.cancel()
-
-        timer: IDelayedCall = self._clock.callLater(timeout, give_up)
+        exchange = within(
+            Deferred.fromCoroutine(self._exchange(endpoint, request)), timeout, self._clock
+        )
         try:
             answer = await exchange
+        except TimedOut as timed_out:
+            reason = "connect_timeout" if while_connecting(timed_out.cause) else "timeout"
+            self._metrics.failed(instance, reason)
+            # Cut short by the call's deadline, not by its own timeout: not the instance's fault.
+            if timeout >= self._timeout:
+                self._balancer.failed(endpoint, reason)
+            error = timed_out.cause
+            raise self._attempt_failed(endpoint, request, reason, error, str(timed_out)) from error
         except Exception as error:
-            reason = self._reason(error, timed_out)
-            if reason is None:
-                if _cancelled(error):
+            why = self._reason(error)
+            if why is None:
+                if cancelled(error):
                     raise CancelledError() from error
                 raise
-            self._count_failure(instance, reason)
-            # Cut short by the call's deadline, not by its own timeout: not the instance's fault.
-            if not (timed_out and timeout < self._timeout):
-                self._balancer.failed(endpoint, reason)
-            if reason in _NOT_REACHED:
-                raise _NotReached(reason, error) from error
-            self._log_failure(endpoint, request, reason, _describe(error))
-            detail = f"no answer within {timeout:g}s" if reason == "timeout" else reason
-            raise ChatInstanceFailed(
-                f"chat instance {instance} failed: {detail}", instance=instance, reason=reason
-            ) from error
-        finally:
-            if timer.active():
-                timer.cancel()
-        if self._seconds is not None:
-            self._seconds.labels(instance=instance).observe(
-                max(0.0, self._clock.seconds() - started)
-            )
+            self._metrics.failed(instance, why)
+            self._balancer.failed(endpoint, why)
+            raise self._attempt_failed(endpoint, request, why, error, why) from error
+        self._metrics.answered(instance, self._clock.seconds() - started)
         try:
             reply = self._reply(endpoint, request, answer)
         except ChatInstanceFailed as failed:
@@ -625,13 +478,28 @@ class ChatClient:
         self._balancer.succeeded(endpoint)
         return reply
 
+    def _attempt_failed(
+        self,
+        endpoint: ChatEndpoint,
+        request: _Request,
+        reason: str,
+        error: BaseException,
+        detail: str,
+    ) -> Exception:
+        """What an attempt that failed for *reason* with *error* ends with (logged)."""
+        if reason in _NOT_REACHED:
+            return _NotReached(reason, error)
+        self._log_failure(endpoint, request, reason, describe(error))
+        instance = endpoint.instance_id
+        return ChatInstanceFailed(
+            f"chat instance {instance} failed: {detail}", instance=instance, reason=reason
+        )
+
     @staticmethod
-    def _reason(error: BaseException, timed_out: bool) -> str | None:
-        """Why an attempt failed, or None when the error is not about the instance (a bug, or
-        the caller cancelled the call)."""
-        if timed_out:
-            return "connect_timeout" if _while_connecting(error) else "timeout"
-        if _cancelled(error):
+    def _reason(error: BaseException) -> str | None:
+        """Why an attempt failed (other than by its timeout), or None when the error is not
+        about the instance (a bug, or the caller cancelled the call)."""
+        if cancelled(error):
             return None
         if isinstance(error, ConnectionRefusedError):
             return "refused"
@@ -641,7 +509,7 @@ class ChatClient:
             return "connect_error"
         if isinstance(error, _LOST):
             return "lost"
-        if isinstance(error, _TooLarge):
+        if isinstance(error, BodyTooLarge):
             return "bad_response"
         return None
 
@@ -655,7 +523,7 @@ class ChatClient:
         else:
             decoded = True
         if answer.status >= 500:
-            self._count_failure(instance, "server_error")
+            self._metrics.failed(instance, "server_error")
             message = body.get("message") if isinstance(body, dict) else None
             self._log_failure(endpoint, request, "server_error", f"{answer.status} {message}")
             raise ChatInstanceFailed(
@@ -666,7 +534,7 @@ class ChatClient:
                 body=body,
             )
         if not decoded:
-            self._count_failure(instance, "bad_response")
+            self._metrics.failed(instance, "bad_response")
             self._log_failure(
                 endpoint, request, "bad_response", f"{answer.status} with a body that is not JSON"
             )
@@ -677,10 +545,6 @@ class ChatClient:
                 status=answer.status,
             )
         return ChatReply(answer.status, body, instance)
-
-    def _count_failure(self, instance: str, reason: str) -> None:
-        if self._failures is not None:
-            self._failures.labels(instance=instance, reason=reason).inc()
 
     def _log_failure(
         self, endpoint: ChatEndpoint, request: _Request, reason: str, error: str

@@ -10,9 +10,11 @@ passing (``/v1/health/service/<name>?passing=true``), by two paths at once:
   seconds apart (a rate limit, so that an index that changes all the time cannot make the
   loop spin), every call has a timeout (``TreqConsul`` gives a blocking call ``wait +
   wait/16`` on top of its own), and failures are retried after the ``retry_delay`` policy;
-- a *periodic refresh* (a ``LoopingCall``) that reads the list every ``refresh_interval``
-  seconds whatever the loop does, so that a stuck or broken loop can never leave the list
-  stale for longer than that.
+- a *periodic refresh* (a ``TimerService`` on the injected clock) that reads the list every
+  ``refresh_interval`` seconds whatever the loop does, so that a stuck or broken loop can
+  never leave the list stale for longer than that. A ``TimerService`` calls at once when it
+  starts; that first call is skipped, since the loop's first read is already the read at
+  the start.
 
 Answers are applied in Consul's order (by ``X-Consul-Index``), whichever path brought them,
 so that a slow answer never overwrites a newer one. When Consul cannot be reached the last
@@ -37,16 +39,17 @@ from typing import Any, Protocol
 import consul
 from attrs import frozen
 from prometheus_client import CollectorRegistry, Gauge
+from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snet.chat.registration import consul_duration, exponential_backoff
 from snet.config import parse_http_address
-from snet.consul import ConsulUnavailable, TreqConsul
+from snet.consul import ConsulUnavailable, TreqConsul, consul_duration
+from snet.httpcall import describe
+from snet.retry import exponential_backoff
 
 __all__ = [
     "DEFAULT_MIN_INTERVAL",
@@ -177,14 +180,6 @@ def _parse_answer(answer: tuple[object, object]) -> tuple[int, object]:
         raise consul.ConsulException(f"invalid X-Consul-Index {raw_index!r}") from None
 
 
-def _describe(failure: Failure) -> str:
-    error = failure.value
-    if error is None:
-        return failure.getErrorMessage()
-    text = str(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 class _Subscribers:
     def __init__(self) -> None:
         self._callbacks: list[Subscriber] = []
@@ -243,7 +238,6 @@ class HealthyInstances(Service):
         self._consul = consul
         self.service_name = service_name
         self._clock = clock
-        self._refresh_interval = refresh_interval
         self._wait = wait
         self._retry_delay = retry_delay or exponential_backoff(initial=0.2, maximum=5.0)
         self._min_interval = min_interval
@@ -266,8 +260,9 @@ class HealthyInstances(Service):
         self._watch_timer: IDelayedCall | None = None
         self._watch_call: Deferred[None] | None = None
         # The periodic refresh.
-        self._refresh_loop: LoopingCall | None = None
-        self._refresh_done: Deferred[LoopingCall] | None = None
+        self._refresher = TimerService(refresh_interval, self._periodic_refresh)
+        self._refresher.clock = clock
+        self._refresh_skip = False
         self._refresh_call: Deferred[None] | None = None
         if registry is not None:
             self._export(registry)
@@ -317,10 +312,8 @@ class HealthyInstances(Service):
         self._failures = 0
         self._watch_sent_at = None
         self._schedule_watch(0.0)
-        loop = LoopingCall(self._refresh)
-        loop.clock = self._clock
-        self._refresh_loop = loop
-        self._refresh_done = loop.start(self._refresh_interval, now=False)
+        self._refresh_skip = True  # the call TimerService makes as it starts
+        self._refresher.startService()
 
     def stopService(self) -> Deferred[None]:
         """Stop both paths; fires once no call to Consul is in flight and no timer is left."""
@@ -329,12 +322,8 @@ class HealthyInstances(Service):
         if self._watch_timer is not None and self._watch_timer.active():
             self._watch_timer.cancel()
         self._watch_timer = None
-        loop, self._refresh_loop = self._refresh_loop, None
-        if loop is not None and loop.running:
-            loop.stop()
-        if self._refresh_done is not None:
-            waits.append(self._refresh_done)
-            self._refresh_done = None
+        if self._refresher.running:
+            waits.append(self._refresher.stopService())
         for call in (self._watch_call, self._refresh_call):
             if call is not None:
                 call.cancel()
@@ -435,6 +424,13 @@ class HealthyInstances(Service):
             self._schedule_watch(self._rate_limited())
 
     # The periodic refresh.
+
+    def _periodic_refresh(self) -> Deferred[None] | None:
+        """The refresh timer's call: a read, but for the call as the timer starts."""
+        if self._refresh_skip:
+            self._refresh_skip = False
+            return None
+        return self._refresh()
 
     def _refresh(self) -> Deferred[None]:
         generation = self._generation
@@ -546,7 +542,7 @@ class HealthyInstances(Service):
         log.warn(
             "consul unreachable, keeping {count} instances: {error}",
             count=len(self._instances),
-            error=_describe(failure),
+            error=failure.getErrorMessage() if failure.value is None else describe(failure.value),
             service=self.service_name,
             retry_in=retry_in,
         )

@@ -16,11 +16,11 @@ from snet.lifecycle import ServingInstance
 from snet.options import ServiceOptions, positive_float
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
-from snet.server.balancer import RoundRobin
 from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances, StaticInstances, endpoint_from_url
+from snet.server.ejection import PassiveHealth
 from snet.server.feed import FeedCache, FeedFanout, FeedMetrics
-from snet.server.health import PassiveHealth
+from snet.server.roundrobin import RoundRobin
 from snet.server.schema import apply_server_schema
 from snet.server.social import Social
 from snet.storage import mysql_pool, redis_pool

@@ -15,9 +15,10 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from snet.chat.registration import ChatRegistration, ServiceInstance, exponential_backoff
+from snet.chat.registration import ChatRegistration, ServiceInstance
 from snet.config import ConsulConfig
 from snet.consul import TreqConsul
+from snet.retry import exponential_backoff
 from snet.testing.servers import ConsulAgent
 from snet.testing.waiting import connections_to, eventually, sleep
 

@@ -22,12 +22,12 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from snet.chat.registration import exponential_backoff
 from snet.config import ConsulConfig
 from snet.consul import TreqConsul
-from snet.server.balancer import RoundRobin
+from snet.retry import exponential_backoff
 from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances
+from snet.server.roundrobin import RoundRobin
 from snet.testing.servers import ConsulAgent, free_port
 from snet.testing.waiting import connections_to, eventually, sleep
 

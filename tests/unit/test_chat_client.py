@@ -19,17 +19,17 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from snet.retry import RetryBudget
 from snet.server import chat_client
-from snet.server.balancer import RoundRobin
 from snet.server.chat_client import (
     ChatClient,
     ChatInstanceFailed,
-    RetryBudget,
     chat_http_client,
 )
 from snet.server.discovery import ChatEndpoint
+from snet.server.ejection import PassiveHealth
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
-from snet.server.health import PassiveHealth
+from snet.server.roundrobin import RoundRobin
 from snet.testing import failure_of, result_of
 
 A = ChatEndpoint("chat-a", "10.0.0.1", 8081)
@@ -473,28 +473,6 @@ def test_the_budget_stops_retries_when_exhausted_and_refills_as_the_window_slide
     h.clock.advance(10.0)
     assert h.client.budget.available() == 2
     assert result_of(h.list()).instance == "chat-b"
-
-
-def test_the_budget_allows_retries_as_a_share_of_recent_calls_plus_a_reserve() -> None:
-    clock = Clock()
-    budget = RetryBudget(clock=clock, ratio=0.2, min_per_second=0.5, window=10.0)
-    assert budget.available() == 5
-    for _ in range(100):
-        budget.called()
-    assert budget.available() == 25
-    assert sum(budget.try_retry() for _ in range(30)) == 25
-    assert not budget.try_retry()
-    clock.advance(5.0)
-    for _ in range(10):
-        budget.called()
-    assert budget.available() == 2
-    clock.advance(5.0)  # the first 100 calls and 25 retries leave the window
-    assert budget.available() == 7
-
-
-def test_a_budget_must_make_sense() -> None:
-    with pytest.raises(ValueError, match="retry budget"):
-        RetryBudget(clock=Clock(), window=0.0)
 
 
 # --- the deadline -----------------------------------------------------------------------------

@@ -374,6 +374,6 @@ def test_close_closes_the_clients_own_connection_pool() -> None:
 
     reactor = MemoryReactorClock()
     client = TreqConsul(CONFIG, reactor=reactor)
-    pool = client._pool
-    assert pool is not None and pool.persistent
+    own = client._own_http
+    assert own is not None and own.pool.persistent
     assert result_of(client.close()) is None

@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, capturedLogs
 
-from snet.server.balancer import RoundRobin
 from snet.server.discovery import ChatEndpoint, Instances
-from snet.server.health import PassiveHealth
+from snet.server.ejection import PassiveHealth
+from snet.server.roundrobin import RoundRobin
 
 
 class ListSource:
@@ -202,9 +202,9 @@ def test_when_every_instance_is_ejected_traffic_goes_to_all_of_them(
     clock.advance(1.0)
     picks(balancer, 1)
     assert not balancer.panic
-    messages = [e["log_format"] for e in logs if e.get("log_namespace") == "snet.server.balancer"]
+    messages = [e["log_format"] for e in logs if e.get("log_namespace") == "snet.server.roundrobin"]
     assert len(messages) == 2 and "panic mode" in messages[0]
-    assert [e["log_level"] for e in logs if e.get("log_namespace") == "snet.server.balancer"] == [
+    assert [e["log_level"] for e in logs if e.get("log_namespace") == "snet.server.roundrobin"] == [
         LogLevel.warn,
         LogLevel.info,
     ]
@@ -274,7 +274,7 @@ def test_an_ejection_is_logged_with_its_instance_duration_and_reason(
 ) -> None:
     _clock, health, _, _ = make(["a"])
     health.failed("a", "refused")
-    (event,) = [e for e in logs if e.get("log_namespace") == "snet.server.health"]
+    (event,) = [e for e in logs if e.get("log_namespace") == "snet.server.ejection"]
     assert (event["instance"], event["seconds"], event["reason"]) == ("a", 1.0, "refused")
     assert event["log_level"] == LogLevel.warn
 

@@ -15,14 +15,9 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from snet.chat.registration import (
-    ChatRegistration,
-    ServiceInstance,
-    consul_duration,
-    exponential_backoff,
-)
+from snet.chat.registration import ChatRegistration, ServiceInstance
 from snet.config import ConsulConfig
-from snet.consul import TreqConsul
+from snet.consul import TreqConsul, consul_duration
 from snet.testing import result_of
 
 INSTANCE = ServiceInstance(
@@ -355,27 +350,3 @@ def test_check_durations_are_consul_strings() -> None:
     assert (check["interval"], check["timeout"]) == ("500ms", "2s")
     assert check["DeregisterCriticalServiceAfter"] == "90s"
     assert consul_duration(60.0) == "60s"
-
-
-def test_backoff_doubles_up_to_the_maximum_without_jitter() -> None:
-    """jitter() == 0.5 is the middle of the +-50% band: the bare exponential."""
-    delay = exponential_backoff(initial=0.2, maximum=10.0, factor=2.0, jitter=lambda: 0.5)
-    assert [delay(n) for n in range(1, 9)] == pytest.approx(
-        [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
-    )
-    assert delay(10_000) == 10.0
-
-
-def test_backoff_jitter_spans_half_to_one_and_a_half_times_and_is_capped() -> None:
-    low = exponential_backoff(jitter=lambda: 0.0)
-    high = exponential_backoff(jitter=lambda: 0.999)
-    assert low(1) == pytest.approx(0.1)
-    assert high(1) == pytest.approx(0.2 * 1.499)
-    assert low(20) == pytest.approx(5.0)
-    assert high(20) == 10.0
-
-
-def test_backoff_uses_the_injected_jitter_every_time() -> None:
-    draws = iter([0.0, 1.0, 0.5])
-    delay = exponential_backoff(initial=1.0, maximum=100.0, jitter=lambda: next(draws))
-    assert [delay(1), delay(1), delay(1)] == [0.5, 1.5, 1.0]

@@ -24,7 +24,7 @@ resets the count.
 
 The ejection ends by the clock alone (no timer is scheduled); :meth:`PassiveHealth.ejected`
 reads it. Never ejecting every instance is the balancer's business (panic mode, see
-:mod:`snet.server.balancer`).
+:mod:`snet.server.roundrobin`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ instances listed during the whole run were each picked either k or k + 1 times. 
 skips instances that cannot be reached moves the rotation on to the one that took it, so the
 calls go round the instances that answer.
 
-With a :class:`~snet.server.health.PassiveHealth`, the rotation is made of the instances in
+With a :class:`~snet.server.ejection.PassiveHealth`, the rotation is made of the instances in
 *good standing*: listed, and not ejected for failing calls. Ejected instances are passed
 over exactly as if they were not listed, so the rotation stays exact among the others. If
 every listed instance is ejected, the balancer is in *panic mode* (like Envoy's): it ignores
@@ -27,8 +27,8 @@ from collections.abc import Collection
 from twisted.logger import Logger
 
 from snet.server.discovery import ChatEndpoint, Instances, InstanceSource
+from snet.server.ejection import PassiveHealth
 from snet.server.gateway import NoChatInstance
-from snet.server.health import PassiveHealth
 
 __all__ = ["RoundRobin"]
 

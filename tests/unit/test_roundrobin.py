@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snet.server.balancer import RoundRobin
 from snet.server.discovery import ChatEndpoint, StaticInstances
 from snet.server.gateway import NoChatInstance
+from snet.server.roundrobin import RoundRobin
 
 
 class ListSource:
