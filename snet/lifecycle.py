@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from snet.retry import exponential_backoff
-from snet.web import InFlight
+from snet.web.draining import InFlight
 
 log = Logger()
 

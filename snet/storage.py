@@ -1,5 +1,6 @@
 """Connections to MySQL (adbapi over pymysql) and Redis (txredisapi), set up so that a dead or
-slow server makes calls fail within seconds instead of hanging a request, plus schema setup.
+slow server makes calls fail within seconds instead of hanging a request, plus schema setup
+and ``is_unavailable``, which tells a back end that cannot be reached now from a bug.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
 import pymysql
 import txredisapi
 from twisted.enterprise import adbapi
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -93,6 +94,41 @@ def _worth_retrying(failure: Failure) -> bool:
     if isinstance(exc, pymysql.err.OperationalError) and exc.args:
         return exc.args[0] in DEAD_CONNECTION_CODES or exc.args[0] == DEADLOCK
     return False
+
+
+MYSQL_UNAVAILABLE_CODES = frozenset(
+    {
+        1040,  # too many connections
+        1053,  # server shutdown in progress
+        1205,  # lock wait timeout
+        1213,  # deadlock, transaction rolled back
+        1290,  # --read-only (a fail-over in progress)
+        1927,  # connection killed
+        4031,  # MySQL 8: disconnected by the server (idle)
+    }
+)
+"""Server-side MySQL error numbers that mean "try again shortly"; all 2xxx (client) are too."""
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pymysql.err.InterfaceError,
+    adbapi.ConnectionLost,
+    error.ConnectionRefusedError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    error.TimeoutError,
+    defer.TimeoutError,
+    TimeoutError,
+    txredisapi.ConnectionError,
+)
+"""Exceptions that mean a back end is unreachable or too slow (the web layer answers 503)."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether *exc* says a back end cannot be reached now (rather than a bug)."""
+    if isinstance(exc, pymysql.err.OperationalError):
+        number = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 0
+        return 2000 <= number < 3000 or number in MYSQL_UNAVAILABLE_CODES
+    return isinstance(exc, CONNECTION_ERRORS)
 
 
 def run_with_retry(

@@ -2,7 +2,7 @@
 health and metrics. docs/chat-api.md describes it for its callers.
 
 The acting user comes in ``X-Snet-User-Id`` (set by the monolith, which authenticates the
-client); every error is a JSON body ``{"message", "request_id", "code"}`` (see snet.web).
+client); every error is a JSON body ``{"message", "request_id", "code"}`` (see snet.web.errors).
 """
 
 from __future__ import annotations
@@ -13,33 +13,46 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from snet.chat.store import MAX_TEXT, Dialogs, MessageStore, UnreadCounters
-from snet.web import (
-    HEALTH_TIMEOUT,
+from snet.chat.store import (
+    Dialogs,
+    IdempotencyKeyReused,
+    MessageStore,
+    UnreadCounters,
+    UnreadUnavailable,
+)
+from snet.chat_contract import (
+    DEFAULT_LIMIT,
+    IDEMPOTENCY_HEADER,
+    MAX_LIMIT,
+    USER_HEADER,
+    validate_idempotency_key,
+    validate_message_text,
+)
+from snet.web.draining import InFlight
+from snet.web.errors import (
     BadRequest,
+    Conflict,
+    DomainErrors,
     ErrorCode,
-    HTTPMetrics,
-    InFlight,
-    ServiceApp,
+    Unavailable,
     error_response,
-    header_text,
+)
+from snet.web.inputs import parse_id, query_arg, read_json_object
+from snet.web.metrics import HTTPMetrics
+from snet.web.requests import header_text, json_response, request_id, set_header
+from snet.web.service import (
+    HEALTH_TIMEOUT,
+    ServiceApp,
     health_response,
-    is_token,
-    json_response,
     metrics_response,
-    parse_id,
-    query_arg,
-    read_json_object,
-    request_id,
-    set_header,
     uncancellable,
-    validate_text,
 )
 
-USER_HEADER = b"X-Snet-User-Id"
-IDEMPOTENCY_HEADER = b"Idempotency-Key"
-DEFAULT_LIMIT = 100
-MAX_LIMIT = 500
+DOMAIN_ERRORS: DomainErrors = {
+    IdempotencyKeyReused: (Conflict, ErrorCode.IDEMPOTENCY_KEY_REUSED),
+    UnreadUnavailable: (Unavailable, ErrorCode.UNREAD_UNAVAILABLE),
+}
+"""What the stores' exceptions are answered with."""
 
 
 def acting_user(request: IRequest) -> int:
@@ -48,11 +61,6 @@ def acting_user(request: IRequest) -> int:
     if text is None:
         raise BadRequest("the X-Snet-User-Id header is required", code=ErrorCode.MISSING_HEADER)
     return parse_id(text, "X-Snet-User-Id")
-
-
-def validate_message_text(value: object) -> str:
-    """A message's text: see ``snet.web.validate_text``; at most MAX_TEXT characters."""
-    return validate_text(value, MAX_TEXT)
 
 
 def parse_limit(text: str | None) -> int:
@@ -103,7 +111,7 @@ class ChatAPI(ServiceApp):
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
-        return error_response(request, failure)
+        return error_response(request, failure, DOMAIN_ERRORS)
 
     @app.route("/v1/dialogs/<peer_id>/messages", methods=["POST"])
     async def send_message(self, request: IRequest, peer_id: str) -> bytes:
@@ -116,11 +124,7 @@ class ChatAPI(ServiceApp):
             raise BadRequest(
                 "the Idempotency-Key header is required", code=ErrorCode.MISSING_HEADER
             )
-        if not is_token(key):
-            raise BadRequest(
-                "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                code=ErrorCode.INVALID_PARAMETER,
-            )
+        validate_idempotency_key(key)
         body = read_json_object(request)
         text = validate_message_text(body.get("text"))
         # The store and its compensation run to their end even if the client goes away.

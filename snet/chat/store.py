@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from importlib.resources import files
 from typing import Any
 
 import pymysql
@@ -17,28 +16,20 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from snet.storage import RedisPool, apply_schema, run_with_retry
-from snet.web import Conflict, ErrorCode, Unavailable, is_unavailable
+from snet.storage import RedisPool, is_unavailable, run_with_retry
 
 log = Logger(namespace="snet.chat.store")
-
-SCHEMA_LOCK = "snet.chat.schema"
-"""The MySQL user lock held while the chat schema is applied."""
-
-MAX_TEXT = 4096
-"""The longest message text, in characters (code points)."""
 
 DUPLICATE_KEY = 1062
 
 
-def schema_sql() -> str:
-    """The text of ``schema.sql``, shipped inside the package."""
-    return files("snet.chat").joinpath("schema.sql").read_text(encoding="utf-8")
+class IdempotencyKeyReused(Exception):
+    """A send's idempotency key was used before for another recipient or text."""
 
 
-def apply_chat_schema(pool: adbapi.ConnectionPool) -> Deferred[None]:
-    """Create the chat tables if they do not exist (safe with many instances at once)."""
-    return apply_schema(pool, schema_sql(), SCHEMA_LOCK)
+class UnreadUnavailable(Exception):
+    """Redis could not count a new message as unread, so the message was removed again:
+    nothing is stored, and the same send may be retried with the same key."""
 
 
 @frozen
@@ -106,9 +97,8 @@ def _send(
                 continue
             stored = _message(row)
             if stored.recipient_id != recipient_id or stored.text != text:
-                raise Conflict(
-                    "idempotency key reused with a different message",
-                    code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                raise IdempotencyKeyReused(
+                    "idempotency key reused with a different message"
                 ) from None
             return stored, False
         message_id = txn.lastrowid
@@ -198,13 +188,10 @@ def _ping(txn: adbapi.Transaction) -> None:
 
 @define
 class MessageStore:
-    """Messages and read marks in MySQL, through an adbapi pool (see snet.storage)."""
+    """Messages and read marks in MySQL, through an adbapi pool (see snet.storage); the tables
+    are ``snet.chat.schema``'s."""
 
     pool: adbapi.ConnectionPool
-
-    def apply_schema(self) -> Deferred[None]:
-        """Create the chat tables if they do not exist (safe with many instances at once)."""
-        return apply_chat_schema(self.pool)
 
     def send(
         self, sender_id: int, recipient_id: int, text: str, idempotency_key: str
@@ -212,7 +199,8 @@ class MessageStore:
         """Store a message once per (sender, key): fires with (message, True) when stored
         now, (stored message, False) when the key was used before for the same message.
 
-        :raises Conflict: if the key was used before for another recipient or text.
+        :raises IdempotencyKeyReused: if the key was used before for another recipient or
+            text.
         """
         return run_with_retry(self.pool, _send, sender_id, recipient_id, text, idempotency_key)
 
@@ -366,8 +354,9 @@ class Dialogs:
     ) -> tuple[Message, bool]:
         """Send a message; (message, created). A replay of a stored key bumps nothing.
 
-        :raises Conflict: the key was used for another message.
-        :raises Unavailable: the counter could not be bumped (the message was removed).
+        :raises IdempotencyKeyReused: the key was used for another message.
+        :raises UnreadUnavailable: Redis could not bump the counter (the message was
+            removed).
         """
         message, created = await self.messages.send(sender_id, recipient_id, text, idempotency_key)
         if not created:
@@ -391,10 +380,9 @@ class Dialogs:
                     request_id=request_id,
                 )
             if is_unavailable(e):
-                raise Unavailable(
+                raise UnreadUnavailable(
                     "the message could not be counted as unread and was not stored;"
-                    " retry with the same Idempotency-Key",
-                    code=ErrorCode.UNREAD_UNAVAILABLE,
+                    " retry with the same Idempotency-Key"
                 ) from e
             raise
         return message, True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService
@@ -13,13 +14,16 @@ from twisted.python import usage
 from snet import __version__
 from snet.chat.app import ChatAPI
 from snet.chat.registration import ChatRegistration, ServiceInstance
+from snet.chat.schema import apply_chat_schema
 from snet.chat.store import MessageStore, UnreadCounters
 from snet.config import ConfigError, parse_host_port
 from snet.consul import TreqConsul
 from snet.lifecycle import ServingInstance
 from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
-from snet.web import HTTPMetrics, InFlight, QuietSite
+from snet.web.draining import InFlight
+from snet.web.metrics import HTTPMetrics
+from snet.web.service import QuietSite
 
 
 class Options(ServiceOptions):
@@ -134,7 +138,7 @@ def makeService(options: Any) -> IService:
         endpoint=serverFromString(reactor, options["listen"]),
         site=QuietSite(api.resource()),  # type: ignore[no-untyped-call]
         listen_description=options["listen"],
-        apply_schema=api.messages.apply_schema,
+        apply_schema=partial(apply_chat_schema, pool),
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],

@@ -1,9 +1,8 @@
 """The monolith's users: profiles and their prefix search, passwords (salted scrypt hashes,
 computed off the reactor thread) and bearer tokens (random, stored only as SHA-256, expiring).
-Also the monolith's schema (``schema.sql``), which every server part shares.
 
-Validators here turn untrusted JSON values into checked ones or raise ``BadRequest``; the
-stores take checked values only.
+The store takes checked values only (``snet.server.validation`` checks what clients send) and
+raises its own exceptions (``NoSuchUser``, ``WrongPassword``), which the app answers.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ import hashlib
 import hmac
 import re
 import secrets
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, date, datetime
-from importlib.resources import files
 from typing import Any
 
 from attrs import define, field, frozen
@@ -27,149 +24,25 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from snet.storage import apply_schema, run_with_retry
-from snet.web import ID, MAX_ID, BadRequest, ErrorCode, NotFound
+from snet.storage import run_with_retry
 
 log = Logger(namespace="snet.server.accounts")
 
-SCHEMA_LOCK = "snet.server.schema"
-"""The MySQL user lock held while the monolith's schema is applied."""
-
-MAX_NAME = 100
-"""The longest first or second name, in characters."""
-MAX_CITY = 100
-MAX_BIOGRAPHY = 2000
-MIN_PASSWORD = 8
-"""The shortest password a new account may have (a product choice; the spec asks only for 1)."""
-MAX_PASSWORD = 256
-OLDEST_BIRTHDATE = date(1900, 1, 1)
 SEARCH_LIMIT = 100
 """The most users one search returns (the first ones by id)."""
 TOKEN_TTL = 30 * 24 * 3600.0
 """Seconds a token stays valid after its login."""
 
 
-def schema_sql() -> str:
-    """The text of ``schema.sql``, shipped inside the package."""
-    return files("snet.server").joinpath("schema.sql").read_text(encoding="utf-8")
+class NoSuchUser(Exception):
+    """There is no user with the id given at login."""
 
 
-def apply_server_schema(pool: adbapi.ConnectionPool) -> Deferred[None]:
-    """Create the monolith's tables if they do not exist (safe with many instances at once)."""
-    return apply_schema(pool, schema_sql(), SCHEMA_LOCK)
+class WrongPassword(Exception):
+    """The password given at login is not the user's."""
 
 
-# --- validators -----------------------------------------------------------------------------
-
-
-def _invalid(message: str) -> BadRequest:
-    return BadRequest(message, code=ErrorCode.INVALID_FIELD)
-
-
-def _checked_text(value: object, name: str, max_length: int, *, multiline: bool) -> str:
-    """*value* if it is a string of at most *max_length* characters, valid Unicode (no lone
-    surrogates) and free of control characters (bar newlines and tabs when *multiline*)."""
-    if value is None:
-        raise _invalid(f"{name} is required")
-    if not isinstance(value, str):
-        raise _invalid(f"{name} must be a string")
-    if len(value) > max_length:
-        raise _invalid(f"{name} must be at most {max_length} characters")
-    allowed = "\n\r\t" if multiline else ""
-    for char in value:
-        category = unicodedata.category(char)
-        if category == "Cs" or (category == "Cc" and char not in allowed):
-            raise _invalid(f"{name} must not contain control characters or lone surrogates")
-    return value
-
-
-def validate_name(value: object, name: str) -> str:
-    """A first or second name: 1 to MAX_NAME characters once surrounding white space is
-    stripped (the stripped value is returned), no control characters."""
-    text = _checked_text(value, name, MAX_NAME, multiline=False).strip()
-    if not text:
-        raise _invalid(f"{name} must not be empty")
-    return text
-
-
-def validate_city(value: object) -> str:
-    """A city: optional (absent means ""), at most MAX_CITY characters, stripped."""
-    if value is None:
-        return ""
-    return _checked_text(value, "city", MAX_CITY, multiline=False).strip()
-
-
-def validate_biography(value: object) -> str:
-    """A biography: optional (absent means ""), at most MAX_BIOGRAPHY characters; newlines
-    and tabs are allowed, other control characters are not. Kept as given."""
-    if value is None:
-        return ""
-    return _checked_text(value, "biography", MAX_BIOGRAPHY, multiline=True)
-
-
-DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-
-
-def parse_birthdate(value: object, today: date) -> date:
-    """A birth date written ``YYYY-MM-DD``: a real calendar day from OLDEST_BIRTHDATE to
-    *today*."""
-    if not isinstance(value, str) or DATE.fullmatch(value) is None:
-        raise _invalid("birthdate must be a date written YYYY-MM-DD")
-    try:
-        day = date.fromisoformat(value)
-    except ValueError:
-        raise _invalid("birthdate is not a calendar date") from None
-    if day > today:
-        raise _invalid("birthdate must not be in the future")
-    if day < OLDEST_BIRTHDATE:
-        raise _invalid(f"birthdate must not be before {OLDEST_BIRTHDATE.isoformat()}")
-    return day
-
-
-def validate_new_password(value: object) -> str:
-    """A new account's password: MIN_PASSWORD to MAX_PASSWORD characters of valid Unicode."""
-    password = validate_given_password(value)
-    if len(password) < MIN_PASSWORD:
-        raise _invalid(f"password must be at least {MIN_PASSWORD} characters")
-    return password
-
-
-def validate_given_password(value: object) -> str:
-    """A password given at login: a non-empty string of at most MAX_PASSWORD characters."""
-    if not isinstance(value, str) or not value:
-        raise _invalid("password must be a non-empty string")
-    if len(value) > MAX_PASSWORD:
-        raise _invalid(f"password must be at most {MAX_PASSWORD} characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid("password must be valid Unicode") from None
-    return value
-
-
-def parse_user_id(value: object, name: str = "id") -> int:
-    """A user id as the public API writes it: a JSON string of decimal digits, a positive
-    integer below 2**63."""
-    if not isinstance(value, str) or ID.fullmatch(value) is None or int(value) > MAX_ID:
-        raise BadRequest(
-            f"{name} must be a string of decimal digits: a positive integer below 2**63",
-            code=ErrorCode.INVALID_PARAMETER,
-        )
-    return int(value)
-
-
-def validate_search_prefix(value: str | None, name: str) -> str:
-    """A search prefix: 1 to MAX_NAME characters (surrounding white space stripped)."""
-    if value is None:
-        raise BadRequest(
-            f"the query parameter {name} is required", code=ErrorCode.INVALID_PARAMETER
-        )
-    text = value.strip()
-    if not text or len(text) > MAX_NAME:
-        raise BadRequest(
-            f"{name} must be 1 to {MAX_NAME} characters", code=ErrorCode.INVALID_PARAMETER
-        )
-    return text
+# --- search ---------------------------------------------------------------------------------
 
 
 def like_prefix(prefix: str) -> str:
@@ -305,7 +178,7 @@ class PasswordHasher:
 
 # --- tokens ---------------------------------------------------------------------------------
 
-TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,256}")
 """What a bearer token may look like (ours are ``secrets.token_urlsafe(32)``: 43 characters)."""
 
 
@@ -321,7 +194,7 @@ def token_digest(token: str) -> bytes:
 
 def is_token_shaped(token: str) -> bool:
     """Whether *token* could be one of ours (checked before any lookup)."""
-    return TOKEN.fullmatch(token) is not None
+    return BEARER_TOKEN.fullmatch(token) is not None
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -443,7 +316,8 @@ through the API; one that expires is refused at most this much later)."""
 
 @define
 class Accounts:
-    """Users, passwords and tokens in MySQL (the ``users`` and ``user_tokens`` tables).
+    """Users, passwords and tokens in MySQL (the ``users`` and ``user_tokens`` tables of
+    ``snet.server.schema``).
 
     Two answers are memoised in memory: that a user exists (users are never deleted) and
     which user a token belongs to (for ``TOKEN_MEMO_SECONDS``).
@@ -459,10 +333,6 @@ class Accounts:
     def __attrs_post_init__(self) -> None:
         self._tokens = RecentAnswers(self.clock, TOKEN_MEMO_SECONDS)
         self._users = RecentAnswers(self.clock, float("inf"))
-
-    def apply_schema(self) -> Deferred[None]:
-        """Create the monolith's tables if they do not exist."""
-        return apply_server_schema(self.pool)
 
     def today(self) -> date:
         """Today's date (UTC) by the injected clock."""
@@ -483,8 +353,8 @@ class Accounts:
     def login(self, user_id: int, password: str) -> Deferred[str]:
         """Check *password* and fire with a new bearer token, valid for ``token_ttl`` s.
 
-        :raises NotFound: there is no such user.
-        :raises BadRequest: the password is wrong (the message says no more than that the
+        :raises NoSuchUser: there is no such user.
+        :raises WrongPassword: the password is wrong (the message says no more than that the
             pair does not match).
         """
         return Deferred.fromCoroutine(self._login(user_id, password))
@@ -492,10 +362,10 @@ class Accounts:
     async def _login(self, user_id: int, password: str) -> str:
         stored = await run_with_retry(self.pool, _password_hash, user_id)
         if stored is None:
-            raise NotFound("no such user", code=ErrorCode.USER_NOT_FOUND)
+            raise NoSuchUser("no such user")
         if not await self.hasher.verify(password, stored):
             log.info("failed login of user {user_id}", user_id=user_id)
-            raise BadRequest("wrong id or password", code=ErrorCode.WRONG_PASSWORD)
+            raise WrongPassword("wrong id or password")
         token = new_token()
         now = self.clock.seconds()
         await run_with_retry(

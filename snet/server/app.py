@@ -5,7 +5,7 @@
 Users, tokens and passwords live in ``Accounts``, friendships and posts in ``Social`` (both
 MySQL), feeds in ``FeedCache`` (Redis over MySQL); dialogs are forwarded to the chat service
 through a ``ChatGateway``. Every error is a JSON body ``{"message", "request_id", "code"}``
-(see snet.web).
+(see snet.web.errors).
 """
 
 from __future__ import annotations
@@ -20,11 +20,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from snet.chat.app import validate_message_text
-from snet.server.accounts import (
-    SEARCH_LIMIT,
-    Accounts,
-    Profile,
+from snet.chat_contract import (
+    CHAT_INSTANCE_HEADER,
+    IDEMPOTENCY_HEADER,
+    MAX_LIMIT,
+    validate_idempotency_key,
+    validate_message_text,
+)
+from snet.server.accounts import SEARCH_LIMIT, Accounts, NoSuchUser, Profile, WrongPassword
+from snet.server.feed import FeedCache
+from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
+from snet.server.social import (
+    FEED_SIZE,
+    NoSuchFriend,
+    NoSuchPost,
+    NotAuthor,
+    SelfFriendship,
+    Social,
+)
+from snet.server.validation import (
     parse_birthdate,
     parse_user_id,
     validate_biography,
@@ -32,47 +46,50 @@ from snet.server.accounts import (
     validate_given_password,
     validate_name,
     validate_new_password,
+    validate_post_text,
     validate_search_prefix,
 )
-from snet.server.feed import FeedCache
-from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
-from snet.server.social import FEED_SIZE, Social, validate_post_text
-from snet.web import (
-    HEALTH_TIMEOUT,
+from snet.web.draining import InFlight
+from snet.web.errors import (
     ApiError,
     BadRequest,
+    DomainErrors,
     ErrorCode,
-    HTTPMetrics,
-    InFlight,
     NotFound,
-    ServiceApp,
     Unauthorized,
     Unavailable,
     error_response,
-    header_text,
+)
+from snet.web.inputs import parse_id, query_arg, read_json_object
+from snet.web.metrics import HTTPMetrics
+from snet.web.requests import header_text, json_response, request_id, set_header
+from snet.web.service import (
+    HEALTH_TIMEOUT,
+    ServiceApp,
     health_response,
-    is_token,
-    json_response,
     metrics_response,
-    parse_id,
-    query_arg,
-    read_json_object,
-    request_id,
-    set_header,
     uncancellable,
 )
 
 log = Logger(namespace="snet.server.app")
 
-CHAT_INSTANCE_HEADER = b"X-Snet-Chat-Instance"
-IDEMPOTENCY_HEADER = b"Idempotency-Key"
 DEFAULT_FEED_LIMIT = 10
 MAX_FEED_LIMIT = FEED_SIZE
-DIALOG_PAGE = 500
-"""Messages asked of the chat service per page of ``/dialog/{id}/list``."""
+DIALOG_PAGE = MAX_LIMIT
+"""Messages asked of the chat service per page of ``/dialog/{id}/list``: the most it gives."""
 MAX_DIALOG_PAGES = 20
 """Pages read for one ``/dialog/{id}/list``: the oldest 10,000 messages at most."""
 CHAT_RETRY_AFTER = 1
+
+DOMAIN_ERRORS: DomainErrors = {
+    NoSuchUser: (NotFound, ErrorCode.USER_NOT_FOUND),
+    WrongPassword: (BadRequest, ErrorCode.WRONG_PASSWORD),
+    SelfFriendship: (BadRequest, ErrorCode.SELF_FRIENDSHIP),
+    NoSuchFriend: (BadRequest, ErrorCode.NO_SUCH_USER),
+    NoSuchPost: (BadRequest, ErrorCode.NO_SUCH_POST),
+    NotAuthor: (BadRequest, ErrorCode.NOT_AUTHOR),
+}
+"""What the stores' exceptions are answered with."""
 
 _NUMBER = re.compile(r"[0-9]{1,9}")
 
@@ -194,7 +211,7 @@ class ServerAPI(ServiceApp):
                 request_id=request_id(request),
             )
             failure = Failure(mapped)  # type: ignore[no-untyped-call]
-        return error_response(request, failure)
+        return error_response(request, failure, DOMAIN_ERRORS)
 
     async def _caller(self, request: IRequest) -> int:
         """The id of the user whose valid bearer token the request carries.
@@ -327,11 +344,8 @@ class ServerAPI(ServiceApp):
     async def send_message(self, request: IRequest, user_id: str) -> bytes:
         caller = await self._caller(request)
         key = header_text(request, IDEMPOTENCY_HEADER)
-        if key is not None and not is_token(key):
-            raise BadRequest(
-                "Idempotency-Key must be 1-128 characters of A-Z a-z 0-9 . _ : -",
-                code=ErrorCode.INVALID_PARAMETER,
-            )
+        if key is not None:
+            validate_idempotency_key(key)
         text = validate_message_text(read_json_object(request).get("text"))
         peer = await self._peer(request, caller, user_id)
         reply = await uncancellable(

@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from snet.storage import RedisPool
-from snet.web import ApiError, Unavailable
+from snet.web.errors import ApiError, Unavailable
 
 log = Logger(namespace="snet.server.ratelimit")
 

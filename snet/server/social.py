@@ -1,5 +1,8 @@
 """Friendships and posts in MySQL (the truth the feed cache is rebuilt from).
 
+The store raises its own exceptions (``SelfFriendship``, ``NoSuchFriend``, ``NoSuchPost``,
+``NotAuthor``), which the app answers.
+
 A friendship is one-directional, as in the original OTUS project: "A befriends B" means A
 follows B, and B's posts show in A's feed. Post ids grow with time, so everything here orders
 posts by id, newest (highest) first.
@@ -17,19 +20,27 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from snet.storage import run_with_retry
-from snet.web import BadRequest, ErrorCode, validate_text
 
 log = Logger(namespace="snet.server.social")
 
-MAX_POST_TEXT = 10_000
-"""The longest post, in characters."""
 FEED_SIZE = 1000
 """How many of the newest posts a feed holds."""
 
 
-def validate_post_text(value: object) -> str:
-    """A post's text: see ``snet.web.validate_text``; at most MAX_POST_TEXT characters."""
-    return validate_text(value, MAX_POST_TEXT)
+class SelfFriendship(Exception):
+    """A user asked to befriend or unfriend themself."""
+
+
+class NoSuchFriend(Exception):
+    """The user to befriend or unfriend does not exist."""
+
+
+class NoSuchPost(Exception):
+    """There is no post with the id given."""
+
+
+class NotAuthor(Exception):
+    """A user asked to change or delete a post someone else wrote."""
 
 
 @frozen
@@ -61,10 +72,10 @@ def _utc(seconds: float) -> datetime:
 
 def _require_other_user(txn: adbapi.Transaction, user_id: int, friend_id: int) -> None:
     if user_id == friend_id:
-        raise BadRequest("one cannot befriend oneself", code=ErrorCode.SELF_FRIENDSHIP)
+        raise SelfFriendship("one cannot befriend oneself")
     txn.execute("SELECT 1 FROM users WHERE id = %s", (friend_id,))
     if txn.fetchone() is None:
-        raise BadRequest("no such user", code=ErrorCode.NO_SUCH_USER)
+        raise NoSuchFriend("no such user")
 
 
 def _befriend(txn: adbapi.Transaction, user_id: int, friend_id: int, now: datetime) -> bool:
@@ -97,9 +108,9 @@ def _own_post(txn: adbapi.Transaction, author_id: int, post_id: int) -> None:
     txn.execute("SELECT author_id FROM posts WHERE id = %s FOR UPDATE", (post_id,))
     row = txn.fetchone()
     if row is None:
-        raise BadRequest("no such post", code=ErrorCode.NO_SUCH_POST)
+        raise NoSuchPost("no such post")
     if int(row[0]) != author_id:
-        raise BadRequest("only its author may change a post", code=ErrorCode.NOT_AUTHOR)
+        raise NotAuthor("only its author may change a post")
 
 
 def _update_post(
@@ -174,14 +185,16 @@ class Social:
     def befriend(self, user_id: int, friend_id: int) -> Deferred[bool]:
         """*user_id* follows *friend_id* from now on; fires with whether that is new.
 
-        :raises BadRequest: *friend_id* is *user_id* or no user.
+        :raises SelfFriendship: *friend_id* is *user_id*.
+        :raises NoSuchFriend: *friend_id* is no user.
         """
         return run_with_retry(self.pool, _befriend, user_id, friend_id, self._now())
 
     def unfriend(self, user_id: int, friend_id: int) -> Deferred[bool]:
         """*user_id* no longer follows *friend_id*; fires with whether it did.
 
-        :raises BadRequest: *friend_id* is *user_id* or no user.
+        :raises SelfFriendship: *friend_id* is *user_id*.
+        :raises NoSuchFriend: *friend_id* is no user.
         """
         return run_with_retry(self.pool, _unfriend, user_id, friend_id)
 
@@ -192,14 +205,16 @@ class Social:
     def update_post(self, author_id: int, post_id: int, text: str) -> Deferred[Post]:
         """Replace the text of *author_id*'s post *post_id*.
 
-        :raises BadRequest: there is no such post, or someone else wrote it.
+        :raises NoSuchPost: there is no such post.
+        :raises NotAuthor: someone else wrote it.
         """
         return run_with_retry(self.pool, _update_post, author_id, post_id, text, self._now())
 
     def delete_post(self, author_id: int, post_id: int) -> Deferred[Post]:
         """Remove *author_id*'s post *post_id*; fires with the post as it was.
 
-        :raises BadRequest: there is no such post, or someone else wrote it.
+        :raises NoSuchPost: there is no such post.
+        :raises NotAuthor: someone else wrote it.
         """
         return run_with_retry(self.pool, _delete_post, author_id, post_id)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.application.service import IService
@@ -20,9 +21,12 @@ from snet.server.discovery import HealthyInstances, StaticInstances, endpoint_fr
 from snet.server.ejection import PassiveHealth
 from snet.server.feed import FeedCache, FeedFanout, FeedMetrics
 from snet.server.roundrobin import RoundRobin
+from snet.server.schema import apply_server_schema
 from snet.server.social import Social
 from snet.storage import mysql_pool, redis_pool
-from snet.web import HTTPMetrics, InFlight, QuietSite
+from snet.web.draining import InFlight
+from snet.web.metrics import HTTPMetrics
+from snet.web.service import QuietSite
 
 
 def positive_int(text: str) -> int:
@@ -151,7 +155,7 @@ def makeService(options: Any) -> IService:
         endpoint=serverFromString(reactor, options["listen"]),
         site=QuietSite(api.resource()),  # type: ignore[no-untyped-call]
         listen_description=options["listen"],
-        apply_schema=accounts.apply_schema,
+        apply_schema=partial(apply_server_schema, pool),
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],

@@ -20,19 +20,18 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
 
+from snet.chat.schema import SCHEMA_LOCK, apply_chat_schema, schema_sql
 from snet.chat.store import (
-    SCHEMA_LOCK,
     Dialogs,
+    IdempotencyKeyReused,
     Message,
     MessageStore,
     UnreadCounters,
-    apply_chat_schema,
-    schema_sql,
+    UnreadUnavailable,
 )
 from snet.config import MySQLConfig, RedisConfig
 from snet.storage import RedisPool, apply_schema, mysql_pool, redis_pool, run_with_retry
 from snet.testing.servers import MariaDB, Redis
-from snet.web import Conflict, Unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -131,7 +130,7 @@ async def test_a_key_reused_for_a_different_message_is_a_conflict(
     store: MessageStore, pool: adbapi.ConnectionPool, recipient: int, text: str
 ) -> None:
     stored, _ = await store.send(ALICE, BOB, "original", "k")
-    with pytest.raises(Conflict):
+    with pytest.raises(IdempotencyKeyReused):
         await store.send(ALICE, recipient, text, "k")
     assert await rows(pool) == [(stored.id, ALICE, BOB, "original", "k")]
 
@@ -163,7 +162,7 @@ async def test_when_redis_is_down_a_send_fails_fast_with_503_and_leaves_no_row(
         await dialogs.send(ALICE, BOB, "before", "k0")
         own_redis.stop()
         began = time.monotonic()
-        with pytest.raises(Unavailable):
+        with pytest.raises(UnreadUnavailable):
             await dialogs.send(ALICE, BOB, "while down", "k1")
         assert time.monotonic() - began < 5
         assert [row[4] for row in await rows(pool)] == ["k0"]
@@ -176,7 +175,7 @@ async def test_when_redis_is_down_a_send_fails_fast_with_503_and_leaves_no_row(
             try:
                 _message, created = await dialogs.send(ALICE, BOB, "while down", "k1")
                 break
-            except Unavailable:
+            except UnreadUnavailable:
                 if time.monotonic() > deadline:
                     raise
                 await deferLater(reactor, 0.2, lambda: None)

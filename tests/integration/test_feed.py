@@ -27,15 +27,18 @@ from twisted.logger import capturedLogs
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from snet.config import MySQLConfig, RedisConfig
-from snet.server.accounts import Accounts, PasswordHasher, ScryptParameters, apply_server_schema
+from snet.server.accounts import Accounts, PasswordHasher, ScryptParameters
 from snet.server.app import ServerAPI
 from snet.server.feed import JOBS_KEY, FeedCache, FeedFanout, feed_key
 from snet.server.gateway import ChatReply, NoChatInstance
+from snet.server.schema import apply_server_schema
 from snet.server.social import Social
 from snet.storage import RedisPool, mysql_pool, redis_pool
 from snet.testing.servers import MariaDB, Redis, free_port
 from snet.testing.waiting import eventually
-from snet.web import HTTPMetrics, InFlight, QuietSite
+from snet.web.draining import InFlight
+from snet.web.metrics import HTTPMetrics
+from snet.web.service import QuietSite
 
 pytestmark = pytest.mark.integration
 

@@ -26,17 +26,17 @@ from snet.server.accounts import (
     SEARCH_SQL,
     TOKEN_TTL,
     Accounts,
+    NoSuchUser,
     PasswordHasher,
     Profile,
     ScryptParameters,
-    apply_server_schema,
+    WrongPassword,
     like_prefix,
-    schema_sql,
 )
-from snet.server.social import Post, Social
+from snet.server.schema import apply_server_schema, schema_sql
+from snet.server.social import NoSuchFriend, NoSuchPost, NotAuthor, Post, SelfFriendship, Social
 from snet.storage import mysql_pool, split_statements
 from snet.testing.servers import MariaDB
-from snet.web import BadRequest, ErrorCode, NotFound
 
 pytestmark = pytest.mark.integration
 
@@ -104,14 +104,13 @@ async def test_registered_user_reads_back_and_logs_in_with_a_token(accounts: Acc
 
 @pytest_twisted.ensureDeferred
 async def test_login_refuses_wrong_passwords_and_unknown_users(accounts: Accounts) -> None:
-    """A wrong password is a 400 that says only that the pair does not match; an unknown user
-    is a 404; neither creates a token."""
+    """A wrong password is refused with a message that says only that the pair does not
+    match; an unknown user is no user; neither creates a token."""
     user_id = await accounts.register(PROFILE, "correct horse battery")
-    with pytest.raises(BadRequest) as wrong:
+    with pytest.raises(WrongPassword) as wrong:
         await accounts.login(user_id, "incorrect horse")
-    assert wrong.value.code == ErrorCode.WRONG_PASSWORD
-    assert "password" in wrong.value.message
-    with pytest.raises(NotFound):
+    assert "password" in str(wrong.value)
+    with pytest.raises(NoSuchUser):
         await accounts.login(user_id + 1000, "correct horse battery")
     assert await _rows(accounts.pool, "SELECT * FROM user_tokens") == []
 
@@ -295,12 +294,10 @@ async def test_friendships_are_idempotent_one_way_follows(
     assert await social.befriend(alice, bob) is False
     assert await social.followers(bob, after=0, limit=10) == [alice]
     assert await social.followers(alice, after=0, limit=10) == []
-    with pytest.raises(BadRequest) as self_friend:
+    with pytest.raises(SelfFriendship):
         await social.befriend(alice, alice)
-    assert self_friend.value.code == ErrorCode.SELF_FRIENDSHIP
-    with pytest.raises(BadRequest) as unknown:
+    with pytest.raises(NoSuchFriend):
         await social.befriend(alice, bob + 1000)
-    assert unknown.value.code == ErrorCode.NO_SUCH_USER
     assert await social.unfriend(alice, bob) is True
     assert await social.unfriend(alice, bob) is False
     assert await social.followers(bob, after=0, limit=10) == []
@@ -314,17 +311,17 @@ async def test_posts_are_created_read_updated_and_deleted_by_their_author_only(
     alice, bob = await _users(accounts, 2)
     post = await social.create_post(alice, "первый пост")
     assert await social.get_post(post.id) == Post(post.id, alice, "первый пост")
-    with pytest.raises(BadRequest, match="author"):
+    with pytest.raises(NotAuthor, match="author"):
         await social.update_post(bob, post.id, "hijacked")
-    with pytest.raises(BadRequest, match="author"):
+    with pytest.raises(NotAuthor, match="author"):
         await social.delete_post(bob, post.id)
-    with pytest.raises(BadRequest, match="no such post"):
+    with pytest.raises(NoSuchPost, match="no such post"):
         await social.update_post(alice, post.id + 1000, "nothing")
     assert await social.update_post(alice, post.id, "edited") == Post(post.id, alice, "edited")
     assert (await social.get_post(post.id)) == Post(post.id, alice, "edited")
     assert await social.delete_post(alice, post.id) == Post(post.id, alice, "edited")
     assert await social.get_post(post.id) is None
-    with pytest.raises(BadRequest, match="no such post"):
+    with pytest.raises(NoSuchPost, match="no such post"):
         await social.delete_post(alice, post.id)
 
 

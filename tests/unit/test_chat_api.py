@@ -17,10 +17,14 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from snet.chat.app import ChatAPI, parse_limit, validate_message_text
-from snet.chat.store import MAX_TEXT, Message, MessageStore, UnreadCounters
+from snet.chat.app import ChatAPI, parse_limit
+from snet.chat.store import IdempotencyKeyReused, Message, MessageStore, UnreadCounters
+from snet.chat_contract import MAX_TEXT, validate_message_text
 from snet.testing import result_of
-from snet.web import BadRequest, Conflict, ErrorCode, HTTPMetrics, InFlight, parse_id
+from snet.web.draining import InFlight
+from snet.web.errors import BadRequest, ErrorCode
+from snet.web.inputs import parse_id
+from snet.web.metrics import HTTPMetrics
 
 BASE = "http://chat.test"
 ALICE, BOB, CAROL = 1, 2, 3
@@ -42,10 +46,7 @@ class FakeMessages:
             if row.sender_id == sender and self._keys[row.id] == key:
                 if row.recipient_id != recipient or row.text != text:
                     return fail(
-                        Conflict(
-                            "idempotency key reused with a different message",
-                            code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                        )
+                        IdempotencyKeyReused("idempotency key reused with a different message")
                     )
                 return succeed((row, False))
         message = Message(

@@ -12,7 +12,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from snet.lifecycle import ServingInstance
 from snet.testing import result_of
-from snet.web import InFlight
+from snet.web.draining import InFlight
 
 
 class Recorder:

@@ -31,7 +31,7 @@ from snet.server.ratelimit import (
 )
 from snet.storage import RedisPool
 from snet.testing import failure_of, result_of
-from snet.web import Unavailable
+from snet.web.errors import Unavailable
 
 PROXIES = parse_networks("10.0.0.0/8, 192.168.1.1, fd00::/8")
 

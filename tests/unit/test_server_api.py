@@ -16,7 +16,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from snet.server.accounts import Profile, User
+from snet.server.accounts import NoSuchUser, Profile, User, WrongPassword
 from snet.server.app import (
     MAX_DIALOG_PAGES,
     ServerAPI,
@@ -24,9 +24,11 @@ from snet.server.app import (
     parse_offset,
 )
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
-from snet.server.social import Post
+from snet.server.social import NoSuchFriend, NoSuchPost, NotAuthor, Post, SelfFriendship
 from snet.testing import result_of
-from snet.web import BadRequest, ErrorCode, HTTPMetrics, InFlight, NotFound
+from snet.web.draining import InFlight
+from snet.web.errors import BadRequest, ErrorCode
+from snet.web.metrics import HTTPMetrics
 
 BASE = "http://server.test"
 TODAY = date(2026, 11, 27)
@@ -59,9 +61,9 @@ class FakeAccounts:
 
     def login(self, user_id: int, password: str) -> Deferred[str]:
         if user_id not in self.users:
-            return fail(NotFound("no such user", code=ErrorCode.USER_NOT_FOUND))
+            return fail(NoSuchUser("no such user"))
         if self.passwords[user_id] != password:
-            return fail(BadRequest("wrong id or password", code=ErrorCode.WRONG_PASSWORD))
+            return fail(WrongPassword("wrong id or password"))
         return succeed(f"t{user_id}" + "x" * 20)
 
     def authenticate(self, token: str) -> Deferred[int | None]:
@@ -100,14 +102,14 @@ class FakeSocial:
 
     def _check(self, user_id: int, friend_id: int) -> None:
         if user_id == friend_id:
-            raise BadRequest("self", code=ErrorCode.SELF_FRIENDSHIP)
+            raise SelfFriendship("self")
         if friend_id not in self.accounts.users:
-            raise BadRequest("no such user", code=ErrorCode.NO_SUCH_USER)
+            raise NoSuchFriend("no such user")
 
     def befriend(self, user_id: int, friend_id: int) -> Deferred[bool]:
         try:
             self._check(user_id, friend_id)
-        except BadRequest as e:
+        except Exception as e:
             return fail(e)
         new = (user_id, friend_id) not in self.follows
         self.follows.add((user_id, friend_id))
@@ -116,7 +118,7 @@ class FakeSocial:
     def unfriend(self, user_id: int, friend_id: int) -> Deferred[bool]:
         try:
             self._check(user_id, friend_id)
-        except BadRequest as e:
+        except Exception as e:
             return fail(e)
         had = (user_id, friend_id) in self.follows
         self.follows.discard((user_id, friend_id))
@@ -129,9 +131,9 @@ class FakeSocial:
 
     def _own(self, author_id: int, post_id: int) -> Post:
         if post_id not in self.posts:
-            raise BadRequest("no such post", code=ErrorCode.NO_SUCH_POST)
+            raise NoSuchPost("no such post")
         if self.posts[post_id].author_id != author_id:
-            raise BadRequest("not yours", code=ErrorCode.NOT_AUTHOR)
+            raise NotAuthor("not yours")
         return self.posts[post_id]
 
     def update_post(self, author_id: int, post_id: int, text: str) -> Deferred[Post]:

@@ -1,5 +1,5 @@
-"""Unit tests of snet.web: request ids, the JSON error mapping, JSON bodies, draining and
-metrics, through a small Klein app served in memory by StubTreq."""
+"""Unit tests of the snet.web package: request ids, the JSON error mapping, JSON bodies,
+draining and metrics, through a small Klein app served in memory by StubTreq."""
 
 from __future__ import annotations
 
@@ -22,23 +22,20 @@ from twisted.web.iweb import IRequest
 from twisted.web.test.requesthelper import DummyRequest
 
 from snet.testing import failure_of, result_of
-from snet.web import (
+from snet.web.draining import InFlight
+from snet.web.errors import (
     ApiError,
     BadRequest,
     Conflict,
     ErrorCode,
-    HTTPMetrics,
-    InFlight,
     NotFound,
-    ObservedResource,
     Unavailable,
     error_response,
-    is_token,
-    json_response,
-    read_json_object,
-    request_id,
-    uncancellable,
 )
+from snet.web.inputs import read_json_object
+from snet.web.metrics import HTTPMetrics
+from snet.web.requests import is_client_token, json_response, request_id
+from snet.web.service import ObservedResource, uncancellable
 
 BASE = "http://chat.test"
 
@@ -135,9 +132,9 @@ def test_without_a_client_id_each_request_gets_its_own(http: StubTreq) -> None:
 
 
 @given(st.text(max_size=200))
-def test_is_token_accepts_exactly_1_to_128_safe_characters(text: str) -> None:
+def test_is_client_token_accepts_exactly_1_to_128_safe_characters(text: str) -> None:
     allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
-    assert is_token(text) == (1 <= len(text) <= 128 and set(text) <= allowed)
+    assert is_client_token(text) == (1 <= len(text) <= 128 and set(text) <= allowed)
 
 
 def test_each_request_is_logged_once_at_its_end_with_its_request_id(

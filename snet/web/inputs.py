@@ -1,0 +1,97 @@
+"""What clients send, checked: JSON object bodies, ids in paths and bodies, query arguments
+and texts (messages, posts). Anything unacceptable raises ``BadRequest``."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from snet.web.errors import BadRequest, ErrorCode
+from snet.web.requests import header_text
+
+MAX_JSON_BODY = 64 * 1024
+"""The largest JSON body read_json_object accepts, in bytes."""
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_json_object(request: IRequest, *, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
+    """The request body as a JSON object.
+
+    :raises BadRequest: if the content type is not JSON, the body is over *limit* bytes, is
+        not UTF-8 JSON (``NaN`` and ``Infinity`` included), or is not an object.
+    """
+    content_type = (header_text(request, b"Content-Type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise BadRequest(
+            "the body must be JSON (Content-Type: application/json)",
+            code=ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+        )
+    content = request.content
+    if content is None:
+        raise BadRequest("the body must be a JSON object", code=ErrorCode.INVALID_JSON)
+    content.seek(0)
+    raw = content.read(limit + 1)
+    if len(raw) > limit:
+        raise BadRequest(f"the body is over {limit} bytes", code=ErrorCode.BODY_TOO_LARGE)
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("the body is not valid JSON", code=ErrorCode.INVALID_JSON) from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", code=ErrorCode.INVALID_JSON)
+    return body
+
+
+ID = re.compile(r"[1-9][0-9]{0,18}")
+MAX_ID = 2**63 - 1
+
+
+def validate_text(value: object, max_length: int) -> str:
+    """A ``text`` field (a message, a post): a string with something besides white space, at
+    most *max_length* characters, encodable as UTF-8 (no lone surrogates). Kept as given."""
+    if value is None:
+        raise BadRequest("text is required", code=ErrorCode.INVALID_TEXT)
+    if not isinstance(value, str):
+        raise BadRequest("text must be a string", code=ErrorCode.INVALID_TEXT)
+    if not value.strip():
+        raise BadRequest("text must not be empty", code=ErrorCode.INVALID_TEXT)
+    if len(value) > max_length:
+        raise BadRequest(
+            f"text must be at most {max_length} characters", code=ErrorCode.INVALID_TEXT
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("text must be valid Unicode", code=ErrorCode.INVALID_TEXT) from None
+    return value
+
+
+def parse_id(text: str | None, name: str) -> int:
+    """A positive id below 2**63 written as plain decimal digits (no sign, zero, space).
+
+    :raises BadRequest: naming *name* otherwise.
+    """
+    if text is None or ID.fullmatch(text) is None or int(text) > MAX_ID:
+        raise BadRequest(
+            f"{name} must be a positive integer below 2**63 in decimal digits",
+            code=ErrorCode.INVALID_PARAMETER,
+        )
+    return int(text)
+
+
+def query_arg(request: IRequest, name: str) -> str | None:
+    """The first value of query argument *name* as text, or None if absent."""
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = args.get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return ""

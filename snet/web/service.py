@@ -1,0 +1,228 @@
+"""What both services' Klein apps are built on: ``ServiceApp`` (in-flight tracking, metrics,
+version, clock and ``resource()``), ``ObservedResource`` (the wrapper every request goes
+through: its id, in-flight count, metrics and one log line), ``GET /health`` and
+``GET /metrics``, ``QuietSite``, and ``uncancellable`` for work that must outlive its request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from attrs import define, field
+from klein import Klein
+from klein.interfaces import IKleinRequest
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException
+from zope.interface import implementer
+
+from snet.web.draining import InFlight
+from snet.web.errors import ErrorCode, error_body
+from snet.web.metrics import HTTPMetrics
+from snet.web.requests import json_response, notify_finish, request_id, set_header
+
+T = TypeVar("T")
+
+log = Logger(namespace="snet.web")
+
+UNMATCHED_ROUTE = "<unmatched>"
+
+
+def klein_route(request: IRequest) -> str:
+    """The route template Klein matched for *request*, or ``<unmatched>``."""
+    mapper = getattr(IKleinRequest(request), "mapper", None)
+    if mapper is None:
+        return UNMATCHED_ROUTE
+    try:
+        rule, _args = mapper.match(return_rule=True)
+    except HTTPException:
+        return UNMATCHED_ROUTE
+    return str(rule.rule)
+
+
+QUIET_ROUTES = frozenset({"/health", "/metrics"})
+"""Routes whose successful requests are logged at debug level."""
+
+
+@implementer(IResource)
+@define
+class ObservedResource:
+    """Wraps an app's resource (a leaf, such as Klein's) so that every request gets its id,
+    is counted in flight, and is measured and logged once when it ends."""
+
+    wrapped: IResource
+    in_flight: InFlight
+    metrics: HTTPMetrics
+    clock: IReactorTime
+    route_of: Callable[[IRequest], str] = klein_route
+    isLeaf: bool = field(default=True, init=False)
+
+    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
+        child: IResource = self.wrapped.getChildWithDefault(  # type: ignore[no-untyped-call]
+            name, request
+        )
+        return child
+
+    def putChild(self, path: bytes, child: IResource) -> None:
+        raise NotImplementedError("ObservedResource has no children of its own")
+
+    def render(self, request: IRequest) -> Any:
+        rid = request_id(request)
+        self.in_flight.begin(request)
+        started = self.clock.seconds()
+        method = request.method.decode("ascii", "replace")
+
+        def finished(result: object) -> None:
+            route = self.route_of(request)
+            status = int(getattr(request, "code", 0) or 0)
+            elapsed = max(0.0, self.clock.seconds() - started)
+            self.metrics.observe(method, route, status, elapsed)
+            ms = round(elapsed * 1000, 1)
+            # Probes (Consul's health check every second, Prometheus scrapes) are logged at
+            # debug level only, so that they do not drown the requests that matter.
+            emit = log.debug if route in QUIET_ROUTES and status < 400 else log.info
+            if isinstance(result, Failure):
+                log.info(
+                    "[{request_id}] {method} {route} client went away after {ms} ms",
+                    method=method,
+                    route=route,
+                    status=status,
+                    ms=ms,
+                    request_id=rid,
+                )
+            else:
+                emit(
+                    "[{request_id}] {method} {route} {status} in {ms} ms",
+                    method=method,
+                    route=route,
+                    status=status,
+                    ms=ms,
+                    request_id=rid,
+                )
+
+        notify_finish(request).addBoth(finished)
+        return self.wrapped.render(request)  # type: ignore[no-untyped-call]
+
+
+def uncancellable(d: Deferred[T]) -> Deferred[T]:
+    """A Deferred with *d*'s result that can be cancelled without cancelling *d*.
+
+    For work that must run to its end (a write and its compensation) even when the client
+    that asked for it goes away and Klein cancels the handler.
+    """
+    outer: Deferred[T] = Deferred()
+
+    def relay(result: T | Failure) -> None:
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+        elif isinstance(result, Failure) and not result.check(  # type: ignore[no-untyped-call]
+            defer.CancelledError
+        ):
+            log.failure("work finished after its request was cancelled", result)
+
+    d.addBoth(relay)
+    return outer
+
+
+class QuietSite(Site):
+    """A Site without Twisted's access log: ``ObservedResource`` logs every request once,
+    with its request id, so a second line per request would only be noise."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+HEALTH_TIMEOUT = 1.0
+"""Seconds /health waits for MySQL's answer to ``SELECT 1``."""
+
+
+class ServiceApp:
+    """What the two services' Klein apps share: the in-flight tracker, the metrics, the
+    version, the clock, and ``resource()``, the app wrapped so that every request gets an id,
+    is counted in flight, measured and logged. A subclass has its own ``app = Klein()``."""
+
+    app: Klein
+
+    def __init__(
+        self,
+        *,
+        in_flight: InFlight,
+        metrics: HTTPMetrics,
+        version: str,
+        clock: IReactorTime | None = None,
+        health_timeout: float = HEALTH_TIMEOUT,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
+        self.in_flight = in_flight
+        self.metrics = metrics
+        self.version = version
+        self.clock = clock
+        self.health_timeout = health_timeout
+        metrics.track(in_flight)
+
+    def resource(self) -> IResource:
+        """The app as a resource that a Site serves."""
+        return ObservedResource(
+            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
+        )
+
+
+async def health_response(
+    request: IRequest,
+    *,
+    in_flight: InFlight,
+    ping: Callable[[], Deferred[Any]],
+    timeout: float,
+    clock: IReactorTime,
+    version: str,
+) -> bytes:
+    """``GET /health`` of either service: 200 only when the process can serve.
+
+    503 (with Retry-After) while draining, or when MySQL does not answer ``ping()`` within
+    *timeout* seconds; Consul's HTTP check and compose's healthcheck read this.
+    """
+    if in_flight.draining:
+        return _unhealthy(
+            request, version, "draining: this instance is stopping", ErrorCode.DRAINING
+        )
+    answer = ping()
+    answer.addTimeout(timeout, clock)
+    try:
+        await answer
+    except Exception as e:
+        return _unhealthy(
+            request,
+            version,
+            f"MySQL does not answer ({type(e).__name__})",
+            ErrorCode.MYSQL_UNAVAILABLE,
+        )
+    return json_response(request, {"status": "ok", "version": version})
+
+
+def _unhealthy(request: IRequest, version: str, message: str, code: int) -> bytes:
+    set_header(request, b"Retry-After", b"1")
+    body: dict[str, Any] = {"status": "unavailable", "version": version}
+    body.update(error_body(request, message, code))
+    return json_response(request, body, 503)
+
+
+def metrics_response(request: IRequest, metrics: HTTPMetrics) -> bytes:
+    """``GET /metrics`` of either service: the Prometheus text of *metrics*' registry."""
+    body, content_type = metrics.render()
+    set_header(request, b"Content-Type", content_type.encode("ascii"))
+    return body
