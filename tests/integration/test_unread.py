@@ -10,9 +10,10 @@ import pytest
 import pytest_twisted
 from twisted.enterprise import adbapi
 
+from snet.chat.schema import apply_chat_schema
 from snet.chat.unread import UnreadIndex, UnreadRepairs
 from snet.config import MySQLConfig
-from snet.storage import RedisPool, apply_schema, mysql_pool
+from snet.storage import RedisPool, mysql_pool
 from snet.testing.servers import MariaDB
 
 pytestmark = pytest.mark.integration
@@ -30,11 +31,9 @@ def mysql_config(mariadb: MariaDB) -> MySQLConfig:
 
 @pytest_twisted.async_yield_fixture
 async def pool(mysql_config: MySQLConfig) -> AsyncIterator[adbapi.ConnectionPool]:
-    from snet.chat.store import schema_sql
-
     pool = mysql_pool(mysql_config, min=1, max=4)
     try:
-        await apply_schema(pool, schema_sql(), "unread_test")
+        await apply_chat_schema(pool)
         for table in ("chat_messages", "chat_reads", "chat_unread_repairs"):
             await pool.runOperation(f"DELETE FROM {table}")
         yield pool
