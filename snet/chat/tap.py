@@ -16,7 +16,7 @@ from snet.chat.registration import ChatRegistration, ServiceInstance
 from snet.chat.store import MessageStore, UnreadCounters
 from snet.config import ConfigError, parse_host_port
 from snet.consul import TreqConsul
-from snet.lifecycle import ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance
 from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
 from snet.web import HTTPMetrics, InFlight, QuietSite
@@ -141,5 +141,9 @@ def makeService(options: Any) -> IService:
         advertise=options["advertise-address"],
         announce=registration,
         announce_grace=options["deregister-grace"],
-        closers=[consul.close, lambda: redis.disconnect(), pool.close],
+        resources=[
+            ClosedOnStop("consul", consul.close),
+            ClosedOnStop("redis", redis.disconnect),
+            ClosedOnStop("mysql", pool.close),
+        ],
     )

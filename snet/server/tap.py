@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from snet import __version__
 from snet.consul import TreqConsul
-from snet.lifecycle import ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance
 from snet.options import ServiceOptions, positive_float
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
@@ -103,7 +103,7 @@ def makeService(options: Any) -> IService:
     redis = redis_pool(options["redis-config"])
     metrics = HTTPMetrics()
     in_flight = InFlight()
-    closers: list[Any] = []
+    resources: list[IService] = []
 
     if options["chat-url"]:
         instances: Any = StaticInstances(options["chat-url"])
@@ -116,7 +116,7 @@ def makeService(options: Any) -> IService:
             refresh_interval=options["refresh-interval"],
             registry=metrics.registry,
         )
-        closers.append(consul.close)
+        resources.append(ClosedOnStop("consul", consul.close))
     http = chat_http_client(reactor, connect_timeout=options["chat-connect-timeout"])
     health = PassiveHealth(
         clock=reactor,
@@ -146,7 +146,11 @@ def makeService(options: Any) -> IService:
         version=__version__,
         clock=reactor,
     )
-    closers += [http.close, lambda: redis.disconnect(), pool.close]
+    resources += [
+        ClosedOnStop("chat-http", http.close),
+        ClosedOnStop("redis", redis.disconnect),
+        ClosedOnStop("mysql", pool.close),
+    ]
     return ServingInstance(
         endpoint=serverFromString(reactor, options["listen"]),
         site=QuietSite(api.resource()),  # type: ignore[no-untyped-call]
@@ -156,5 +160,5 @@ def makeService(options: Any) -> IService:
         clock=reactor,
         drain_timeout=options["drain-timeout"],
         workers=[instances, FeedFanout(feed, clock=reactor)],
-        closers=closers,
+        resources=resources,
     )
