@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, may
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
+    IReactorCore,
     IReactorTime,
     IStreamServerEndpoint,
 )
@@ -88,7 +89,9 @@ class ServingInstance(Service):
         workers: Sequence[IService] = (),
         resources: Sequence[IService] = (),
         schema_retry_delay: Callable[[int], float] | None = None,
+        reactor: IReactorCore | None = None,
     ) -> None:
+        """*reactor* is stopped when the instance cannot start (None: the global reactor)."""
         self.endpoint = endpoint
         self.site = site
         self.listen_description = listen_description
@@ -102,6 +105,7 @@ class ServingInstance(Service):
         self.workers = list(workers)
         self.resources = list(resources)
         self.schema_retry_delay = schema_retry_delay or exponential_backoff()
+        self._reactor = reactor
         self.port: IListeningPort | None = None
         self.announcement: IService | None = None
         self._workers_started = False
@@ -169,9 +173,12 @@ class ServingInstance(Service):
 
     def _start_failed(self, failure: Any) -> None:
         log.failure("could not start", failure)
-        from twisted.internet import reactor
+        if self._reactor is not None:
+            self._reactor.stop()
+        else:
+            from twisted.internet import reactor
 
-        reactor.stop()
+            reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]

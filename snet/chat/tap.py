@@ -6,7 +6,6 @@ import uuid
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -99,11 +98,13 @@ def default_instance_id(service_name: str, host: str, port: int) -> str:
     return f"{service_name}-{host}-{port}-{uuid.uuid4().hex[:8]}"
 
 
-def makeService(options: Any) -> IService:
-    """Wire one chat instance: storage, HTTP API, listener and Consul registration."""
-    reactor: Any = global_reactor
+def makeService(options: Any, reactor: Any = None) -> IService:
+    """Wire one chat instance: storage, HTTP API, listener and Consul registration, all on
+    *reactor* (None: the global reactor)."""
+    if reactor is None:
+        from twisted.internet import reactor
     pool = mysql_pool(options["mysql-config"], reactor=reactor)
-    redis = redis_pool(options["redis-config"])
+    redis = redis_pool(options["redis-config"], reactor=reactor)
     in_flight = InFlight()
     api = ChatAPI(
         messages=MessageStore(pool),
@@ -111,6 +112,7 @@ def makeService(options: Any) -> IService:
         in_flight=in_flight,
         metrics=HTTPMetrics(),
         version=__version__,
+        clock=reactor,
     )
     consul = TreqConsul(options["consul-config"], reactor=reactor)
 
@@ -138,6 +140,7 @@ def makeService(options: Any) -> IService:
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],
+        reactor=reactor,
         advertise=options["advertise-address"],
         announce=registration,
         announce_grace=options["deregister-grace"],

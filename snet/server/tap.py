@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -96,11 +95,13 @@ class Options(ServiceOptions):
                 raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Any) -> IService:
-    """Wire the monolith: storage, feed, chat discovery and balancing, HTTP API, listener."""
-    reactor: Any = global_reactor
+def makeService(options: Any, reactor: Any = None) -> IService:
+    """Wire the monolith: storage, feed, chat discovery and balancing, HTTP API, listener,
+    all on *reactor* (None: the global reactor)."""
+    if reactor is None:
+        from twisted.internet import reactor
     pool = mysql_pool(options["mysql-config"], reactor=reactor)
-    redis = redis_pool(options["redis-config"])
+    redis = redis_pool(options["redis-config"], reactor=reactor)
     metrics = HTTPMetrics()
     in_flight = InFlight()
     resources: list[IService] = []
@@ -159,6 +160,7 @@ def makeService(options: Any) -> IService:
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],
+        reactor=reactor,
         workers=[instances, FeedFanout(feed, clock=reactor)],
         resources=resources,
     )
