@@ -16,9 +16,7 @@ import pymysql
 import pytest
 import pytest_twisted
 from twisted.enterprise import adbapi
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.task import deferLater
 
 from snet.chat.store import (
     SCHEMA_LOCK,
@@ -32,6 +30,7 @@ from snet.chat.store import (
 from snet.config import MySQLConfig, RedisConfig
 from snet.storage import RedisPool, apply_schema, mysql_pool, redis_pool, run_with_retry
 from snet.testing.servers import MariaDB, Redis
+from snet.testing.waiting import eventually
 from snet.web import Conflict, Unavailable
 
 pytestmark = pytest.mark.integration
@@ -171,15 +170,14 @@ async def test_when_redis_is_down_a_send_fails_fast_with_503_and_leaves_no_row(
         # Back up (Redis lost its data: it keeps nothing on disk), the client's retry with
         # the same key stores the message at last.
         own_redis.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                _message, created = await dialogs.send(ALICE, BOB, "while down", "k1")
-                break
-            except Unavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await deferLater(reactor, 0.2, lambda: None)
+        sent: list[tuple[Any, bool]] = []
+
+        async def send_once() -> bool:
+            sent.append(await dialogs.send(ALICE, BOB, "while down", "k1"))
+            return True
+
+        await eventually(lambda: Deferred.fromCoroutine(send_once()), 30, "Redis", interval=0.2)
+        [(_message, created)] = sent
         assert created
         assert [row[4] for row in await rows(pool)] == ["k0", "k1"]
         assert await UnreadCounters(client).counts(BOB) == {ALICE: 1}
