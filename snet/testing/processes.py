@@ -160,9 +160,6 @@ class TwistdProcess:
         except OSError:
             return "(no log)"
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def __enter__(self) -> TwistdProcess:
         return self.start()
 
