@@ -253,13 +253,19 @@ class DialogTraffic:
 
     def wait_for(self, count: int, *, since: float | None = None, timeout: float = 30.0) -> None:
         """Wait until *count* calls (started after *since*) have ended."""
-        deadline = time.monotonic() + timeout
-        while self.count(since) < count:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"only {self.count(since)} of {count} calls within {timeout}s")
+
+        def ended() -> bool:
+            if self.count(since) >= count:
+                return True
             if not self.running:
                 raise RuntimeError(f"the clients stopped after {self.count(since)} calls")
-            time.sleep(0.02)
+            return False
+
+        try:
+            wait_until(ended, timeout, f"{count} calls", interval=0.02)
+        except TimeoutError:
+            message = f"only {self.count(since)} of {count} calls within {timeout}s"
+            raise TimeoutError(message) from None
 
     def failures(self, since: float | None = None, until: float | None = None) -> list[Outcome]:
         """The calls not answered 200, with their times."""
