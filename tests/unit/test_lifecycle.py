@@ -6,8 +6,10 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -232,3 +234,28 @@ def test_a_resource_that_fails_to_close_is_logged_and_the_next_ones_still_close(
     assert recorder.events[-1] == "close"
     failures = [e for e in events if "log_failure" in e]
     assert [formatEvent(e) for e in failures] == ["while closing consul"]
+
+
+class TakenPort:
+    """An endpoint whose port another process holds."""
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return fail(CannotListenError("", 9555, OSError("address in use")))
+
+
+def test_an_instance_that_cannot_listen_logs_why_and_stops_its_reactor() -> None:
+    reactor = MemoryReactorClock()
+    instance = ServingInstance(
+        endpoint=TakenPort(),  # type: ignore[arg-type]
+        site=None,  # type: ignore[arg-type]
+        listen_description="tcp:9555",
+        apply_schema=lambda: succeed(None),
+        in_flight=InFlight(),
+        clock=reactor,
+        drain_timeout=5.0,
+        reactor=reactor,
+    )
+    with capturedLogs() as events:
+        instance.startService()
+    assert reactor.hasStopped
+    assert [formatEvent(e) for e in events if "log_failure" in e] == ["could not start"]
