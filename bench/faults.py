@@ -63,13 +63,13 @@ from snet.testing.traffic import (
     instance_urls,
     measure_pickup,
     metric_value,
-    poll,
     read_served,
     register_user,
     served_requests,
     spread,
     stored_texts,
 )
+from snet.testing.waiting import timed, wait_until
 
 SCENARIOS = ("sigterm", "sigkill", "sigstop", "consul", "new")
 MODES = ("snet", "haproxy")
@@ -218,7 +218,12 @@ def deployment(
             haproxy = HAProxy(
                 servers.haproxy_binary, dns_port=servers.consul.dns_port, service=fleet.service
             )
-            poll(lambda: haproxy is not None and haproxy.servers_up() == 3, 20, "HAProxy", 0.05)
+            wait_until(
+                lambda: haproxy is not None and haproxy.servers_up() == 3,
+                20,
+                "HAProxy",
+                interval=0.05,
+            )
             extra = ("--chat-url", haproxy.url, *HAPROXY_MONOLITH_ARGS)
         server = monolith(
             consul_url=servers.consul.url,
@@ -230,7 +235,12 @@ def deployment(
         assert server.health_url is not None
         base = server.health_url.removesuffix("/health")
         if mode == "snet":
-            poll(lambda: metric_value(base, "snet_chat_instances_healthy") == 3, 10, "list", 0.05)
+            wait_until(
+                lambda: metric_value(base, "snet_chat_instances_healthy") == 3,
+                10,
+                "list",
+                interval=0.05,
+            )
         traffic = DialogTraffic(
             base,
             sender=register_user(base, "Sender"),
@@ -281,10 +291,11 @@ def run(servers: Servers, scenario: str, mode: str, args: argparse.Namespace) ->
                 # to it after SIGCONT.
                 stuck = at_fault_requests + args.clients
                 try:
-                    back = poll(
-                        lambda: (served_requests(urls[victim], timeout=1) or 0) > stuck,
+                    back = wait_until(
+                        timed(lambda: (served_requests(urls[victim], timeout=1) or 0) > stuck),
                         args.after + 20,
                         "the frozen instance to serve again",
+                        interval=0.005,
                     )
                     result.in_use = back - resumed
                 except TimeoutError:

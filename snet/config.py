@@ -72,10 +72,6 @@ class MySQLConfig:
             database,
         )
 
-    def redacted(self) -> str:
-        """The URL without its password, for logs."""
-        return f"mysql://{self.user}:***@{self.host}:{self.port}/{self.database}"
-
 
 @frozen
 class RedisConfig:

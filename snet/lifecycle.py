@@ -3,16 +3,22 @@
 Order matters both ways, so ``ServingInstance`` chains its steps itself instead of relying on
 a ``MultiService`` (which starts and stops its children concurrently):
 
-start: listen -> apply the schema (retrying while MySQL is away) -> start the workers
-       (discovery, feed fan-out) -> announce (register with Consul)
+start: start the resources (pools and clients, open from construction on) -> listen ->
+       apply the schema (retrying while MySQL is away) -> start the workers (discovery,
+       feed fan-out) -> announce (register with Consul)
 stop:  withdraw the announcement (deregister) -> grace for watchers -> stop listening ->
-       drain in-flight requests -> stop the workers -> close pools and clients
+       drain in-flight requests -> stop the workers -> stop the resources one after
+       another, in the order given (the taps give: Consul client, chat HTTP client, Redis
+       pool, MySQL pool), each closing its pool or client
+
+A resource is a ``ClosedOnStop`` service: its ``stopService`` closes the pool or client and
+returns the Deferred that fires once it is closed.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import IService, Service
@@ -20,6 +26,7 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, may
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
+    IReactorCore,
     IReactorTime,
     IStreamServerEndpoint,
 )
@@ -50,6 +57,19 @@ def host_address() -> str:
         return "127.0.0.1"
 
 
+class ClosedOnStop(Service):
+    """A pool or client as a service: ``stopService`` closes it (*close* may return a
+    Deferred) and returns a Deferred that fires once it is closed."""
+
+    def __init__(self, name: str, close: Callable[[], object]) -> None:
+        self.setName(name)  # type: ignore[no-untyped-call]
+        self._close = close
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return maybeDeferred(self._close).addCallback(lambda _: None)
+
+
 class ServingInstance(Service):
     """One serving process as a twistd service: see the module docstring for the order."""
 
@@ -67,9 +87,11 @@ class ServingInstance(Service):
         announce: Callable[[str, int], IService] | None = None,
         announce_grace: float = 0.0,
         workers: Sequence[IService] = (),
-        closers: Iterable[Callable[[], Any]] = (),
+        resources: Sequence[IService] = (),
         schema_retry_delay: Callable[[int], float] | None = None,
+        reactor: IReactorCore | None = None,
     ) -> None:
+        """*reactor* is stopped when the instance cannot start (None: the global reactor)."""
         self.endpoint = endpoint
         self.site = site
         self.listen_description = listen_description
@@ -81,8 +103,9 @@ class ServingInstance(Service):
         self.drain_timeout = drain_timeout
         self.announce_grace = announce_grace
         self.workers = list(workers)
-        self.closers = list(closers)
+        self.resources = list(resources)
         self.schema_retry_delay = schema_retry_delay or exponential_backoff()
+        self._reactor = reactor
         self.port: IListeningPort | None = None
         self.announcement: IService | None = None
         self._workers_started = False
@@ -92,6 +115,8 @@ class ServingInstance(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
+        for resource in self.resources:
+            resource.startService()
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -148,9 +173,12 @@ class ServingInstance(Service):
 
     def _start_failed(self, failure: Any) -> None:
         log.failure("could not start", failure)
-        from twisted.internet import reactor
+        if self._reactor is not None:
+            self._reactor.stop()
+        else:
+            from twisted.internet import reactor
 
-        reactor.stop()
+            reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
@@ -174,9 +202,9 @@ class ServingInstance(Service):
             log.warn("drain timeout: {count} requests still in flight", count=remaining)
         if self._workers_started:
             yield gatherResults([maybeDeferred(w.stopService) for w in self.workers])
-        for close in self.closers:
+        for resource in self.resources:
             try:
-                yield maybeDeferred(close)
+                yield maybeDeferred(resource.stopService)
             except Exception:
-                log.failure("while closing")
+                log.failure("while closing {resource}", resource=resource.name)
         log.info("stopped")

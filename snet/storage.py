@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import pymysql
 import txredisapi
 from twisted.enterprise import adbapi
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -268,22 +269,25 @@ class RedisPool:
 def redis_pool(
     config: RedisConfig,
     *,
+    reactor: Any = None,
     poolsize: int = 4,
     timeout: float = REDIS_TIMEOUT,
-    clock: IReactorTime | None = None,
 ) -> RedisPool:
     """A lazy txredisapi pool for *config*: connects in the background, reconnects by
-    itself, and fails calls after *timeout* seconds while Redis is unreachable."""
-    if clock is None:
-        from twisted.internet import reactor
+    itself, and fails calls after *timeout* seconds while Redis is unreachable.
 
-        clock = cast(IReactorTime, reactor)
-    handler = txredisapi.lazyConnectionPool(
-        host=config.host,
-        port=config.port,
-        dbid=config.db,
-        poolsize=poolsize,
-        connectTimeout=timeout,
+    *reactor* (``IReactorTCP`` and ``IReactorTime``; the global reactor by default) makes
+    the connections and times the calls. This is txredisapi's ``lazyConnectionPool``, but
+    with the endpoint built on *reactor* (txredisapi's own builds it on the global one).
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = txredisapi.RedisFactory(
+        f"{config.host}:{config.port}",
+        config.db,
+        poolsize,
+        isLazy=True,
         replyTimeout=timeout,
     )
-    return RedisPool(handler, clock=clock, timeout=timeout)
+    factory.startConnecting(HostnameEndpoint(reactor, config.host, config.port, timeout=timeout))
+    return RedisPool(factory.handler, clock=reactor, timeout=timeout)

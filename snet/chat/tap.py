@@ -7,7 +7,6 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
@@ -18,7 +17,7 @@ from snet.chat.schema import apply_chat_schema
 from snet.chat.store import MessageStore, UnreadCounters
 from snet.config import ConfigError, parse_host_port
 from snet.consul import TreqConsul
-from snet.lifecycle import ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance
 from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
 from snet.web.draining import InFlight
@@ -103,11 +102,13 @@ def default_instance_id(service_name: str, host: str, port: int) -> str:
     return f"{service_name}-{host}-{port}-{uuid.uuid4().hex[:8]}"
 
 
-def makeService(options: Any) -> IService:
-    """Wire one chat instance: storage, HTTP API, listener and Consul registration."""
-    reactor: Any = global_reactor
+def makeService(options: Any, reactor: Any = None) -> IService:
+    """Wire one chat instance: storage, HTTP API, listener and Consul registration, all on
+    *reactor* (None: the global reactor)."""
+    if reactor is None:
+        from twisted.internet import reactor
     pool = mysql_pool(options["mysql-config"], reactor=reactor)
-    redis = redis_pool(options["redis-config"])
+    redis = redis_pool(options["redis-config"], reactor=reactor)
     in_flight = InFlight()
     api = ChatAPI(
         messages=MessageStore(pool),
@@ -115,6 +116,7 @@ def makeService(options: Any) -> IService:
         in_flight=in_flight,
         metrics=HTTPMetrics(),
         version=__version__,
+        clock=reactor,
     )
     consul = TreqConsul(options["consul-config"], reactor=reactor)
 
@@ -142,8 +144,13 @@ def makeService(options: Any) -> IService:
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],
+        reactor=reactor,
         advertise=options["advertise-address"],
         announce=registration,
         announce_grace=options["deregister-grace"],
-        closers=[consul.close, lambda: redis.disconnect(), pool.close],
+        resources=[
+            ClosedOnStop("consul", consul.close),
+            ClosedOnStop("redis", redis.disconnect),
+            ClosedOnStop("mysql", pool.close),
+        ],
     )

@@ -35,10 +35,9 @@ from typing import Any
 import txredisapi
 from attrs import define, field
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from snet.server.social import FEED_SIZE, Post, Social
@@ -392,7 +391,7 @@ class FeedCache:
         return True
 
 
-class FeedFanout(Service):
+class FeedFanout(TimerService):
     """Drains the fan-out queue in the background: every *interval* seconds, up to
     *batches_per_tick* batches, one after another. ``stopService`` waits for the current
     batch to finish."""
@@ -405,30 +404,11 @@ class FeedFanout(Service):
         interval: float = 0.1,
         batches_per_tick: int = 10,
     ) -> None:
-        self.feed = feed
+        super().__init__(interval, self._tick)  # type: ignore[no-untyped-call]
         self.clock = clock
-        self.interval = interval
+        self.feed = feed
         self.batches_per_tick = batches_per_tick
-        self._loop: LoopingCall | None = None
-        self._done: Deferred[LoopingCall] | None = None
         self._failing = False
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        loop = LoopingCall(self._tick)
-        loop.clock = self.clock
-        self._loop = loop
-        self._done = loop.start(self.interval, now=True)
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
-        loop, done = self._loop, self._done
-        self._loop = self._done = None
-        if loop is None or done is None:
-            return succeed(None)
-        if loop.running:
-            loop.stop()
-        return done.addCallback(lambda _: None)
 
     def _tick(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._run_tick())
@@ -445,5 +425,5 @@ class FeedFanout(Service):
             if self._failing:
                 self._failing = False
                 log.info("feed fan-out resumed")
-            if not more or self._loop is None:
+            if not more or not self._loop.running:  # stopped meanwhile
                 return

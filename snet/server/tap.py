@@ -6,13 +6,12 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from snet import __version__
 from snet.consul import TreqConsul
-from snet.lifecycle import ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance
 from snet.options import ServiceOptions, positive_float
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
@@ -100,14 +99,16 @@ class Options(ServiceOptions):
                 raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Any) -> IService:
-    """Wire the monolith: storage, feed, chat discovery and balancing, HTTP API, listener."""
-    reactor: Any = global_reactor
+def makeService(options: Any, reactor: Any = None) -> IService:
+    """Wire the monolith: storage, feed, chat discovery and balancing, HTTP API, listener,
+    all on *reactor* (None: the global reactor)."""
+    if reactor is None:
+        from twisted.internet import reactor
     pool = mysql_pool(options["mysql-config"], reactor=reactor)
-    redis = redis_pool(options["redis-config"])
+    redis = redis_pool(options["redis-config"], reactor=reactor)
     metrics = HTTPMetrics()
     in_flight = InFlight()
-    closers: list[Any] = []
+    resources: list[IService] = []
 
     if options["chat-url"]:
         instances: Any = StaticInstances(options["chat-url"])
@@ -120,7 +121,7 @@ def makeService(options: Any) -> IService:
             refresh_interval=options["refresh-interval"],
             registry=metrics.registry,
         )
-        closers.append(consul.close)
+        resources.append(ClosedOnStop("consul", consul.close))
     http = chat_http_client(reactor, connect_timeout=options["chat-connect-timeout"])
     health = PassiveHealth(
         clock=reactor,
@@ -150,7 +151,11 @@ def makeService(options: Any) -> IService:
         version=__version__,
         clock=reactor,
     )
-    closers += [http.close, lambda: redis.disconnect(), pool.close]
+    resources += [
+        ClosedOnStop("chat-http", http.close),
+        ClosedOnStop("redis", redis.disconnect),
+        ClosedOnStop("mysql", pool.close),
+    ]
     return ServingInstance(
         endpoint=serverFromString(reactor, options["listen"]),
         site=QuietSite(api.resource()),  # type: ignore[no-untyped-call]
@@ -159,6 +164,7 @@ def makeService(options: Any) -> IService:
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],
+        reactor=reactor,
         workers=[instances, FeedFanout(feed, clock=reactor)],
-        closers=closers,
+        resources=resources,
     )

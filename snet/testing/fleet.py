@@ -15,7 +15,8 @@ import pymysql
 
 from snet.config import MySQLConfig
 from snet.testing.processes import TwistdProcess, http_get
-from snet.testing.servers import free_port, wait_until
+from snet.testing.servers import free_port
+from snet.testing.waiting import wait_until
 
 
 class ChatFleet:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,8 @@ from types import TracebackType
 from typing import Any
 
 from attrs import define, field
+
+from snet.testing.waiting import wait_until
 
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 """Talks to this machine's servers directly, whatever proxy the environment names."""
@@ -108,20 +109,25 @@ class TwistdProcess:
 
     def wait_healthy(self, timeout: float) -> None:
         """Wait until the health URL answers 200, or fail with the log's tail."""
-        assert self.health_url is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        health_url = self.health_url
+        assert health_url is not None
+
+        def healthy() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise ProcessFailed(
                     f"{self} exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
             try:
-                if http_get(self.health_url, timeout=1.0)[0] == 200:
-                    return
+                return http_get(health_url, timeout=1.0)[0] == 200
             except OSError:
-                pass
-            time.sleep(0.05)
-        raise ProcessFailed(f"{self} not healthy after {timeout}s:\n{self.log_tail()}")
+                return False
+
+        try:
+            wait_until(healthy, timeout, f"{self} to be healthy", interval=0.05)
+        except TimeoutError:
+            raise ProcessFailed(
+                f"{self} not healthy after {timeout}s:\n{self.log_tail()}"
+            ) from None
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -153,9 +159,6 @@ class TwistdProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def __enter__(self) -> TwistdProcess:
         return self.start()

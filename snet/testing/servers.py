@@ -31,17 +31,17 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, ClassVar, Self, TypeVar
+from typing import IO, ClassVar, Self
 
 import pymysql
 from attrs import define, field
+
+from snet.testing.waiting import tail, wait_until
 
 __all__ = [
     "ConsulAgent",
@@ -52,7 +52,6 @@ __all__ = [
     "find_binary",
     "free_port",
     "free_ports",
-    "wait_until",
 ]
 
 HOST = "127.0.0.1"
@@ -60,8 +59,6 @@ HOST = "127.0.0.1"
 
 EXTRA_BINARY_DIRS = ("/usr/sbin", "/usr/local/bin", "/usr/bin")
 """Searched after PATH: ``mariadbd`` lives in /usr/sbin, which a user's PATH often lacks."""
-
-T = TypeVar("T")
 
 
 class MissingBinary(Exception):
@@ -127,46 +124,6 @@ def free_ports(count: int, *, udp: bool = False) -> list[int]:
 def free_port() -> int:
     """One TCP port on 127.0.0.1 that nothing listens on right now."""
     return free_ports(1)[0]
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    """The last *lines* lines of the text file at *path* ("" if it does not exist)."""
-    try:
-        with path.open(encoding="utf-8", errors="replace") as text:
-            return "".join(deque(text, maxlen=lines))
-    except FileNotFoundError:
-        return ""
-
-
-def wait_until(
-    predicate: Callable[[], T],
-    timeout: float,
-    what: str,
-    *,
-    interval: float = 0.05,
-    log_path: Path | None = None,
-    log_lines: int = 30,
-) -> T:
-    """Call *predicate* until it returns something true, and return that.
-
-    For blocking code only (it sleeps between calls): never call it on the reactor thread.
-
-    :param what: what is awaited, for the error message ("Consul to elect a leader").
-    :param log_path: a log whose tail the error message includes.
-    :raises TimeoutError: if *timeout* seconds pass first. Exceptions from *predicate* are
-        not caught: a predicate that can fail for a while must catch them itself.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            message = f"timed out after {timeout:g}s waiting for {what}"
-            if log_path is not None:
-                message += f"\n--- last lines of {log_path} ---\n{tail(log_path, log_lines)}"
-            raise TimeoutError(message)
-        time.sleep(interval)
 
 
 def _death_signal_prefix() -> list[str]:

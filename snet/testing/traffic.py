@@ -24,9 +24,8 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
@@ -35,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from snet.testing.fleet import ChatFleet, query
 from snet.testing.processes import http_get, http_json
 from snet.testing.servers import free_port
+from snet.testing.waiting import timed, wait_until
 
 __all__ = [
     "LIST_ROUTE",
@@ -47,7 +47,6 @@ __all__ = [
     "instance_urls",
     "measure_pickup",
     "metric_value",
-    "poll",
     "read_served",
     "register_user",
     "served_requests",
@@ -254,13 +253,19 @@ class DialogTraffic:
 
     def wait_for(self, count: int, *, since: float | None = None, timeout: float = 30.0) -> None:
         """Wait until *count* calls (started after *since*) have ended."""
-        deadline = time.monotonic() + timeout
-        while self.count(since) < count:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"only {self.count(since)} of {count} calls within {timeout}s")
+
+        def ended() -> bool:
+            if self.count(since) >= count:
+                return True
             if not self.running:
                 raise RuntimeError(f"the clients stopped after {self.count(since)} calls")
-            time.sleep(0.02)
+            return False
+
+        try:
+            wait_until(ended, timeout, f"{count} calls", interval=0.02)
+        except TimeoutError:
+            message = f"only {self.count(since)} of {count} calls within {timeout}s"
+            raise TimeoutError(message) from None
 
     def failures(self, since: float | None = None, until: float | None = None) -> list[Outcome]:
         """The calls not answered 200, with their times."""
@@ -379,19 +384,6 @@ def spread(counts: Mapping[str, int], among: Iterable[str] | None = None) -> int
     return max(values) - min(values) if values else 0
 
 
-def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.005) -> float:
-    """Call *predicate* every *interval* s until it is true; the ``time.monotonic()`` of
-    that call's start (so the moment is not late by the call's own duration)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        at = time.monotonic()
-        if predicate():
-            return at
-        if at >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
 @frozen
 class Pickup:
     """How a new chat instance was taken into use (``time.monotonic()`` times)."""
@@ -429,12 +421,14 @@ def measure_pickup(fleet: ChatFleet, *, timeout: float = 30.0, interval: float =
             raise RuntimeError(f"{process} exited:\n{process.log_tail()}")
         return instance_id in fleet.passing_ids()
 
-    passing_at = poll(passing, timeout, f"{instance_id} passing in Consul", interval)
-    first = poll(
-        lambda: (served_requests(url, timeout=1.0) or 0) > 0,
+    passing_at = wait_until(
+        timed(passing), timeout, f"{instance_id} passing in Consul", interval=interval
+    )
+    first = wait_until(
+        timed(lambda: (served_requests(url, timeout=1.0) or 0) > 0),
         timeout,
         f"{instance_id} to serve a request",
-        interval,
+        interval=interval,
     )
     return Pickup(instance_id, url, started, passing_at, first)
 

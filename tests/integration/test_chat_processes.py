@@ -15,7 +15,8 @@ import pytest
 
 from snet.testing.fleet import ChatFleet, query
 from snet.testing.processes import http_json
-from snet.testing.servers import ConsulAgent, MariaDB, Redis, wait_until
+from snet.testing.servers import ConsulAgent, MariaDB, Redis
+from snet.testing.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -63,15 +64,15 @@ def test_sigterm_removes_the_instance_from_consul_before_the_process_exits(
     victim_id = f"{fleet.service}-0"
     fleet.wait_all_passing()
     victim.signal(signal.SIGTERM)
-    seen_gone_while_running = False
-    deadline = time.monotonic() + 20
-    while victim.running() and time.monotonic() < deadline:
+
+    def gone_or_exited() -> str | None:
         registered = {e["Service"]["ID"] for e in fleet.consul_entries(passing=False)}
         if victim_id not in registered and victim.running():
-            seen_gone_while_running = True
-            break
-        time.sleep(0.01)
-    assert seen_gone_while_running, victim.log_tail()
+            return "gone while running"
+        return None if victim.running() else "exited"
+
+    seen = wait_until(gone_or_exited, 20, f"{victim_id} to leave Consul", interval=0.01)
+    assert seen == "gone while running", victim.log_tail()
     assert victim.wait(20) in (0, -signal.SIGTERM), victim.log_tail()
     assert victim_id not in {e["Service"]["ID"] for e in fleet.consul_entries(passing=False)}
     assert {f"{fleet.service}-1", f"{fleet.service}-2"} <= fleet.passing_ids()
@@ -109,8 +110,9 @@ def test_sigterm_during_a_stream_of_sends_answers_every_request_it_was_sent(
                 answered_after_sigterm.append(key)
 
     def watch_consul() -> None:
-        while victim_id in fleet.registered_ids():
-            time.sleep(0.005)
+        wait_until(
+            lambda: victim_id not in fleet.registered_ids(), 30, "deregistered", interval=0.005
+        )
         deregistered.set()
 
     threads = [threading.Thread(target=stream, args=(client,)) for client in range(4)]

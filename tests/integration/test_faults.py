@@ -29,10 +29,10 @@ from snet.testing.traffic import (
     compare_with_mysql,
     instance_urls,
     metric_value,
-    poll,
     register_user,
     served_sends,
 )
+from snet.testing.waiting import timed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ class Deployment:
             now = self.sends_served()
             return all((now[i] or 0) > (since.get(i) or 0) for i in ids)
 
-        return poll(all_serve, timeout, f"{sorted(ids)} to serve again", interval=0.02)
+        return wait_until(timed(all_serve), timeout, f"{sorted(ids)} to serve again", interval=0.02)
 
 
 def _unique(name: str) -> str:
@@ -103,7 +103,7 @@ def deployment(
         with server:
             assert server.health_url is not None
             base = server.health_url.removesuffix("/health")
-            poll(
+            wait_until(
                 lambda: base_metric(base, "snet_chat_instances_healthy") == 3,
                 10,
                 "the monolith to list three instances",
@@ -205,8 +205,11 @@ def test_sigstop_ejects_the_instance_after_bounded_failures_and_sigcont_brings_i
         fault = time.monotonic()
         victim.signal(signal.SIGSTOP)
         try:
-            ejected = poll(
-                lambda: out_of_rotation(shared, victim_id), 15, f"{victim_id} out", interval=0.02
+            ejected = wait_until(
+                timed(lambda: out_of_rotation(shared, victim_id)),
+                15,
+                f"{victim_id} out",
+                interval=0.02,
             )
             traffic.wait_for(200, since=ejected)
             timeouts = shared.metric(
@@ -216,9 +219,11 @@ def test_sigstop_ejects_the_instance_after_bounded_failures_and_sigcont_brings_i
             victim.signal(signal.SIGCONT)
         resumed = time.monotonic()
         before = shared.sends_served()
-        back = poll(
-            lambda: (
-                (served_sends(shared.fleet.url(0), timeout=1.0) or 0) > (before[victim_id] or 0)
+        back = wait_until(
+            timed(
+                lambda: (
+                    (served_sends(shared.fleet.url(0), timeout=1.0) or 0) > (before[victim_id] or 0)
+                )
             ),
             15,
             f"{victim_id} serving again",
@@ -254,7 +259,7 @@ def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recover
         consul.start()
         restarted = time.monotonic()
         served = running.sends_served()
-        poll(
+        wait_until(
             lambda: (
                 running.metric("snet_chat_instances_healthy") == 3
                 and running.metric("snet_consul_reachable") == 1
@@ -316,7 +321,12 @@ def test_sigterm_of_the_monolith_answers_every_call_it_accepted(shared: Deployme
         shared.server.signal(signal.SIGTERM)
         assert shared.server.wait(20) in (0, -signal.SIGTERM), shared.server.log_tail()
         stopped = time.monotonic()
-        poll(lambda: bool(traffic.failures(since=stopped)), 10, "calls refused after the stop")
+        wait_until(
+            lambda: bool(traffic.failures(since=stopped)),
+            10,
+            "calls refused after the stop",
+            interval=0.005,
+        )
     in_flight = [o for o in traffic.outcomes() if o.started < fault < o.ended]
     assert any(o.ok for o in in_flight), "no call was answered across the stop"
     cut_off = [o for o in traffic.failures() if "ConnectionRefused" not in (o.error or "")]

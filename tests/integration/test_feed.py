@@ -127,7 +127,8 @@ class Stack:
         return [post["text"] for post in response.body]
 
     async def close(self) -> None:
-        await self.fanout.stopService()
+        if self.fanout.running:
+            await self.fanout.stopService()
         await self.port.stopListening()
         await self.http_pool.closeCachedConnections()
 

@@ -17,7 +17,8 @@ import pytest
 
 from snet.testing.fleet import ChatFleet, monolith, query
 from snet.testing.processes import TwistdProcess, http_json
-from snet.testing.servers import ConsulAgent, MariaDB, Redis, wait_until
+from snet.testing.servers import ConsulAgent, MariaDB, Redis
+from snet.testing.waiting import timed, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +208,7 @@ def test_a_new_instance_receives_traffic_within_a_second_of_passing_its_check(
         fleet.add_instance()
         new_id = fleet.instance_id(3)
         passing_at = wait_until(
-            lambda: new_id in fleet.passing_ids() and time.monotonic(),
+            timed(lambda: new_id in fleet.passing_ids()),
             15,
             "the new instance passing",
             interval=0.005,

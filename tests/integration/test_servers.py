@@ -10,7 +10,6 @@ import json
 import os
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pymysql
 import pytest
@@ -24,7 +23,6 @@ from snet.testing.servers import (
     ServerStartError,
     find_binary,
     free_ports,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -91,22 +89,6 @@ def test_missing_binary_says_how_to_install_it() -> None:
     assert raised.value.binary == "snet-no-such-server"
     assert "apt-get install snet-no-such-server" in str(raised.value)
     assert "/usr/sbin" in str(raised.value)
-
-
-def test_wait_until_returns_the_first_true_value() -> None:
-    answers = iter([None, 0, "ready"])
-    assert wait_until(lambda: next(answers), 5, "an answer", interval=0.001) == "ready"
-
-
-def test_wait_until_timeout_names_what_it_waited_for_and_shows_the_log(tmp_path: Path) -> None:
-    log = tmp_path / "server.log"
-    log.write_text("".join(f"line {n}\n" for n in range(100)))
-    with pytest.raises(TimeoutError) as raised:
-        wait_until(lambda: False, 0.05, "the server to answer", log_path=log, log_lines=3)
-    message = str(raised.value)
-    assert "waiting for the server to answer" in message
-    assert "line 97\nline 98\nline 99" in message
-    assert "line 96" not in message
 
 
 def test_consul_agent_answers_with_a_leader(consul: ConsulAgent) -> None:

@@ -1,13 +1,17 @@
-"""The chat plugin's options: parsing, environment fallbacks and validation."""
+"""The chat plugin: its options (parsing, environment fallbacks, validation) and the service
+tree its makeService wires, all on the reactor it is given (a memory reactor here)."""
 
 from __future__ import annotations
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
-from snet.chat.tap import Options, default_instance_id
+from snet.chat.registration import ChatRegistration
+from snet.chat.tap import Options, default_instance_id, makeService
 from snet.config import ConsulConfig, MySQLConfig, RedisConfig
-from snet.lifecycle import listen_interface
+from snet.lifecycle import ServingInstance, listen_interface
+from snet.testing import result_of
 
 MYSQL = "mysql://chat:secret@db.example:3307/snet"
 
@@ -95,3 +99,48 @@ def test_listen_interface_is_taken_from_the_endpoint_string() -> None:
     assert listen_interface("tcp:9001:interface=127.0.0.1") == "127.0.0.1"
     assert listen_interface("tcp:9001:interface=0.0.0.0") is None
     assert listen_interface("tcp:9001") is None
+
+
+def make_service(args: list[str], reactor: MemoryReactorClock) -> ServingInstance:
+    options = parse(
+        ["--listen", "tcp:0:interface=127.0.0.1", "--consul", "127.0.0.1:8501", *args],
+        {"SNET_MYSQL": MYSQL, "SNET_REDIS": "redis://127.0.0.1:6380/1"},
+    )
+    service = makeService(options, reactor=reactor)
+    assert isinstance(service, ServingInstance)
+    return service
+
+
+def test_a_chat_instance_registers_once_serving_and_closes_consul_redis_then_mysql() -> None:
+    reactor = MemoryReactorClock()
+    service = make_service(["--deregister-grace", "0.25", "--advertise", "10.0.0.5:9100"], reactor)
+    assert service.clock is reactor
+    assert service.workers == []
+    assert [r.name for r in service.resources] == ["consul", "redis", "mysql"]
+    assert (service.advertise, service.announce_grace) == (("10.0.0.5", 9100), 0.25)
+    assert service.announce is not None
+    registration = service.announce("10.0.0.5", 9100)
+    assert isinstance(registration, ChatRegistration)
+    assert registration.instance.instance_id.startswith("snet-chat-10.0.0.5-9100-")
+
+
+def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_given() -> None:
+    reactor = MemoryReactorClock()
+    service = make_service([], reactor)
+    service.startService()
+    [(port, site, _, interface)] = reactor.tcpServers
+    assert (port, site, interface) == (0, service.site, "127.0.0.1")
+    assert sum(1 for _, p, *_ in reactor.tcpClients if p == 6380) == 4  # the Redis pool
+    assert service.announce is not None
+    registration = service.announce("127.0.0.1", 9001)
+    registration.startService()  # normally once the schema is applied
+    reactor.advance(0)
+    assert sum(1 for _, p, *_ in reactor.tcpClients if p == 8501) == 1  # registering
+    stopped_registration = registration.stopService()
+    reactor.advance(60)
+    result_of(stopped_registration)
+
+    stopped = service.stopService()
+    assert result_of(stopped) is None
+    assert not any(r.running for r in service.resources)
+    assert reactor.getDelayedCalls() == []

@@ -27,7 +27,6 @@ def test_mysql_defaults_to_port_3306_and_hides_its_password() -> None:
     config = MySQLConfig.from_url("mysql://app:s3cret@db/snet")
     assert config.port == 3306
     assert "s3cret" not in repr(config)
-    assert "s3cret" not in config.redacted()
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.web.test.requesthelper import DummyRequest
 
-from snet.lifecycle import ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance
 from snet.testing import result_of
 from snet.web.draining import InFlight
 
@@ -73,7 +76,12 @@ class Worker(Service):
         self.recorder.events.append("stop worker")
 
 
-def make_instance(recorder: Recorder, clock: Clock, in_flight: InFlight) -> ServingInstance:
+def make_instance(
+    recorder: Recorder,
+    clock: Clock,
+    in_flight: InFlight,
+    resources: list[ClosedOnStop] | None = None,
+) -> ServingInstance:
     return ServingInstance(
         endpoint=recorder,  # type: ignore[arg-type]
         site=None,  # type: ignore[arg-type]
@@ -85,7 +93,7 @@ def make_instance(recorder: Recorder, clock: Clock, in_flight: InFlight) -> Serv
         announce=recorder.make_registration,  # type: ignore[arg-type]
         announce_grace=0.5,
         workers=[Worker(recorder)],
-        closers=[recorder.close],
+        resources=[ClosedOnStop("pool", recorder.close)] if resources is None else resources,
         schema_retry_delay=lambda attempt: 2.0**attempt,
     )
 
@@ -159,3 +167,95 @@ def test_stop_before_the_schema_is_applied_never_registers() -> None:
     assert "register" not in recorder.events
     assert "start worker" not in recorder.events
     assert clock.getDelayedCalls() == []
+
+
+def test_a_resource_stops_by_closing_its_pool_or_client_and_waits_for_the_closing() -> None:
+    closing: Deferred[None] = Deferred()
+    resource = ClosedOnStop("redis", lambda: closing)
+    resource.startService()
+    stopped = resource.stopService()
+    assert not resource.running
+    assert not stopped.called
+    closing.callback(None)
+    assert result_of(stopped) is None
+
+
+def test_resources_close_one_after_another_in_the_order_given_once_the_workers_stopped() -> None:
+    recorder, clock = Recorder(), Clock()
+    consul_closed: Deferred[None] = Deferred()
+
+    def close(name: str, result: Deferred[None] | None = None) -> Deferred[None] | None:
+        recorder.events.append(f"close {name}")
+        return result
+
+    instance = make_instance(
+        recorder,
+        clock,
+        InFlight(),
+        resources=[
+            ClosedOnStop("consul", lambda: close("consul", consul_closed)),
+            ClosedOnStop("redis", lambda: close("redis")),
+            ClosedOnStop("mysql", lambda: close("mysql")),
+        ],
+    )
+    instance.startService()
+    assert all(resource.running for resource in instance.resources)
+    recorder.schema_results[0].callback(None)
+    del recorder.events[:]
+
+    stopped = instance.stopService()
+    recorder.deregistered.callback(None)
+    clock.advance(0.5)
+    assert recorder.events == ["deregister", "stop listening", "stop worker", "close consul"]
+    consul_closed.callback(None)
+    assert recorder.events[-2:] == ["close redis", "close mysql"]
+    assert result_of(stopped) is None
+
+
+def test_a_resource_that_fails_to_close_is_logged_and_the_next_ones_still_close() -> None:
+    recorder, clock = Recorder(), Clock()
+
+    def broken() -> None:
+        raise OSError("already gone")
+
+    instance = make_instance(
+        recorder,
+        clock,
+        InFlight(),
+        resources=[ClosedOnStop("consul", broken), ClosedOnStop("mysql", recorder.close)],
+    )
+    instance.startService()
+    recorder.schema_results[0].callback(None)
+    with capturedLogs() as events:
+        stopped = instance.stopService()
+        recorder.deregistered.callback(None)
+        clock.advance(0.5)
+    assert result_of(stopped) is None
+    assert recorder.events[-1] == "close"
+    failures = [e for e in events if "log_failure" in e]
+    assert [formatEvent(e) for e in failures] == ["while closing consul"]
+
+
+class TakenPort:
+    """An endpoint whose port another process holds."""
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return fail(CannotListenError("", 9555, OSError("address in use")))
+
+
+def test_an_instance_that_cannot_listen_logs_why_and_stops_its_reactor() -> None:
+    reactor = MemoryReactorClock()
+    instance = ServingInstance(
+        endpoint=TakenPort(),  # type: ignore[arg-type]
+        site=None,  # type: ignore[arg-type]
+        listen_description="tcp:9555",
+        apply_schema=lambda: succeed(None),
+        in_flight=InFlight(),
+        clock=reactor,
+        drain_timeout=5.0,
+        reactor=reactor,
+    )
+    with capturedLogs() as events:
+        instance.startService()
+    assert reactor.hasStopped
+    assert [formatEvent(e) for e in events if "log_failure" in e] == ["could not start"]

@@ -1,0 +1,67 @@
+"""``twistd snet-server``'s makeService: the service tree it wires, all on the reactor it is
+given (a memory reactor here: nothing listens or connects for real)."""
+
+from __future__ import annotations
+
+from twisted.internet.testing import MemoryReactorClock
+
+from snet.lifecycle import ServingInstance
+from snet.server.discovery import HealthyInstances, StaticInstances
+from snet.server.feed import FeedFanout
+from snet.server.tap import Options, makeService
+from snet.testing import result_of
+
+ENVIRON = {
+    "SNET_MYSQL": "mysql://server:secret@127.0.0.1:3307/snet",
+    "SNET_REDIS": "redis://127.0.0.1:6380/1",
+    "CONSUL_HTTP_ADDR": "127.0.0.1:8501",
+}
+
+
+def make_service(args: list[str], reactor: MemoryReactorClock) -> ServingInstance:
+    options = Options(environ=ENVIRON)
+    options.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", *args])
+    service = makeService(options, reactor=reactor)
+    assert isinstance(service, ServingInstance)
+    return service
+
+
+def connections_to(reactor: MemoryReactorClock, port: int) -> int:
+    return sum(1 for _, p, *_ in reactor.tcpClients if p == port)
+
+
+def test_the_monolith_discovers_chat_in_consul_and_closes_consul_http_redis_then_mysql() -> None:
+    reactor = MemoryReactorClock()
+    service = make_service([], reactor)
+    assert service.clock is reactor
+    discovery, fanout = service.workers
+    assert isinstance(discovery, HealthyInstances)
+    assert isinstance(fanout, FeedFanout)
+    assert fanout.clock is reactor
+    assert [r.name for r in service.resources] == ["consul", "chat-http", "redis", "mysql"]
+    assert service.announce is None
+
+
+def test_with_a_chat_url_the_monolith_sends_every_dialog_call_there_and_needs_no_consul() -> None:
+    service = make_service(["--chat-url", "http://chat.example:9001"], MemoryReactorClock())
+    assert isinstance(service.workers[0], StaticInstances)
+    assert [r.name for r in service.resources] == ["chat-http", "redis", "mysql"]
+
+
+def test_the_monolith_listens_and_connects_only_through_the_reactor_it_is_given() -> None:
+    reactor = MemoryReactorClock()
+    service = make_service([], reactor)
+    service.startService()
+    [(port, site, _, interface)] = reactor.tcpServers
+    assert (port, site, interface) == (0, service.site, "127.0.0.1")
+    assert connections_to(reactor, 6380) == 4  # the Redis pool
+    discovery = service.workers[0]
+    discovery.startService()  # normally once the schema is applied
+    reactor.advance(0)
+    assert connections_to(reactor, 8501) == 1  # the blocking query on Consul's health API
+    result_of(discovery.stopService())
+
+    stopped = service.stopService()
+    assert result_of(stopped) is None
+    assert not any(r.running for r in service.resources)
+    assert reactor.getDelayedCalls() == []
