@@ -13,13 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from snet.chat.store import (
-    Dialogs,
-    IdempotencyKeyReused,
-    MessageStore,
-    UnreadCounters,
-    UnreadUnavailable,
-)
+from snet.chat.store import Dialogs, IdempotencyKeyReused
 from snet.chat_contract import (
     DEFAULT_LIMIT,
     IDEMPOTENCY_HEADER,
@@ -34,7 +28,6 @@ from snet.web.errors import (
     Conflict,
     DomainErrors,
     ErrorCode,
-    Unavailable,
     error_response,
 )
 from snet.web.inputs import parse_id, query_arg, read_json_object
@@ -50,7 +43,6 @@ from snet.web.service import (
 
 DOMAIN_ERRORS: DomainErrors = {
     IdempotencyKeyReused: (Conflict, ErrorCode.IDEMPOTENCY_KEY_REUSED),
-    UnreadUnavailable: (Unavailable, ErrorCode.UNREAD_UNAVAILABLE),
 }
 """What the stores' exceptions are answered with."""
 
@@ -91,8 +83,7 @@ class ChatAPI(ServiceApp):
     def __init__(
         self,
         *,
-        messages: MessageStore,
-        unread: UnreadCounters,
+        dialogs: Dialogs,
         in_flight: InFlight,
         metrics: HTTPMetrics,
         version: str,
@@ -106,8 +97,7 @@ class ChatAPI(ServiceApp):
             clock=clock,
             health_timeout=health_timeout,
         )
-        self.messages = messages
-        self.dialogs = Dialogs(messages, unread)
+        self.dialogs = dialogs
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
@@ -127,7 +117,7 @@ class ChatAPI(ServiceApp):
         validate_idempotency_key(key)
         body = read_json_object(request)
         text = validate_message_text(body.get("text"))
-        # The store and its compensation run to their end even if the client goes away.
+        # The store and the counter update run to their end even if the client goes away.
         message, created = await uncancellable(
             Deferred.fromCoroutine(
                 self.dialogs.send(user_id, peer, text, key, request_id=request_id(request))
@@ -145,7 +135,9 @@ class ChatAPI(ServiceApp):
             raise BadRequest("there is no dialog with oneself", code=ErrorCode.SELF_DIALOG)
         after_id = parse_after_id(query_arg(request, "after_id"))
         limit = parse_limit(query_arg(request, "limit"))
-        page = await self.dialogs.read(user_id, peer, after_id=after_id, limit=limit + 1)
+        page = await self.dialogs.read(
+            user_id, peer, after_id=after_id, limit=limit + 1, request_id=request_id(request)
+        )
         more = len(page) > limit
         page = page[:limit]
         return json_response(
@@ -159,7 +151,7 @@ class ChatAPI(ServiceApp):
     @app.route("/v1/unread", methods=["GET"])
     async def unread(self, request: IRequest) -> bytes:
         user_id = acting_user(request)
-        counts = await self.dialogs.unread_counts(user_id)
+        counts = await self.dialogs.unread_counts(user_id, request_id=request_id(request))
         return json_response(
             request,
             {
@@ -181,7 +173,7 @@ class ChatAPI(ServiceApp):
         return await health_response(
             request,
             in_flight=self.in_flight,
-            ping=self.messages.ping,
+            ping=self.dialogs.messages.ping,
             timeout=self.health_timeout,
             clock=self.clock,
             version=self.version,

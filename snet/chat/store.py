@@ -1,12 +1,9 @@
-"""The chat service's data: messages and read marks in MySQL (the truth), unread counters in
-Redis (a cache, always rebuildable from MySQL), and ``Dialogs``, the operations that touch
-both and keep them consistent.
+"""The chat service's data: messages and read marks in MySQL (the truth), and ``Dialogs``, the
+operations that also keep the unread counters in Redis (``snet.chat.unread``) derived from it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,9 +11,11 @@ import pymysql
 from attrs import define, frozen
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from snet.storage import RedisPool, is_unavailable, run_with_retry
+from snet.chat.unread import UnreadIndex, UnreadRepairs
+from snet.storage import run_with_retry
 
 log = Logger(namespace="snet.chat.store")
 
@@ -25,11 +24,6 @@ DUPLICATE_KEY = 1062
 
 class IdempotencyKeyReused(Exception):
     """A send's idempotency key was used before for another recipient or text."""
-
-
-class UnreadUnavailable(Exception):
-    """Redis could not count a new message as unread, so the message was removed again:
-    nothing is stored, and the same send may be retried with the same key."""
 
 
 @frozen
@@ -73,41 +67,33 @@ def _send(
     txn: adbapi.Transaction, sender_id: int, recipient_id: int, text: str, key: str
 ) -> tuple[Message, bool]:
     low, high = _dialog(sender_id, recipient_id)
-    # A stored message may vanish between our failed INSERT and our SELECT (a compensating
-    # delete): then the key is free again, and the INSERT is tried once more.
-    for _attempt in range(3):
-        try:
-            txn.execute(
-                "INSERT INTO chat_messages (sender_id, recipient_id, dialog_low, dialog_high,"
-                " text, idempotency_key, created_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
-                (sender_id, recipient_id, low, high, text, key),
-            )
-        except pymysql.err.IntegrityError as e:
-            if e.args[0] != DUPLICATE_KEY:
-                raise
-            # A locking read sees the latest committed row, whatever our snapshot.
-            txn.execute(
-                "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages"
-                " WHERE sender_id = %s AND idempotency_key = %s LOCK IN SHARE MODE",
-                (sender_id, key),
-            )
-            row = txn.fetchone()
-            if row is None:
-                continue
-            stored = _message(row)
-            if stored.recipient_id != recipient_id or stored.text != text:
-                raise IdempotencyKeyReused(
-                    "idempotency key reused with a different message"
-                ) from None
-            return stored, False
-        message_id = txn.lastrowid
+    try:
         txn.execute(
-            "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages WHERE id = %s",
-            (message_id,),
+            "INSERT INTO chat_messages (sender_id, recipient_id, dialog_low, dialog_high,"
+            " text, idempotency_key, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
+            (sender_id, recipient_id, low, high, text, key),
         )
-        return _message(txn.fetchone()), True
-    raise RuntimeError(f"could not store or find the message of sender {sender_id} key {key!r}")
+    except pymysql.err.IntegrityError as e:
+        if e.args[0] != DUPLICATE_KEY:
+            raise
+        # A locking read sees the latest committed row, whatever our snapshot. Messages are
+        # never deleted, so the row that holds the key is there.
+        txn.execute(
+            "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages"
+            " WHERE sender_id = %s AND idempotency_key = %s LOCK IN SHARE MODE",
+            (sender_id, key),
+        )
+        stored = _message(txn.fetchone())
+        if stored.recipient_id != recipient_id or stored.text != text:
+            raise IdempotencyKeyReused("idempotency key reused with a different message") from None
+        return stored, False
+    message_id = txn.lastrowid
+    txn.execute(
+        "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages WHERE id = %s",
+        (message_id,),
+    )
+    return _message(txn.fetchone()), True
 
 
 MAX_MESSAGE_ID = 2**63 - 1
@@ -177,10 +163,6 @@ def _unread(txn: adbapi.Transaction, user_id: int | None) -> dict[tuple[int, int
     return {(int(reader), int(peer)): int(count) for reader, peer, count in txn.fetchall()}
 
 
-def _delete(txn: adbapi.Transaction, message_id: int) -> None:
-    txn.execute("DELETE FROM chat_messages WHERE id = %s", (message_id,))
-
-
 def _ping(txn: adbapi.Transaction) -> None:
     txn.execute("SELECT 1")
     txn.fetchall()
@@ -203,10 +185,6 @@ class MessageStore:
             text.
         """
         return run_with_retry(self.pool, _send, sender_id, recipient_id, text, idempotency_key)
-
-    def delete(self, message_id: int) -> Deferred[None]:
-        """Remove a message (the compensation of a send that could not be completed)."""
-        return run_with_retry(self.pool, _delete, message_id)
 
     def list_dialog(
         self,
@@ -242,106 +220,29 @@ class MessageStore:
         return run_with_retry(self.pool, _ping)
 
 
-UNREAD_KEY = "snet:unread:{reader_id}"
-
-_REPLACE_HASH = """
-redis.call('DEL', KEYS[1])
-for i = 1, #ARGV, 2 do
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-return #ARGV / 2
-"""
-
-
-def _unread_key(reader_id: int) -> str:
-    return UNREAD_KEY.format(reader_id=reader_id)
-
-
-@define
-class UnreadCounters:
-    """Unread counts in Redis: hash ``snet:unread:{reader_id}``, field ``{peer_id}`` -> count.
-
-    A cache of what MySQL says (``MessageStore.unread_from_mysql``): ``replace_all`` rebuilds it.
-    """
-
-    redis: RedisPool
-
-    def bump(self, reader_id: int, peer_id: int) -> Deferred[int]:
-        """Count one more unread message from *peer_id*; fires with the new count."""
-        d: Deferred[Any] = self.redis.call("hincrby", _unread_key(reader_id), str(peer_id), 1)
-        return d.addCallback(int)
-
-    def clear(self, reader_id: int, peer_id: int) -> Deferred[None]:
-        """Nothing unread from *peer_id* any more."""
-        d: Deferred[Any] = self.redis.call("hdel", _unread_key(reader_id), str(peer_id))
-        return d.addCallback(lambda _: None)
-
-    def counts(self, reader_id: int) -> Deferred[dict[int, int]]:
-        """{peer_id: unread count} of *reader_id*, positive counts only."""
-
-        def parse(raw: dict[Any, Any] | None) -> dict[int, int]:
-            counts = {int(peer): int(count) for peer, count in (raw or {}).items()}
-            return {peer: count for peer, count in counts.items() if count > 0}
-
-        d: Deferred[Any] = self.redis.call("hgetall", _unread_key(reader_id))
-        return d.addCallback(parse)
-
-    def replace_all(self, counts: Mapping[tuple[int, int], int]) -> Deferred[int]:
-        """Make the counters exactly *counts* ({(reader, peer): count}): each reader's hash
-        is replaced atomically (one Lua script), and the hashes of readers absent from
-        *counts* are removed. Returns the number of readers with unread messages.
-
-        Bumps that land while this runs may be lost or counted twice: rebuilds are rare,
-        operator-driven repairs.
-        """
-        return Deferred.fromCoroutine(self._replace_all(counts))
-
-    async def _replace_all(self, counts: Mapping[tuple[int, int], int]) -> int:
-        per_reader: dict[int, dict[int, int]] = defaultdict(dict)
-        for (reader, peer), count in counts.items():
-            if count > 0:
-                per_reader[reader][peer] = count
-        for reader, peers in per_reader.items():
-            args: list[object] = []
-            for peer, count in sorted(peers.items()):
-                args += [str(peer), count]
-            await self.redis.call("eval", _REPLACE_HASH, [_unread_key(reader)], args)
-        stale = [key for key in await self._all_keys() if _reader_of(key) not in per_reader]
-        for start in range(0, len(stale), 500):
-            await self.redis.call("delete", stale[start : start + 500])
-        return len(per_reader)
-
-    async def _all_keys(self) -> list[str]:
-        """Every counter hash's key (SCAN, so Redis is never blocked)."""
-        pattern = UNREAD_KEY.format(reader_id="*")
-        keys: list[str] = []
-        cursor: Any = 0
-        while True:
-            cursor, batch = await self.redis.call("scan", cursor, pattern, 1000)
-            keys += [str(key) for key in batch if _reader_of(str(key)) is not None]
-            if int(cursor) == 0:
-                return keys
-
-
-def _reader_of(key: str) -> int | None:
-    """The reader id of a counter key, or None if *key* is not one."""
-    prefix = UNREAD_KEY.format(reader_id="")
-    suffix = key[len(prefix) :] if key.startswith(prefix) else ""
-    return int(suffix) if suffix.isascii() and suffix.isdigit() else None
+COUNTER_TIMEOUT = 0.5
+"""Seconds a send or a read waits for Redis to update a counter before it leaves the update
+to the repairs: Redis answers in well under a millisecond, and a stalled Redis must not hold
+a send that MySQL has committed."""
 
 
 @define
 class Dialogs:
-    """The dialog operations that touch both MySQL and Redis, and the rules that keep them
-    consistent.
+    """The dialog operations that touch both MySQL and Redis, and the rule that keeps them
+    consistent: MySQL is the truth, the counters in Redis are derived from it.
 
-    A send stores the message in MySQL first, then bumps the recipient's counter (only when
-    the message is new). If the bump fails the message is deleted again, so that nothing is
-    half-written and the client, told 503, can retry with the same key.
+    A send is done when MySQL has committed it: then the recipient's counter is updated, and
+    if Redis fails or takes longer than *counter_timeout*, the dialog is marked for repair
+    (``snet.chat.unread``) and the send still succeeds. Nothing committed is ever undone for
+    a counter's sake. A replayed send updates the counter too (counting is idempotent), which
+    repairs a count that an earlier attempt missed.
     """
 
     messages: MessageStore
-    unread: UnreadCounters
+    unread: UnreadIndex
+    repairs: UnreadRepairs
+    clock: IReactorTime
+    counter_timeout: float = COUNTER_TIMEOUT
 
     async def send(
         self,
@@ -352,60 +253,74 @@ class Dialogs:
         *,
         request_id: str | None = None,
     ) -> tuple[Message, bool]:
-        """Send a message; (message, created). A replay of a stored key bumps nothing.
+        """Send a message; (message, created).
 
         :raises IdempotencyKeyReused: the key was used for another message.
-        :raises UnreadUnavailable: Redis could not bump the counter (the message was
-            removed).
         """
         message, created = await self.messages.send(sender_id, recipient_id, text, idempotency_key)
-        if not created:
-            return message, False
-        try:
-            await self.unread.bump(recipient_id, sender_id)
-        except Exception as e:
-            log.warn(
-                "[{request_id}] unread bump failed, removing message {message_id}: {error}",
-                message_id=message.id,
-                error=f"{type(e).__name__}: {e}",
-                request_id=request_id,
-            )
-            try:
-                await self.messages.delete(message.id)
-            except Exception:
-                log.failure(
-                    "[{request_id}] compensation failed: message {message_id} is stored"
-                    " without its unread count (a rebuild repairs it)",
-                    message_id=message.id,
-                    request_id=request_id,
-                )
-            if is_unavailable(e):
-                raise UnreadUnavailable(
-                    "the message could not be counted as unread and was not stored;"
-                    " retry with the same Idempotency-Key"
-                ) from e
-            raise
-        return message, True
+        await self._update(
+            self.unread.counted(recipient_id, sender_id, message.id),
+            recipient_id,
+            sender_id,
+            request_id,
+        )
+        return message, created
 
     async def read(
-        self, reader_id: int, peer_id: int, *, after_id: int | None, limit: int
+        self,
+        reader_id: int,
+        peer_id: int,
+        *,
+        after_id: int | None,
+        limit: int,
+        request_id: str | None = None,
     ) -> list[Message]:
         """A page of the dialog (oldest first); the whole dialog counts as read afterwards:
-        the read mark moves to its newest message and the reader's counter for it is cleared.
+        the read mark moves to its newest message and the reader's counter for it follows.
         """
         page = await self.messages.list_dialog(reader_id, peer_id, after_id=after_id, limit=limit)
-        await self.messages.mark_dialog_read(reader_id, peer_id)
-        await self.unread.clear(reader_id, peer_id)
+        newest = await self.messages.mark_dialog_read(reader_id, peer_id)
+        if newest is not None:
+            await self._update(
+                self.unread.read(reader_id, peer_id, newest), reader_id, peer_id, request_id
+            )
         return page
 
-    async def unread_counts(self, reader_id: int) -> dict[int, int]:
-        """{peer_id: unread count} of *reader_id*, from Redis."""
-        return await self.unread.counts(reader_id)
+    async def _update(
+        self, update: Deferred[int], reader_id: int, peer_id: int, request_id: str | None
+    ) -> None:
+        """Wait for a counter *update*; if it fails or is slow, mark the pair for repair."""
+        try:
+            await update.addTimeout(self.counter_timeout, self.clock)
+        except Exception as e:
+            log.warn(
+                "[{request_id}] unread counter of {reader}/{peer} not updated ({error});"
+                " marked for repair",
+                reader=reader_id,
+                peer=peer_id,
+                error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                request_id=request_id,
+            )
+            await self.repairs.mark(reader_id, peer_id, request_id=request_id)
+
+    async def unread_counts(
+        self, reader_id: int, *, request_id: str | None = None
+    ) -> dict[int, int]:
+        """{peer_id: unread count} of *reader_id*: from Redis, or from MySQL while Redis
+        fails (slower, but never wrong)."""
+        try:
+            return await self.unread.counts(reader_id).addTimeout(self.counter_timeout, self.clock)
+        except Exception as e:
+            log.warn(
+                "[{request_id}] unread counts from MySQL: Redis failed ({error})",
+                error=f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                request_id=request_id,
+            )
+        counts = await self.messages.unread_from_mysql(reader_id)
+        return {peer: count for (_reader, peer), count in counts.items()}
 
     async def rebuild_unread(self) -> int:
-        """Recompute every counter from MySQL into Redis; the number of readers with unread
-        messages."""
-        counts = await self.messages.unread_from_mysql()
-        readers = await self.unread.replace_all(counts)
+        """Make every counter what MySQL says; the number of readers with unread messages."""
+        readers = await self.repairs.rebuild_all()
         log.info("unread counters rebuilt for {readers} readers", readers=readers)
         return readers

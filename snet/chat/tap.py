@@ -14,7 +14,8 @@ from snet import __version__
 from snet.chat.app import ChatAPI
 from snet.chat.registration import ChatRegistration, ServiceInstance
 from snet.chat.schema import apply_chat_schema
-from snet.chat.store import MessageStore, UnreadCounters
+from snet.chat.store import Dialogs, MessageStore
+from snet.chat.unread import UnreadIndex, UnreadRepairs
 from snet.config import ConfigError, parse_host_port
 from snet.consul import TreqConsul
 from snet.lifecycle import ClosedOnStop, ServingInstance
@@ -97,6 +98,10 @@ class Options(ServiceOptions):
             raise usage.UsageError(f"--service-name: {name!r} is not a valid Consul service name")
 
 
+REPAIR_INTERVAL = 1.0
+"""Seconds between two looks for unread counters to repair (``snet.chat.unread``)."""
+
+
 def default_instance_id(service_name: str, host: str, port: int) -> str:
     """An ID unique per instance that still tells an operator where the instance runs."""
     return f"{service_name}-{host}-{port}-{uuid.uuid4().hex[:8]}"
@@ -110,9 +115,10 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     pool = mysql_pool(options["mysql-config"], reactor=reactor)
     redis = redis_pool(options["redis-config"], reactor=reactor)
     in_flight = InFlight()
+    unread = UnreadIndex(redis)
+    repairs = UnreadRepairs(pool, unread)
     api = ChatAPI(
-        messages=MessageStore(pool),
-        unread=UnreadCounters(redis),
+        dialogs=Dialogs(MessageStore(pool), unread, repairs, reactor),
         in_flight=in_flight,
         metrics=HTTPMetrics(),
         version=__version__,
@@ -148,6 +154,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         advertise=options["advertise-address"],
         announce=registration,
         announce_grace=options["deregister-grace"],
+        workers=[repairs.service(REPAIR_INTERVAL, reactor)],
         resources=[
             ClosedOnStop("consul", consul.close),
             ClosedOnStop("redis", redis.disconnect),

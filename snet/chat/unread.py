@@ -47,7 +47,15 @@ if up_to > mark then
     mark = up_to
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', mark)
-for i = 3, #ARGV do
+local known_up_to = tonumber(ARGV[3])
+if known_up_to > mark then
+    local given = {}
+    for i = 4, #ARGV do given[ARGV[i]] = true end
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. mark, known_up_to)) do
+        if not given[id] then redis.call('ZREM', KEYS[2], id) end
+    end
+end
+for i = 4, #ARGV do
     if tonumber(ARGV[i]) > mark then
         redis.call('ZADD', KEYS[2], ARGV[i], ARGV[i])
     end
@@ -60,8 +68,9 @@ else
 end
 return count
 """
-"""Raise the read mark of (reader, peer) to ARGV[2], drop ids at or below the mark, add the
-ids ARGV[3:] that are above it; answer the pair's unread count."""
+"""Raise the read mark of (reader, peer) to ARGV[2] and drop ids at or below the mark; if
+ARGV[3] is above the mark, the ids ARGV[4:] are *all* the unread ones up to ARGV[3] (others in
+that range go); add the ids ARGV[4:] that are above the mark. Answer the pair's count."""
 
 _COUNTS = """
 local counts = {}
@@ -99,11 +108,24 @@ class UnreadIndex:
     redis: RedisPool
 
     def settle(
-        self, reader_id: int, peer_id: int, *, read_up_to: int = 0, unread: Iterable[int] = ()
+        self,
+        reader_id: int,
+        peer_id: int,
+        *,
+        read_up_to: int = 0,
+        unread: Iterable[int] = (),
+        complete_up_to: int = 0,
     ) -> Deferred[int]:
         """Raise the pair's read mark to *read_up_to*, count the *unread* ids above the mark;
-        fires with the pair's unread count. Idempotent and safe in any order."""
-        args: list[object] = [str(peer_id), str(read_up_to), *(str(int(i)) for i in unread)]
+        with *complete_up_to*, *unread* are all the unread ids up to it, and any other id in
+        that range is dropped (ids above it, newer than what the caller read from MySQL, stay).
+        Fires with the pair's unread count. Idempotent and safe in any order."""
+        args: list[object] = [
+            str(peer_id),
+            str(read_up_to),
+            str(complete_up_to),
+            *(str(int(i)) for i in unread),
+        ]
         keys = [peers_key(reader_id), unread_key(reader_id, peer_id), marks_key(reader_id)]
         d: Deferred[Any] = self.redis.call("eval", _SETTLE, keys, args)
         return d.addCallback(int)
@@ -126,6 +148,26 @@ class UnreadIndex:
         prefix = unread_key(reader_id, 0)[:-1]
         d: Deferred[Any] = self.redis.call("eval", _COUNTS, [peers_key(reader_id)], [prefix])
         return d.addCallback(parse)
+
+    async def pairs(self) -> list[tuple[int, int]]:
+        """Every (reader, peer) Redis holds unread ids of (SCAN: Redis is never blocked)."""
+        found: list[tuple[int, int]] = []
+        cursor: Any = 0
+        while True:
+            cursor, keys = await self.redis.call("scan", cursor, "snet:unread:{*}", 1000)
+            for key in keys:
+                reader = _reader_of(str(key))
+                if reader is not None:
+                    for peer in await self.redis.call("smembers", str(key)):
+                        found.append((reader, int(peer)))
+            if int(cursor) == 0:
+                return found
+
+
+def _reader_of(key: str) -> int | None:
+    """The reader of a peers-set key, or None if *key* is another key."""
+    inner = key.removeprefix("snet:unread:{").removesuffix("}")
+    return int(inner) if inner.isascii() and inner.isdigit() and key.endswith("}") else None
 
 
 # --- MySQL: the pairs to repair and what MySQL says of them ---------------------------------
@@ -165,9 +207,13 @@ def _pair_state(txn: adbapi.Transaction, reader_id: int, peer_id: int) -> tuple[
     return mark, [int(i) for (i,) in txn.fetchall()]
 
 
-def _all_pairs(txn: adbapi.Transaction) -> dict[tuple[int, int], tuple[int, list[int]]]:
-    """Every pair MySQL knows a read mark or an unread message of: {(reader, peer): (mark,
-    unread ids)}."""
+def _all_pairs(
+    txn: adbapi.Transaction,
+) -> tuple[dict[tuple[int, int], tuple[int, list[int]]], int]:
+    """Every pair MySQL knows a read mark or an unread message of, {(reader, peer): (mark,
+    unread ids)}, and the newest message id it had then (the snapshot's horizon)."""
+    txn.execute("SELECT COALESCE(MAX(id), 0) FROM chat_messages")
+    (newest,) = txn.fetchone()
     state: dict[tuple[int, int], tuple[int, list[int]]] = {}
     txn.execute("SELECT reader_id, peer_id, last_read_id FROM chat_reads")
     for reader, peer, mark in txn.fetchall():
@@ -178,8 +224,9 @@ def _all_pairs(txn: adbapi.Transaction) -> dict[tuple[int, int], tuple[int, list
         " WHERE m.id > COALESCE(r.last_read_id, 0)"
     )
     for reader, peer, message_id in txn.fetchall():
-        state.setdefault((int(reader), int(peer)), (0, []))[1].append(int(message_id))
-    return state
+        if int(message_id) <= int(newest):
+            state.setdefault((int(reader), int(peer)), (0, []))[1].append(int(message_id))
+    return state, int(newest)
 
 
 @define
@@ -244,12 +291,19 @@ class UnreadRepairs:
         return repaired
 
     async def rebuild_all(self) -> int:
-        """Settle every pair MySQL knows of (an operator's full repair); the number of
-        readers with unread messages."""
-        state = await run_with_retry(self.pool, _all_pairs)
+        """Make every counter what MySQL says (an operator's full repair): the pairs MySQL
+        knows of are settled as complete up to the newest message MySQL had, and pairs only
+        Redis knows of lose what they hold up to it. Sends and reads meanwhile are kept. The
+        number of readers with unread messages."""
+        state, newest = await run_with_retry(self.pool, _all_pairs)
+        for reader, peer in await self.index.pairs():
+            state.setdefault((reader, peer), (0, []))
         readers: set[int] = set()
         for (reader, peer), (mark, unread) in state.items():
-            if await self.index.settle(reader, peer, read_up_to=mark, unread=unread):
+            count = await self.index.settle(
+                reader, peer, read_up_to=mark, unread=unread, complete_up_to=newest
+            )
+            if count:
                 readers.add(reader)
         return len(readers)
 

@@ -157,3 +157,16 @@ async def test_rebuild_all_makes_every_counter_what_mysql_says(
     assert await UnreadRepairs(pool, index).rebuild_all() == 2
     assert await index.counts(READER) == {PEER: 1}
     assert await index.counts(PEER) == {READER: 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_complete_settle_drops_unknown_ids_up_to_its_horizon_and_keeps_newer_ones(
+    index: UnreadIndex,
+) -> None:
+    """A rebuild read MySQL up to message 10: ids up to 10 that MySQL does not list go, a
+    message counted meanwhile (11) stays."""
+    for message_id in (3, 4, 11):
+        await index.counted(READER, PEER, message_id)
+    assert await index.settle(READER, PEER, unread=[4, 5], complete_up_to=10) == 3
+    await index.read(READER, PEER, 4)
+    assert await index.counts(READER) == {PEER: 2}

@@ -1,7 +1,7 @@
 """Unit tests of the chat HTTP API (snet.chat.app) and of the send/read rules of
-snet.chat.store.Dialogs, served in memory by StubTreq over in-memory fakes of MessageStore and
-UnreadCounters. The fakes stand in for MySQL and Redis in validation and HTTP logic only:
-tests/integration/test_chat_store.py checks the real stores."""
+snet.chat.store.Dialogs, served in memory by StubTreq over in-memory fakes of MessageStore,
+UnreadIndex and UnreadRepairs. The fakes stand in for MySQL and Redis in validation and HTTP
+logic only: tests/integration/test_chat_store.py and test_unread.py check the real stores."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from snet.chat.app import ChatAPI, parse_limit
-from snet.chat.store import IdempotencyKeyReused, Message, MessageStore, UnreadCounters
+from snet.chat.store import COUNTER_TIMEOUT, Dialogs, IdempotencyKeyReused, Message, MessageStore
+from snet.chat.unread import UnreadIndex, UnreadRepairs
 from snet.chat_contract import MAX_TEXT, validate_message_text
 from snet.testing import result_of
 from snet.web.draining import InFlight
@@ -38,7 +39,6 @@ class FakeMessages:
         self.reads: dict[tuple[int, int], int] = {}
         self.next_id = 1
         self.ping_result: Deferred[None] | None = None
-        self.deleted: list[int] = []
         self._keys: dict[int, str] = {}
 
     def send(self, sender: int, recipient: int, text: str, key: str) -> Deferred[Any]:
@@ -60,11 +60,6 @@ class FakeMessages:
         self.next_id += 1
         self.rows.append(message)
         return succeed((message, True))
-
-    def delete(self, message_id: int) -> Deferred[None]:
-        self.deleted.append(message_id)
-        self.rows = [row for row in self.rows if row.id != message_id]
-        return succeed(None)
 
     def _dialog(self, a: int, b: int) -> list[Message]:
         return [r for r in self.rows if {r.sender_id, r.recipient_id} == {a, b}]
@@ -95,6 +90,8 @@ class FakeMessages:
     def unread_from_mysql(self, user_id: int | None = None) -> Deferred[dict[Any, int]]:
         counts: dict[tuple[int, int], int] = {}
         for r in self.rows:
+            if user_id is not None and r.recipient_id != user_id:
+                continue
             if r.id > self.reads.get((r.recipient_id, r.sender_id), 0):
                 key = (r.recipient_id, r.sender_id)
                 counts[key] = counts.get(key, 0) + 1
@@ -105,41 +102,64 @@ class FakeMessages:
 
 
 class FakeUnread:
-    """UnreadCounters' behaviour in a dict; ``failure`` makes every call fail with it."""
+    """UnreadIndex's behaviour: a set of unread ids and a read mark per (reader, peer);
+    ``failure`` makes every call fail with it."""
 
     def __init__(self) -> None:
-        self.hashes: dict[int, dict[int, int]] = {}
+        self.ids: dict[tuple[int, int], set[int]] = {}
+        self.marks: dict[tuple[int, int], int] = {}
         self.failure: Exception | None = None
 
-    def _check(self) -> Deferred[None] | None:
-        return fail(self.failure) if self.failure is not None else None
+    @property
+    def hashes(self) -> dict[int, dict[int, int]]:
+        """{reader: {peer: count}}, positive counts only."""
+        out: dict[int, dict[int, int]] = {}
+        for (reader, peer), ids in self.ids.items():
+            if ids:
+                out.setdefault(reader, {})[peer] = len(ids)
+        return out
 
-    def bump(self, reader: int, peer: int) -> Deferred[Any]:
-        if (broken := self._check()) is not None:
-            return broken
-        counts = self.hashes.setdefault(reader, {})
-        counts[peer] = counts.get(peer, 0) + 1
-        return succeed(counts[peer])
+    def settle(
+        self, reader: int, peer: int, *, read_up_to: int = 0, unread: Any = ()
+    ) -> Deferred[Any]:
+        if self.failure is not None:
+            return fail(self.failure)
+        mark = self.marks[reader, peer] = max(self.marks.get((reader, peer), 0), read_up_to)
+        ids = {i for i in self.ids.get((reader, peer), set()) | set(unread) if i > mark}
+        self.ids[reader, peer] = ids
+        return succeed(len(ids))
 
-    def clear(self, reader: int, peer: int) -> Deferred[None]:
-        if (broken := self._check()) is not None:
-            return broken
-        self.hashes.get(reader, {}).pop(peer, None)
-        if not self.hashes.get(reader, True):
-            del self.hashes[reader]
-        return succeed(None)
+    def counted(self, reader: int, peer: int, message_id: int) -> Deferred[Any]:
+        return self.settle(reader, peer, unread=(message_id,))
+
+    def read(self, reader: int, peer: int, up_to_id: int) -> Deferred[Any]:
+        return self.settle(reader, peer, read_up_to=up_to_id)
 
     def counts(self, reader: int) -> Deferred[Any]:
-        if (broken := self._check()) is not None:
-            return broken
+        if self.failure is not None:
+            return fail(self.failure)
         return succeed(dict(self.hashes.get(reader, {})))
 
-    def replace_all(self, counts: dict[tuple[int, int], int]) -> Deferred[Any]:
-        self.hashes = {}
-        for (reader, peer), count in counts.items():
-            if count > 0:
-                self.hashes.setdefault(reader, {})[peer] = count
-        return succeed(len(self.hashes))
+
+class FakeRepairs:
+    """UnreadRepairs' behaviour: the pairs marked, and a rebuild from FakeMessages."""
+
+    def __init__(self, messages: FakeMessages, unread: FakeUnread) -> None:
+        self.messages = messages
+        self.unread = unread
+        self.marked: list[tuple[int, int]] = []
+
+    async def mark(self, reader: int, peer: int, *, request_id: str | None = None) -> None:
+        self.marked.append((reader, peer))
+
+    async def rebuild_all(self) -> int:
+        self.unread.ids = {}
+        for row in self.messages.rows:
+            pair = (row.recipient_id, row.sender_id)
+            await self.unread.settle(
+                *pair, read_up_to=self.messages.reads.get(pair, 0), unread=(row.id,)
+            )
+        return len(self.unread.hashes)
 
 
 class Chat:
@@ -148,11 +168,16 @@ class Chat:
     def __init__(self) -> None:
         self.messages = FakeMessages()
         self.unread = FakeUnread()
+        self.repairs = FakeRepairs(self.messages, self.unread)
         self.clock = Clock()
         self.in_flight = InFlight()
         self.api = ChatAPI(
-            messages=cast(MessageStore, self.messages),
-            unread=cast(UnreadCounters, self.unread),
+            dialogs=Dialogs(
+                cast(MessageStore, self.messages),
+                cast(UnreadIndex, self.unread),
+                cast(UnreadRepairs, self.repairs),
+                self.clock,
+            ),
             in_flight=self.in_flight,
             metrics=HTTPMetrics(),
             version="9.9.9",
@@ -252,34 +277,50 @@ def test_unknown_fields_are_ignored(chat: Chat) -> None:
     assert body["message"]["id"] == 1
 
 
-def test_when_redis_is_down_a_send_is_503_and_leaves_no_message(chat: Chat) -> None:
+def test_when_redis_is_down_a_send_is_stored_and_its_dialog_marked_for_repair(
+    chat: Chat,
+) -> None:
+    """A committed message is never undone for a counter's sake."""
     chat.unread.failure = txredisapi.ConnectionError("Not connected")
     response, body = chat.send(ALICE, BOB, {"text": "hi"}, key="k")
-    assert response.code == 503
-    assert header(response, "Retry-After") == "1"
-    assert body["code"] == ErrorCode.UNREAD_UNAVAILABLE
-    assert chat.messages.rows == []
-    assert chat.messages.deleted == [1]
+    assert response.code == 201
+    assert body["message"]["text"] == "hi"
+    assert len(chat.messages.rows) == 1
+    assert chat.repairs.marked == [(BOB, ALICE)]
 
 
-def test_after_redis_is_back_the_retried_send_is_stored_and_counted(chat: Chat) -> None:
+def test_when_redis_stalls_a_send_is_answered_after_the_counter_timeout(chat: Chat) -> None:
+    chat.unread.counted = lambda *args: Deferred()  # type: ignore[method-assign]
+    d = chat.http.request(
+        "POST",
+        BASE + f"/v1/dialogs/{BOB}/messages",
+        data=b'{"text": "hi"}',
+        headers={
+            "X-Snet-User-Id": str(ALICE),
+            "Idempotency-Key": "k",
+            "Content-Type": "application/json",
+        },
+    )
+    answers: list[Any] = []
+    d.addCallback(answers.append)
+    chat.http.flush()
+    assert answers == [], "waits for the counter"
+    assert len(chat.messages.rows) == 1
+    chat.clock.advance(COUNTER_TIMEOUT)
+    chat.http.flush()
+    assert [answer.code for answer in answers] == [201]
+    assert chat.repairs.marked == [(BOB, ALICE)]
+
+
+def test_a_replayed_send_counts_the_message_an_earlier_attempt_missed(chat: Chat) -> None:
     chat.unread.failure = txredisapi.ConnectionError("Not connected")
     chat.send(ALICE, BOB, {"text": "hi"}, key="k")
     chat.unread.failure = None
     response, _ = chat.send(ALICE, BOB, {"text": "hi"}, key="k")
     assert response.code == 201
-    assert header(response, "Idempotent-Replayed") is None
+    assert header(response, "Idempotent-Replayed") == "true"
     assert len(chat.messages.rows) == 1
     assert chat.unread.hashes == {BOB: {ALICE: 1}}
-
-
-def test_a_bump_failing_for_another_reason_is_a_500_and_also_leaves_no_message(
-    chat: Chat,
-) -> None:
-    chat.unread.failure = RuntimeError("WRONGTYPE")
-    response, _ = chat.send(ALICE, BOB, {"text": "hi"})
-    assert response.code == 500
-    assert chat.messages.rows == []
 
 
 # --- send validation ------------------------------------------------------------------------
@@ -405,11 +446,21 @@ def test_listing_with_oneself_is_a_400(chat: Chat) -> None:
     assert response.code == 400
 
 
-def test_listing_while_redis_is_down_is_a_503(chat: Chat) -> None:
+def test_listing_while_redis_is_down_answers_and_marks_the_dialog_for_repair(chat: Chat) -> None:
     fill(chat, 1)
     chat.unread.failure = txredisapi.ConnectionError("Not connected")
-    response, _ = chat.list(BOB, ALICE)
-    assert response.code == 503
+    response, body = chat.list(BOB, ALICE)
+    assert response.code == 200
+    assert len(body["messages"]) == 1
+    assert chat.repairs.marked == [(BOB, ALICE)]
+
+
+def test_unread_while_redis_is_down_comes_from_mysql(chat: Chat) -> None:
+    fill(chat, 3)  # Bob has 2 unread from Alice
+    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    response, body = chat.call("GET", "/v1/unread", headers={"X-Snet-User-Id": str(BOB)})
+    assert response.code == 200
+    assert body == {"total": 2, "dialogs": [{"peer_id": ALICE, "count": 2}]}
 
 
 # --- unread ---------------------------------------------------------------------------------
@@ -431,7 +482,7 @@ def test_unread_gives_the_total_and_each_dialog(chat: Chat) -> None:
 
 def test_rebuild_recomputes_the_counters_from_mysql(chat: Chat) -> None:
     fill(chat, 3)  # Bob has 2 unread from Alice, Alice 1 from Bob
-    chat.unread.hashes = {BOB: {ALICE: 40}, CAROL: {ALICE: 1}}
+    chat.unread.ids = {(BOB, ALICE): set(range(40)), (CAROL, ALICE): {1}}
     response, body = chat.call("POST", "/v1/unread/rebuild", headers={"X-Snet-User-Id": str(ALICE)})
     assert response.code == 200
     assert body == {"readers": 2}

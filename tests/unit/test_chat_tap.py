@@ -4,11 +4,12 @@ tree its makeService wires, all on the reactor it is given (a memory reactor her
 from __future__ import annotations
 
 import pytest
+from twisted.application.internet import TimerService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 
 from snet.chat.registration import ChatRegistration
-from snet.chat.tap import Options, default_instance_id, makeService
+from snet.chat.tap import REPAIR_INTERVAL, Options, default_instance_id, makeService
 from snet.config import ConsulConfig, MySQLConfig, RedisConfig
 from snet.lifecycle import ServingInstance, listen_interface
 from snet.testing import result_of
@@ -115,7 +116,9 @@ def test_a_chat_instance_registers_once_serving_and_closes_consul_redis_then_mys
     reactor = MemoryReactorClock()
     service = make_service(["--deregister-grace", "0.25", "--advertise", "10.0.0.5:9100"], reactor)
     assert service.clock is reactor
-    assert service.workers == []
+    [repairs] = service.workers
+    assert isinstance(repairs, TimerService)
+    assert (repairs.step, repairs.clock) == (REPAIR_INTERVAL, reactor)
     assert [r.name for r in service.resources] == ["consul", "redis", "mysql"]
     assert (service.advertise, service.announce_grace) == (("10.0.0.5", 9100), 0.25)
     assert service.announce is not None
