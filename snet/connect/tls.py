@@ -60,7 +60,22 @@ __all__ = [
 _MINIMUM_TLS = SSL.TLS1_2_VERSION
 
 
-class PeerIdentityError(SSL.Error):
+class _ConnectTLSError(SSL.Error):
+    """A handshake failure of ours, shaped like OpenSSL's own errors.
+
+    Twisted's TLS protocol reads ``args[0]`` of an ``SSL.Error`` as OpenSSL's error queue,
+    a list of ``(library, function, reason)``: the message goes there.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__([("snet.connect", "handshake", message)])
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PeerIdentityError(_ConnectTLSError):
     """The other end is not who it must be: its chain does not verify against the Connect
     roots, or its SPIFFE id is not the expected one. Raised during the handshake, before
     any application data is sent. ``expected`` and ``found`` are SPIFFE URIs (``found`` is
@@ -72,7 +87,7 @@ class PeerIdentityError(SSL.Error):
         self.found = found
 
 
-class NoConnectIdentity(SSL.Error):
+class NoConnectIdentity(_ConnectTLSError):
     """This process has no Connect identity yet (the agent has not answered): no TLS
     connection can be made or accepted until it has."""
 
