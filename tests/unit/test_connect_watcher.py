@@ -144,6 +144,14 @@ def started(watcher: CertificateWatcher, clock: Clock, agent: FakeConnectAgent) 
     agent.stub.flush()
 
 
+@pytest.fixture
+def running(consul: TreqConsul, clock: Clock, agent: FakeConnectAgent) -> CertificateWatcher:
+    """A watcher with the default settings, started, that has read both answers."""
+    watcher = watcher_for(consul, clock)
+    started(watcher, clock, agent)
+    return watcher
+
+
 # --- the watcher -------------------------------------------------------------------------------
 
 
@@ -173,10 +181,9 @@ def test_after_the_first_reads_both_endpoints_are_followed_with_blocking_queries
 
 
 def test_a_renewed_leaf_replaces_the_identity_and_tells_subscribers(
-    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent, ca: TestCA
 ) -> None:
-    watcher = watcher_for(consul, clock)
-    started(watcher, clock, agent)
+    watcher = running
     first = watcher.identity
     seen: list[ConnectIdentity] = []
     watcher.subscribe(seen.append)
@@ -188,10 +195,9 @@ def test_a_renewed_leaf_replaces_the_identity_and_tells_subscribers(
 
 
 def test_a_rotated_root_replaces_the_identity_without_a_new_leaf(
-    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent, ca: TestCA
 ) -> None:
-    watcher = watcher_for(consul, clock)
-    started(watcher, clock, agent)
+    watcher = running
     leaf = watcher.identity.leaf  # type: ignore[union-attr]
     new_ca = TestCA(trust_domain=ca.trust_domain)
     clock.advance(1)
@@ -237,10 +243,9 @@ def test_while_the_agent_is_away_the_last_identity_stays_and_calls_back_off(
 
 
 def test_an_unusable_answer_keeps_the_last_identity_and_is_retried(
-    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent, ca: TestCA
 ) -> None:
-    watcher = watcher_for(consul, clock)
-    started(watcher, clock, agent)
+    watcher = running
     identity = watcher.identity
     clock.advance(1)
     agent.set(LEAF, {"CertPEM": "garbage", "PrivateKeyPEM": "garbage"})
@@ -252,10 +257,9 @@ def test_an_unusable_answer_keeps_the_last_identity_and_is_retried(
 
 
 def test_stopping_cancels_the_blocking_queries(
-    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent
 ) -> None:
-    watcher = watcher_for(consul, clock)
-    started(watcher, clock, agent)
+    watcher = running
     clock.advance(1)
     agent.stub.flush()
     assert len(agent.held) == 2
