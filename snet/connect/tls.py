@@ -35,6 +35,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     ISSLTransport,
 )
+from twisted.logger import Logger
 from twisted.web.client import RequestTransmissionFailed, ResponseFailed, ResponseNeverReceived
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -56,6 +57,8 @@ __all__ = [
     "identity_failure",
     "peer_identity",
 ]
+
+log = Logger()
 
 _MINIMUM_TLS = SSL.TLS1_2_VERSION
 
@@ -160,13 +163,15 @@ class ConnectServerTLS:
     """Server TLS with the current Connect identity of *source* (see the module docstring).
 
     Use as the ``contextFactory`` of ``SSL4ServerEndpoint`` / ``TLSMemoryBIOFactory``.
-    Listen only once ``source.identity`` is set: a connection accepted before that is
-    dropped at once.
+    Listen only once ``source.identity`` is set: a connection accepted before that fails
+    its handshake (a context without a certificate has nothing to offer), and a warning
+    says why. Raising instead would make Twisted drop the listening port itself.
     """
 
     def __init__(self, source: IdentitySource) -> None:
         self._source = source
         self._contexts = _ContextCache(self._build)
+        self._refusing: SSL.Context | None = None
 
     @staticmethod
     def _build(identity: ConnectIdentity) -> SSL.Context:
@@ -180,7 +185,11 @@ class ConnectServerTLS:
     def serverConnectionForTLS(self, tls_protocol: object) -> SSL.Connection:
         identity = self._source.identity
         if identity is None:
-            raise NoConnectIdentity("no connect identity yet: refusing the TLS connection")
+            if self._refusing is None:
+                log.warn("no connect identity yet: refusing TLS connections until there is one")
+                self._refusing = SSL.Context(SSL.TLS_METHOD)
+            return SSL.Connection(self._refusing, None)
+        self._refusing = None
         return SSL.Connection(self._contexts.get(identity), None)
 
 

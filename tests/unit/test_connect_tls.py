@@ -12,6 +12,7 @@ import contextlib
 import pytest
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from zope.interface import implementer
@@ -225,8 +226,9 @@ def test_a_server_without_a_spiffe_id_fails_the_clients_handshake(ca: TestCA) ->
 
 
 def test_no_identity_yet_refuses_both_ends(ca: TestCA) -> None:
-    with pytest.raises(NoConnectIdentity):
-        ConnectServerTLS(FixedIdentity()).serverConnectionForTLS(None)
+    with capturedLogs() as events, pytest.raises(SSL.Error):
+        connect(None, ca.identity(SERVER))
+    assert ["no connect identity" in e["log_format"] for e in events] == [True]
     with pytest.raises(NoConnectIdentity):
         connect(ca.identity(CHAT), None)
     assert ConnectPolicyForHTTPS(FixedIdentity()).expected_id() is None
