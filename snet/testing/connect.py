@@ -1,4 +1,4 @@
-"""A Connect-like CA made in memory, for tests of TLS with SPIFFE identities.
+"""A Connect-like CA made in memory, and the agent's Connect endpoints over it, for tests.
 
 :class:`TestCA` issues what Consul's built-in CA issues (EC P-256 keys, a leaf per service
 with its SPIFFE id as the one URI SAN), and what it never would: expired leaves, leaves of
@@ -9,6 +9,7 @@ process should trust into a :class:`~snet.connect.identity.ConnectIdentity`.
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from collections.abc import Sequence
 
@@ -17,10 +18,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from treq.testing import StubTreq
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from snet.connect.identity import ConnectIdentity, Leaf, Roots, SpiffeServiceId
 
-__all__ = ["TestCA"]
+__all__ = ["AUTHORIZE", "ROOTS", "FakeConnectAgent", "TestCA", "leaf_path"]
+
+ROOTS = "/v1/agent/connect/ca/roots"
+AUTHORIZE = "/v1/agent/connect/authorize"
+
+
+def leaf_path(service: str) -> str:
+    """The agent's path of *service*'s leaf."""
+    return f"/v1/agent/connect/ca/leaf/{service}"
+
 
 _DAY = datetime.timedelta(days=1)
 
@@ -179,3 +192,92 @@ class TestCA:
                 for ca in (self, *others)
             ],
         }
+
+
+class FakeConnectAgent(Resource):
+    """The agent's Connect endpoints, with blocking queries on the leaf and the roots.
+
+    It answers a leaf for each of *services* (at index 10) and *ca*'s roots (at index 5). A
+    query whose ``index`` is at or above the endpoint's index is held until ``set()``
+    changes that endpoint; paths it does not know get 404. ``error`` answers every request
+    with that (status, body); ``authorized`` maps a client's SPIFFE id to what authorize
+    answers for it (no by default), and ``hold_authorize`` holds those calls. ``stub`` is
+    the ``StubTreq`` in front of it, for ``TreqConsul(..., http=agent.stub)``.
+    """
+
+    isLeaf = True
+
+    def __init__(self, ca: TestCA, *services: str) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.answers: dict[str, tuple[int, object]] = {ROOTS: (5, ca.consul_roots())}
+        for service in services:
+            self.answers[leaf_path(service)] = (10, ca.consul_leaf(service, 10))
+        self.held: list[tuple[str, Request]] = []
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.error: tuple[int, bytes] | None = None
+        self.authorized: dict[str, bool] = {}
+        self.hold_authorize = False
+        self.stub = StubTreq(self)  # type: ignore[no-untyped-call]
+
+    def render(self, request: Request) -> bytes | int:
+        assert request.path is not None and request.content is not None
+        path = request.path.decode()
+        args = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
+        body = request.content.read()
+        self.requests.append((path, args, body))
+        if self.error is not None:
+            request.setResponseCode(self.error[0])
+            return self.error[1]
+        if path == AUTHORIZE:
+            if self.hold_authorize:
+                self.held.append((path, request))
+                return NOT_DONE_YET
+            return self._authorize(body)
+        if path not in self.answers:
+            request.setResponseCode(404)
+            return b"unknown path"
+        index, _ = self.answers[path]
+        if "index" in args and int(args["index"]) >= index:
+            self.held.append((path, request))
+            return NOT_DONE_YET
+        return self._answer(path, request)
+
+    def _answer(self, path: str, request: Request) -> bytes:
+        index, body = self.answers[path]
+        request.setHeader("X-Consul-Index", str(index))
+        return json.dumps(body).encode()
+
+    def _authorize(self, body: bytes) -> bytes:
+        allowed = self.authorized.get(json.loads(body).get("ClientCertURI", ""), False)
+        return json.dumps({"Authorized": allowed, "Reason": "fake"}).encode()
+
+    def set(self, path: str, body: object) -> None:
+        """A new answer for *path*, one index up; held queries on it are answered."""
+        index, _ = self.answers[path]
+        self.answers[path] = (index + 1, body)
+        held, self.held = self.held, []
+        for held_path, request in held:
+            if held_path == path:
+                _finish(request, self._answer(path, request))
+            else:
+                self.held.append((held_path, request))
+        self.stub.flush()  # type: ignore[no-untyped-call]
+
+    def release_authorize(self) -> None:
+        """Answer the held authorize calls: yes."""
+        held, self.held = self.held, []
+        for path, request in held:
+            if path == AUTHORIZE:
+                _finish(request, json.dumps({"Authorized": True, "Reason": "late"}).encode())
+            else:
+                self.held.append((path, request))
+        self.stub.flush()  # type: ignore[no-untyped-call]
+
+    def queries(self, path: str) -> list[dict[str, str]]:
+        """The query arguments of every request of *path*, in order."""
+        return [args for p, args, _ in self.requests if p == path]
+
+
+def _finish(request: Request, body: bytes) -> None:
+    request.write(body)
+    request.finish()

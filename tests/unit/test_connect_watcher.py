@@ -6,11 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from snet.config import ConsulConfig
 from snet.connect import (
@@ -23,91 +20,10 @@ from snet.connect import (
 )
 from snet.consul import TreqConsul
 from snet.testing import result_of
-from snet.testing.connect import TestCA
+from snet.testing.connect import AUTHORIZE, ROOTS, FakeConnectAgent, TestCA
 
 CHAT = "snet-chat"
 LEAF = f"/v1/agent/connect/ca/leaf/{CHAT}"
-ROOTS = "/v1/agent/connect/ca/roots"
-AUTHORIZE = "/v1/agent/connect/authorize"
-
-
-class FakeConnectAgent(Resource):
-    """The agent's Connect endpoints, with blocking queries on the leaf and the roots.
-
-    A query whose ``index`` is at or above the endpoint's index is held until ``set()``
-    changes that endpoint. ``error`` answers every request with that (status, body);
-    ``authorized`` is what authorize answers (``hold_authorize`` holds those calls).
-    """
-
-    isLeaf = True
-
-    def __init__(self, ca: TestCA) -> None:
-        super().__init__()
-        self.answers: dict[str, tuple[int, object]] = {
-            LEAF: (10, ca.consul_leaf(CHAT, 10)),
-            ROOTS: (5, ca.consul_roots()),
-        }
-        self.held: list[tuple[str, Request]] = []
-        self.requests: list[tuple[str, dict[str, str], bytes]] = []
-        self.error: tuple[int, bytes] | None = None
-        self.authorized: dict[str, bool] = {}
-        self.hold_authorize = False
-        self.stub = StubTreq(self)
-
-    def render(self, request: Request) -> bytes | int:
-        assert request.path is not None and request.content is not None
-        path = request.path.decode()
-        args = {k.decode(): v[0].decode() for k, v in (request.args or {}).items()}
-        self.requests.append((path, args, request.content.read()))
-        if self.error is not None:
-            request.setResponseCode(self.error[0])
-            return self.error[1]
-        if path == AUTHORIZE:
-            if self.hold_authorize:
-                self.held.append((path, request))
-                return NOT_DONE_YET
-            return self._authorize(request)
-        index, _ = self.answers[path]
-        if "index" in args and int(args["index"]) >= index:
-            self.held.append((path, request))
-            return NOT_DONE_YET
-        return self._answer(path, request)
-
-    def _answer(self, path: str, request: Request) -> bytes:
-        index, body = self.answers[path]
-        request.setHeader("X-Consul-Index", str(index))
-        return json.dumps(body).encode()
-
-    def _authorize(self, request: Request) -> bytes:
-        body = json.loads(self.requests[-1][2]) if self.requests[-1][0] == AUTHORIZE else {}
-        allowed = self.authorized.get(body.get("ClientCertURI", ""), False)
-        return json.dumps({"Authorized": allowed, "Reason": "fake"}).encode()
-
-    def set(self, path: str, body: object) -> None:
-        """A new answer for *path*, one index up; held queries on it are answered."""
-        index, _ = self.answers[path]
-        self.answers[path] = (index + 1, body)
-        held, self.held = self.held, []
-        for held_path, request in held:
-            if held_path == path:
-                request.write(self._answer(path, request))
-                request.finish()
-            else:
-                self.held.append((held_path, request))
-        self.stub.flush()
-
-    def release_authorize(self) -> None:
-        held, self.held = self.held, []
-        for path, request in held:
-            if path == AUTHORIZE:
-                request.write(json.dumps({"Authorized": True, "Reason": "late"}).encode())
-                request.finish()
-            else:
-                self.held.append((path, request))
-        self.stub.flush()
-
-    def queries(self, path: str) -> list[dict[str, str]]:
-        return [args for p, args, _ in self.requests if p == path]
 
 
 @pytest.fixture
@@ -122,7 +38,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def agent(ca: TestCA) -> FakeConnectAgent:
-    return FakeConnectAgent(ca)
+    return FakeConnectAgent(ca, CHAT)
 
 
 @pytest.fixture
