@@ -17,7 +17,8 @@ setup(
     include_package_data=True,
     zip_safe=False,
     install_requires=[
-        "twisted>=24.7.0",
+        # [tls]: pyOpenSSL, service_identity and idna, for the Connect TLS in snet.connect.
+        "twisted[tls]>=24.7.0",
         "klein>=24.8.0",
         "treq>=24.9.1",
         "txredisapi>=1.4.10",
@@ -25,5 +26,9 @@ setup(
         "attrs>=24.2.0",
         "py-consul>=1.5.0",
         "prometheus-client>=0.20.0",
+        # snet.connect: contexts from cryptography keys and get_verified_chain (24.3+), and
+        # cryptography's own X.509 API (load_pem_x509_certificates, not_valid_after_utc).
+        "pyOpenSSL>=24.3.0",
+        "cryptography>=42.0.0",
     ],
 )

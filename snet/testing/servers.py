@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import re
 import secrets
 import shutil
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -387,6 +389,10 @@ class ConsulAgent(_Server):
     """
 
     name: ClassVar[str] = "consul"
+    acl_default_policy: str | None = None
+    """With "deny" (or "allow"), ACLs are on with that default policy and
+    ``management_token`` is the bootstrap (1.8's "master") token; None leaves ACLs off."""
+    management_token: str = field(init=False, factory=lambda: str(uuid.uuid4()), repr=False)
     binary: str = field(init=False)
     http_port: int = field(init=False)
     """The HTTP API port (CONSUL_HTTP_ADDR is ``address``)."""
@@ -429,7 +435,63 @@ class ConsulAgent(_Server):
             "-grpc-port=-1",
             "-log-level=info",
             "-hcl=disable_update_check = true",
+            *self._acl_options(),
         ]
+
+    def _acl_options(self) -> list[str]:
+        if self.acl_default_policy is None:
+            return []
+        # Consul 1.8 names the bootstrap token "master" (1.11 renamed it initial_management);
+        # the agent uses it too, to register its own node under default deny.
+        token = self.management_token
+        return [
+            '-hcl=primary_datacenter = "dc1"',
+            f'-hcl=acl {{ enabled = true default_policy = "{self.acl_default_policy}"'
+            f" enable_token_persistence = false"
+            f' tokens {{ master = "{token}" agent = "{token}" }} }}',
+        ]
+
+    def api(
+        self, method: str, path: str, body: object = None, token: str | None = None
+    ) -> tuple[int, object]:
+        """Call the HTTP API (blocking): ``(status, decoded JSON or text)``, errors included.
+
+        *token* goes in ``X-Consul-Token``; for test set-up, pass ``management_token``.
+        """
+        data = None if body is None else json.dumps(body).encode()
+        url = f"{self.url}{path}"  # always http://127.0.0.1:PORT/...
+        request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
+        if token:
+            request.add_header("X-Consul-Token", token)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(request, timeout=10) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        text = raw.decode("utf-8", "replace")
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    def create_token(self, name: str, rules: str) -> str:
+        """A new ACL token (its SecretID) whose one policy, *name*, has *rules* (HCL)."""
+        status, answer = self.api(
+            "PUT", "/v1/acl/policy", {"Name": name, "Rules": rules}, self.management_token
+        )
+        if status != 200:
+            raise RuntimeError(f"creating the ACL policy {name} failed: {status} {answer}")
+        status, answer = self.api(
+            "PUT",
+            "/v1/acl/token",
+            {"Description": name, "Policies": [{"Name": name}]},
+            self.management_token,
+        )
+        if status != 200 or not isinstance(answer, dict):
+            raise RuntimeError(f"creating the ACL token {name} failed: {status} {answer}")
+        secret: str = answer["SecretID"]
+        return secret
 
     def _answers(self) -> bool:
         return self.leader() not in (None, "")

@@ -1,0 +1,191 @@
+"""Which callers may use a Connect-native service: Consul's intentions, asked through the agent.
+
+:class:`ConnectAuthorizer` answers, for one target service, whether a caller that proved a
+SPIFFE id over TLS may call it, in the shape an HTTP layer needs (a :class:`Decision` with
+the status to answer):
+
+- **401** when the request did not come over TLS with a client certificate that verified
+  against the Connect roots (:func:`snet.connect.tls.peer_identity` is None), or the
+  certificate's URI is not a Connect service id;
+- **403** when the id is from another trust domain, when Consul says no
+  (``POST /v1/agent/connect/authorize`` answers ``Authorized: false``), and when Consul
+  cannot be asked or answers nonsense: the rule is *denied on any error*;
+- **200** (allowed) only on Consul's explicit yes.
+
+Answers (yes and no) are cached for ``ttl`` seconds per (SPIFFE id, serial), which Consul's
+documentation allows for this endpoint. The default of 3 s keeps the cost of authorizing off
+the request path (one call to the local agent per caller every 3 s, whatever the request
+rate) while bounding how long a revoked intention or a revoked token goes on letting a
+caller in: 3 s plus the agent's own delay in seeing the change (its intention cache follows
+the servers with blocking queries, milliseconds here). Errors are not cached, so a recovered
+agent is used at once; concurrent lookups for one key share one call.
+"""
+
+from __future__ import annotations
+
+import json
+
+from attrs import frozen
+from consul.callback import CB
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from snet.connect.identity import IdentitySource, SpiffeServiceId
+from snet.connect.tls import PeerIdentity, peer_identity
+from snet.consul import TreqConsul
+
+__all__ = ["DEFAULT_AUTHORIZE_TTL", "ConnectAuthorizer", "Decision"]
+
+log = Logger()
+
+DEFAULT_AUTHORIZE_TTL = 3.0
+"""Seconds an answer of Consul's authorize endpoint is reused (see the module docstring)."""
+
+
+@frozen
+class Decision:
+    """Whether a caller may go on; ``status`` is what to answer if not (401 or 403)."""
+
+    allowed: bool
+    status: int
+    reason: str
+    caller: str | None = None
+    """The caller's SPIFFE id, when it proved one."""
+
+    @classmethod
+    def allow(cls, caller: str, reason: str) -> Decision:
+        return cls(True, 200, reason, caller)
+
+    @classmethod
+    def unauthenticated(cls, reason: str, caller: str | None = None) -> Decision:
+        return cls(False, 401, reason, caller)
+
+    @classmethod
+    def forbidden(cls, caller: str, reason: str) -> Decision:
+        return cls(False, 403, reason, caller)
+
+
+_Key = tuple[str, str]
+
+
+class ConnectAuthorizer:
+    """Asks the local agent whether callers may call *target*, caching its answers.
+
+    ``hits`` and ``misses`` count cache lookups (a lookup that joins a call in flight counts
+    as a hit), ``errors`` the calls that failed and so denied.
+    """
+
+    def __init__(
+        self,
+        *,
+        consul: TreqConsul,
+        target: str,
+        source: IdentitySource,
+        clock: IReactorTime,
+        ttl: float = DEFAULT_AUTHORIZE_TTL,
+        max_entries: int = 4096,
+    ) -> None:
+        """
+        :param target: the service callers want to reach (Consul's ``Target``).
+        :param source: this service's identity: callers from another trust domain are
+            refused without asking Consul.
+        :param max_entries: at most this many answers are cached (expired ones go first).
+        """
+        self._consul = consul
+        self.target = target
+        self._source = source
+        self._clock = clock
+        self.ttl = ttl
+        self._max_entries = max_entries
+        self._cache: dict[_Key, tuple[float, Decision]] = {}
+        self._pending: dict[_Key, list[Deferred[Decision]]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.errors = 0
+
+    def check_request(self, request: object) -> Deferred[Decision]:
+        """The decision for an HTTP request (anything with a ``transport``)."""
+        return self.check_peer(peer_identity(getattr(request, "transport", None)))
+
+    def check_peer(self, peer: PeerIdentity | None) -> Deferred[Decision]:
+        """The decision for a peer as :func:`~snet.connect.tls.peer_identity` found it."""
+        if peer is None:
+            return succeed(Decision.unauthenticated("no verified client certificate"))
+        parsed = SpiffeServiceId.parse(peer.spiffe_id)
+        if parsed is None:
+            return succeed(
+                Decision.unauthenticated("the client certificate names no service", peer.spiffe_id)
+            )
+        identity = self._source.identity
+        if identity is None or parsed.trust_domain != identity.trust_domain:
+            return succeed(Decision.forbidden(peer.spiffe_id, "not of this trust domain"))
+        return self.authorize(peer.spiffe_id, peer.serial)
+
+    def authorize(self, client_uri: str, serial: str) -> Deferred[Decision]:
+        """Consul's decision for *client_uri* (cached); denied if Consul cannot tell."""
+        key = (client_uri, serial)
+        now = self._clock.seconds()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            self.hits += 1
+            return succeed(cached[1])
+        waiting = self._pending.get(key)
+        d: Deferred[Decision] = Deferred()
+        if waiting is not None:
+            self.hits += 1
+            waiting.append(d)
+            return d
+        self.misses += 1
+        self._pending[key] = [d]
+        self._ask(client_uri, serial).addBoth(self._answered, key)
+        return d
+
+    def _ask(self, client_uri: str, serial: str) -> Deferred[object]:
+        body = json.dumps(
+            {"Target": self.target, "ClientCertURI": client_uri, "ClientCertSerial": serial}
+        )
+        d: Deferred[object] = self._consul.http.post(
+            CB.json(allow_404=False), "/v1/agent/connect/authorize", data=body
+        )
+        return d
+
+    def _answered(self, answer: object, key: _Key) -> None:
+        client_uri = key[0]
+        decision: Decision
+        if isinstance(answer, Failure):
+            self.errors += 1
+            decision = Decision.forbidden(
+                client_uri, f"consul could not authorize: {answer.getErrorMessage()}"
+            )
+            log.warn(
+                "denying {caller}: consul could not authorize it: {error}",
+                caller=client_uri,
+                error=answer.getErrorMessage(),
+            )
+        elif isinstance(answer, dict) and isinstance(answer.get("Authorized"), bool):
+            reason = str(answer.get("Reason", ""))
+            if answer["Authorized"]:
+                decision = Decision.allow(client_uri, reason)
+            else:
+                decision = Decision.forbidden(client_uri, reason)
+            self._remember(key, decision)
+        else:
+            self.errors += 1
+            decision = Decision.forbidden(client_uri, f"consul answered {answer!r}")
+        for d in self._pending.pop(key, []):
+            d.callback(decision)
+
+    def _remember(self, key: _Key, decision: Decision) -> None:
+        now = self._clock.seconds()
+        if len(self._cache) >= self._max_entries:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            while len(self._cache) >= self._max_entries:
+                del self._cache[next(iter(self._cache))]
+        self._cache[key] = (now + self.ttl, decision)
+
+    def hit_rate(self) -> float:
+        """The share of lookups answered without a call of their own (0 before any)."""
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0

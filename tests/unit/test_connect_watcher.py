@@ -1,0 +1,275 @@
+"""CertificateWatcher and ConnectAuthorizer against a fake agent in memory, on a Clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+
+from snet.config import ConsulConfig
+from snet.connect import (
+    CertificateWatcher,
+    ConnectAuthorizer,
+    ConnectIdentity,
+    Decision,
+    FixedIdentity,
+    PeerIdentity,
+)
+from snet.consul import TreqConsul
+from snet.testing import result_of
+from snet.testing.connect import AUTHORIZE, ROOTS, FakeConnectAgent, TestCA
+
+CHAT = "snet-chat"
+LEAF = f"/v1/agent/connect/ca/leaf/{CHAT}"
+
+
+@pytest.fixture
+def ca() -> TestCA:
+    return TestCA()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def agent(ca: TestCA) -> FakeConnectAgent:
+    return FakeConnectAgent(ca, CHAT)
+
+
+@pytest.fixture
+def consul(agent: FakeConnectAgent, clock: Clock) -> TreqConsul:
+    return TreqConsul(
+        ConsulConfig.from_url("http://127.0.0.1:8500"), reactor=clock, http=agent.stub
+    )
+
+
+def watcher_for(consul: TreqConsul, clock: Clock, **kwargs: Any) -> CertificateWatcher:
+    return CertificateWatcher(
+        consul=consul, service=CHAT, clock=clock, retry_delay=lambda n: 2.0**n, **kwargs
+    )
+
+
+def started(watcher: CertificateWatcher, clock: Clock, agent: FakeConnectAgent) -> None:
+    watcher.startService()
+    clock.advance(0)
+    agent.stub.flush()
+
+
+@pytest.fixture
+def running(consul: TreqConsul, clock: Clock, agent: FakeConnectAgent) -> CertificateWatcher:
+    """A watcher with the default settings, started, that has read both answers."""
+    watcher = watcher_for(consul, clock)
+    started(watcher, clock, agent)
+    return watcher
+
+
+# --- the watcher -------------------------------------------------------------------------------
+
+
+def test_the_identity_is_read_from_the_leaf_and_the_roots(
+    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    watcher = watcher_for(consul, clock)
+    ready = watcher.ready()
+    started(watcher, clock, agent)
+    identity = result_of(ready)
+    assert identity is watcher.identity
+    assert identity.spiffe_id == ca.spiffe_id(CHAT)
+    assert identity.roots.certificates == (ca.certificate,)
+    assert watcher.healthy
+    assert result_of(watcher.ready()) is identity
+
+
+def test_after_the_first_reads_both_endpoints_are_followed_with_blocking_queries(
+    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent
+) -> None:
+    watcher = watcher_for(consul, clock, wait=30.0)
+    started(watcher, clock, agent)
+    clock.advance(1)
+    agent.stub.flush()
+    assert agent.queries(LEAF) == [{}, {"index": "10", "wait": "30000ms"}]
+    assert agent.queries(ROOTS) == [{}, {"index": "5", "wait": "30000ms"}]
+
+
+def test_a_renewed_leaf_replaces_the_identity_and_tells_subscribers(
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    watcher = running
+    first = watcher.identity
+    seen: list[ConnectIdentity] = []
+    watcher.subscribe(seen.append)
+    clock.advance(1)
+    agent.set(LEAF, ca.consul_leaf(CHAT, 11))
+    assert watcher.identity is not first and watcher.identity is not None
+    assert watcher.identity.leaf.serial != first.leaf.serial  # type: ignore[union-attr]
+    assert seen == [watcher.identity]
+
+
+def test_a_rotated_root_replaces_the_identity_without_a_new_leaf(
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    watcher = running
+    leaf = watcher.identity.leaf  # type: ignore[union-attr]
+    new_ca = TestCA(trust_domain=ca.trust_domain)
+    clock.advance(1)
+    agent.set(ROOTS, new_ca.consul_roots(ca))
+    assert watcher.identity is not None
+    assert watcher.identity.leaf is leaf
+    assert watcher.identity.roots.certificates == (new_ca.certificate, ca.certificate)
+
+
+def test_while_the_agent_is_away_the_last_identity_stays_and_calls_back_off(
+    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    watcher = watcher_for(consul, clock, min_interval=0.0)
+    started(watcher, clock, agent)
+    agent.set(LEAF, ca.consul_leaf(CHAT, 11))
+    identity = watcher.identity
+    agent.error = (500, b"rpc error: No cluster leader")
+    with capturedLogs() as events:
+        clock.advance(0)  # the next blocking query goes out and fails
+        agent.stub.flush()
+        before = len(agent.queries(LEAF))
+        for delay in (2.0, 4.0, 8.0):
+            clock.advance(delay - 0.01)
+            agent.stub.flush()
+            assert len(agent.queries(LEAF)) == before
+            clock.advance(0.01)
+            agent.stub.flush()
+            before += 1
+            assert len(agent.queries(LEAF)) == before
+    assert watcher.identity is identity
+    assert not watcher.healthy
+    warnings = [e for e in events if "keeping the last one" in e.get("log_format", "")]
+    assert len(warnings) == 1
+    agent.error = None
+    with capturedLogs() as events:
+        clock.advance(16.0)
+        agent.stub.flush()
+    assert watcher.healthy
+    assert watcher.identity is identity  # the same leaf: nothing to replace
+    # The first call after a failure does not block; the next one does.
+    assert agent.queries(LEAF)[-2:] == [{}, {"index": "11", "wait": "60000ms"}]
+    assert any("answers again" in e.get("log_format", "") for e in events)
+
+
+def test_an_unusable_answer_keeps_the_last_identity_and_is_retried(
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    watcher = running
+    identity = watcher.identity
+    clock.advance(1)
+    agent.set(LEAF, {"CertPEM": "garbage", "PrivateKeyPEM": "garbage"})
+    assert watcher.identity is identity
+    agent.answers[LEAF] = (20, ca.consul_leaf(CHAT, 20))
+    clock.advance(2.0)
+    agent.stub.flush()
+    assert watcher.identity is not identity
+
+
+def test_stopping_cancels_the_blocking_queries(
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent
+) -> None:
+    watcher = running
+    clock.advance(1)
+    agent.stub.flush()
+    assert len(agent.held) == 2
+    result_of(watcher.stopService())
+    assert clock.getDelayedCalls() == []
+
+
+def test_ready_waits_for_both_answers(
+    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent
+) -> None:
+    agent.error = (500, b"down")
+    watcher = watcher_for(consul, clock)
+    ready = watcher.ready()
+    started(watcher, clock, agent)
+    assert not ready.called and watcher.identity is None
+    agent.error = None
+    clock.advance(2.0)
+    agent.stub.flush()
+    assert result_of(ready) is watcher.identity
+
+
+# --- the authorizer ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def authorizer(consul: TreqConsul, clock: Clock, ca: TestCA) -> ConnectAuthorizer:
+    return ConnectAuthorizer(
+        consul=consul, target=CHAT, source=FixedIdentity(ca.identity(CHAT)), clock=clock, ttl=3.0
+    )
+
+
+def test_without_a_verified_certificate_a_caller_is_unauthenticated(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent
+) -> None:
+    decision = result_of(authorizer.check_peer(None))
+    assert (decision.allowed, decision.status) == (False, 401)
+    decision = result_of(authorizer.check_peer(PeerIdentity("spiffe://x/not-a-service", "01")))
+    assert decision.status == 401
+    assert agent.queries(AUTHORIZE) == []
+
+
+def test_a_caller_of_another_trust_domain_is_forbidden_without_asking(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent
+) -> None:
+    peer = PeerIdentity(TestCA().spiffe_id("snet-server").uri, "01")
+    agent.authorized[peer.spiffe_id] = True
+    assert result_of(authorizer.check_peer(peer)).status == 403
+    assert agent.queries(AUTHORIZE) == []
+
+
+def test_consuls_answers_are_followed_and_cached_for_the_ttl(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent, clock: Clock, ca: TestCA
+) -> None:
+    server = ca.spiffe_id("snet-server").uri
+    rogue = ca.spiffe_id("rogue").uri
+    agent.authorized[server] = True
+    assert result_of(authorizer.authorize(server, "01")) == Decision.allow(server, "fake")
+    assert result_of(authorizer.authorize(rogue, "02")).status == 403
+    calls = len(agent.queries(AUTHORIZE))
+    agent.authorized[server] = False
+    clock.advance(2.9)
+    assert result_of(authorizer.authorize(server, "01")).allowed
+    assert len(agent.queries(AUTHORIZE)) == calls
+    clock.advance(0.2)
+    assert not result_of(authorizer.authorize(server, "01")).allowed
+    assert authorizer.hits == 1 and authorizer.misses == 3
+    body = json.loads(agent.requests[0][2])
+    assert body == {"Target": CHAT, "ClientCertURI": server, "ClientCertSerial": "01"}
+
+
+def test_concurrent_lookups_share_one_call(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    agent.hold_authorize = True
+    server = ca.spiffe_id("snet-server").uri
+    first, second = authorizer.authorize(server, "01"), authorizer.authorize(server, "01")
+    assert len(agent.queries(AUTHORIZE)) == 1
+    agent.release_authorize()
+    assert result_of(first).allowed and result_of(second).allowed
+
+
+@pytest.mark.parametrize("error", [(500, b"boom"), (403, b"Permission denied"), (200, b"[]")])
+def test_any_error_denies_and_is_not_cached(
+    authorizer: ConnectAuthorizer,
+    agent: FakeConnectAgent,
+    ca: TestCA,
+    error: tuple[int, bytes],
+) -> None:
+    server = ca.spiffe_id("snet-server").uri
+    agent.authorized[server] = True
+    agent.error = error
+    with capturedLogs():
+        decision = result_of(authorizer.authorize(server, "01"))
+    assert (decision.allowed, decision.status) == (False, 403)
+    assert authorizer.errors == 1
+    agent.error = None
+    assert result_of(authorizer.authorize(server, "01")).allowed
