@@ -13,6 +13,7 @@ from typing import Any
 from twisted.python import usage
 
 from snet.config import ConfigError, ConsulConfig, MySQLConfig, RedisConfig
+from snet.web.limits import HTTPLimits
 
 
 def positive_float(text: str) -> float:
@@ -20,6 +21,14 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{text!r} is not a positive number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """Coerce an option to a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is not a whole number >= 1")
     return value
 
 
@@ -114,6 +123,42 @@ class ServiceOptions(EnvironmentOptions):
             "Seconds to let in-flight requests finish on stop (default 10).",
             positive_float,
         ],
+        [
+            "max-body",
+            None,
+            None,
+            "Largest request body in bytes; a larger one is refused with 413 before it is read"
+            " (default 65536).",
+            positive_int,
+        ],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a client has to send the request line and headers (default 10).",
+            positive_float,
+        ],
+        [
+            "body-timeout",
+            None,
+            None,
+            "Seconds a client has to send the whole body after the headers (default 30).",
+            positive_float,
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds a kept-alive connection may stay idle (default 60).",
+            positive_float,
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Open connections per listener; more are closed at once (default 1024).",
+            positive_int,
+        ],
     ]
     environment = {
         "listen": "SNET_LISTEN",
@@ -121,11 +166,21 @@ class ServiceOptions(EnvironmentOptions):
         "mysql": "SNET_MYSQL",
         "redis": "SNET_REDIS",
         "drain-timeout": "SNET_DRAIN_TIMEOUT",
+        "max-body": "SNET_MAX_BODY",
+        "header-timeout": "SNET_HEADER_TIMEOUT",
+        "body-timeout": "SNET_BODY_TIMEOUT",
+        "idle-timeout": "SNET_IDLE_TIMEOUT",
+        "max-connections": "SNET_MAX_CONNECTIONS",
     }
     fallbacks = {
         "consul": "http://127.0.0.1:8500",
         "redis": "redis://127.0.0.1:6379/0",
         "drain-timeout": 10.0,
+        "max-body": 64 * 1024,
+        "header-timeout": 10.0,
+        "body-timeout": 30.0,
+        "idle-timeout": 60.0,
+        "max-connections": 1024,
     }
 
     def postOptions(self) -> None:
@@ -142,3 +197,10 @@ class ServiceOptions(EnvironmentOptions):
             )
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        self["http-limits"] = HTTPLimits(
+            max_body=self["max-body"],
+            header_timeout=self["header-timeout"],
+            body_timeout=self["body-timeout"],
+            idle_timeout=self["idle-timeout"],
+            max_connections=self["max-connections"],
+        )

@@ -22,8 +22,8 @@ from snet.lifecycle import ClosedOnStop, ServingInstance
 from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
 from snet.web.draining import InFlight
+from snet.web.limits import LimitedSite
 from snet.web.metrics import HTTPMetrics
-from snet.web.service import QuietSite
 
 
 class Options(ServiceOptions):
@@ -144,7 +144,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
 
     return ServingInstance(
         endpoint=serverFromString(reactor, options["listen"]),
-        site=QuietSite(api.resource()),  # type: ignore[no-untyped-call]
+        site=LimitedSite(api.resource(), options["http-limits"], reactor=reactor),
         listen_description=options["listen"],
         apply_schema=partial(apply_chat_schema, pool),
         in_flight=in_flight,

@@ -61,28 +61,19 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from snet.storage import RedisPool
-from snet.web.errors import ApiError, Unavailable
+from snet.web.errors import ApiError, ErrorCode, Unavailable
 
 log = Logger(namespace="snet.server.ratelimit")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-RATE_LIMITED = 42900
-"""``code`` of a 429 (generic)."""
-TOO_MANY_FAILED_LOGINS = 42901
-"""``code`` of a 429 for failed logins (any of the three limits)."""
-TOO_MANY_REGISTRATIONS = 42902
-"""``code`` of a 429 for registrations from one address."""
-RATE_LIMITS_UNAVAILABLE = 50306
-"""``code`` of the 503 of a fail-closed limit while Redis is unavailable."""
-
 
 class RateLimited(ApiError):
     """Too many requests (429): try again after ``retry_after`` seconds."""
 
     status = 429
-    default_code = RATE_LIMITED
+    default_code = ErrorCode.RATE_LIMITED
 
     def __init__(self, message: str, *, retry_after: int, code: int | None = None) -> None:
         super().__init__(message, code=code, retry_after=retry_after)
@@ -323,7 +314,8 @@ async def _checked(counters: SlidingWindow, limit: Limit, key: str, cost: int = 
             error=str(e),
         )
         raise Unavailable(
-            "rate limits cannot be checked now; retry shortly", code=RATE_LIMITS_UNAVAILABLE
+            "rate limits cannot be checked now; retry shortly",
+            code=ErrorCode.RATE_LIMITS_UNAVAILABLE,
         ) from None
 
 
@@ -440,7 +432,7 @@ class LoginThrottle:
         return RateLimited(
             "too many failed logins; retry later",
             retry_after=hit.retry_after,
-            code=TOO_MANY_FAILED_LOGINS,
+            code=ErrorCode.TOO_MANY_FAILED_LOGINS,
         )
 
 
@@ -488,6 +480,6 @@ class RegistrationThrottle:
             raise RateLimited(
                 "too many registrations from this address; retry later",
                 retry_after=hit.retry_after,
-                code=TOO_MANY_REGISTRATIONS,
+                code=ErrorCode.TOO_MANY_REGISTRATIONS,
             )
         return Registration(self.counters, hit)

@@ -12,7 +12,7 @@ from twisted.python import usage
 from snet import __version__
 from snet.consul import TreqConsul
 from snet.lifecycle import ClosedOnStop, ServingInstance
-from snet.options import ServiceOptions, positive_float
+from snet.options import ServiceOptions, positive_float, positive_int
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
 from snet.server.chat_client import ChatClient, chat_http_client
@@ -24,16 +24,8 @@ from snet.server.schema import apply_server_schema
 from snet.server.social import Social
 from snet.storage import mysql_pool, redis_pool
 from snet.web.draining import InFlight
+from snet.web.limits import LimitedSite
 from snet.web.metrics import HTTPMetrics
-from snet.web.service import QuietSite
-
-
-def positive_int(text: str) -> int:
-    """Coerce an option to a whole number of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{text!r} is not a whole number >= 1")
-    return value
 
 
 class Options(ServiceOptions):
@@ -158,7 +150,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     ]
     return ServingInstance(
         endpoint=serverFromString(reactor, options["listen"]),
-        site=QuietSite(api.resource()),  # type: ignore[no-untyped-call]
+        site=LimitedSite(api.resource(), options["http-limits"], reactor=reactor),
         listen_description=options["listen"],
         apply_schema=partial(apply_server_schema, pool),
         in_flight=in_flight,

@@ -7,7 +7,9 @@
 - ``snet.web.draining``: ``InFlight``, the requests a stopping service waits for;
 - ``snet.web.metrics``: ``HTTPMetrics``, the Prometheus metrics of an app;
 - ``snet.web.service``: ``ServiceApp`` (the base of both apps), ``ObservedResource``,
-  ``/health`` and ``/metrics``, ``QuietSite`` and ``uncancellable``.
+  ``/health`` and ``/metrics``, and ``uncancellable``;
+- ``snet.web.limits``: ``LimitedSite``, the Site every listener uses: body size, header and
+  body deadlines, a connection cap, no form parsing, no version in ``Server``, no access log.
 
 An app built on it looks like this::
 

@@ -1,7 +1,7 @@
 """What both services' Klein apps are built on: ``ServiceApp`` (in-flight tracking, metrics,
 version, clock and ``resource()``), ``ObservedResource`` (the wrapper every request goes
 through: its id, in-flight count, metrics and one log line), ``GET /health`` and
-``GET /metrics``, ``QuietSite``, and ``uncancellable`` for work that must outlive its request.
+``GET /metrics``, and ``uncancellable`` for work that must outlive its request.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
@@ -132,16 +131,6 @@ def uncancellable(d: Deferred[T]) -> Deferred[T]:
 
     d.addBoth(relay)
     return outer
-
-
-class QuietSite(Site):
-    """A Site without Twisted's access log: ``ObservedResource`` logs every request once,
-    with its request id, so a second line per request would only be noise."""
-
-    noisy = False
-
-    def log(self, request: Any) -> None:
-        pass
 
 
 HEALTH_TIMEOUT = 1.0

@@ -37,8 +37,8 @@ from snet.storage import RedisPool, mysql_pool, redis_pool
 from snet.testing.servers import MariaDB, Redis, free_port
 from snet.testing.waiting import eventually
 from snet.web.draining import InFlight
+from snet.web.limits import LimitedSite
 from snet.web.metrics import HTTPMetrics
-from snet.web.service import QuietSite
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ async def start_stack(
         version="test",
         clock=reactor,
     )
-    port = reactor.listenTCP(0, QuietSite(api.resource()), interface="127.0.0.1")
+    port = reactor.listenTCP(0, LimitedSite(api.resource()), interface="127.0.0.1")
     if start_fanout:
         fanout.startService()
     return Stack(

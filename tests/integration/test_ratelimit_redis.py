@@ -13,8 +13,6 @@ from twisted.internet.task import Clock
 
 from snet.config import RedisConfig
 from snet.server.ratelimit import (
-    TOO_MANY_FAILED_LOGINS,
-    TOO_MANY_REGISTRATIONS,
     Limit,
     LoginLimits,
     LoginThrottle,
@@ -24,6 +22,7 @@ from snet.server.ratelimit import (
 )
 from snet.storage import RedisPool, redis_pool
 from snet.testing.servers import Redis
+from snet.web.errors import ErrorCode
 
 pytestmark = pytest.mark.integration
 
@@ -152,7 +151,7 @@ async def test_wrong_passwords_from_one_address_are_refused_but_the_owner_elsewh
     with pytest.raises(RateLimited) as refused:
         await throttle.begin("42", ATTACKER)
     assert refused.value.status == 429
-    assert refused.value.code == TOO_MANY_FAILED_LOGINS
+    assert refused.value.code == ErrorCode.TOO_MANY_FAILED_LOGINS
     assert 900 < refused.value.retry_after <= 2 * 900  # the window slides
     attempt = await throttle.begin("42", OWNER)
     await attempt.succeeded()
@@ -242,6 +241,6 @@ async def test_registrations_per_address_are_limited_and_abandoned_ones_given_ba
         await throttle.begin(OWNER)
     with pytest.raises(RateLimited) as refused:
         await throttle.begin(OWNER)
-    assert refused.value.code == TOO_MANY_REGISTRATIONS
+    assert refused.value.code == ErrorCode.TOO_MANY_REGISTRATIONS
     assert 3600 < refused.value.retry_after <= 2 * 3600
     await throttle.begin(ATTACKER)

@@ -17,7 +17,6 @@ from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
 from snet.server.ratelimit import (
-    RATE_LIMITS_UNAVAILABLE,
     Limit,
     LoginThrottle,
     RegistrationThrottle,
@@ -31,7 +30,7 @@ from snet.server.ratelimit import (
 )
 from snet.storage import RedisPool
 from snet.testing import failure_of, result_of
-from snet.web.errors import Unavailable
+from snet.web.errors import ErrorCode, Unavailable
 
 PROXIES = parse_networks("10.0.0.0/8, 192.168.1.1, fd00::/8")
 
@@ -219,4 +218,4 @@ def test_registrations_are_refused_with_503_when_redis_does_not_answer() -> None
     clock.advance(0.5)
     error = failure_of(d).value
     assert isinstance(error, Unavailable)
-    assert error.code == RATE_LIMITS_UNAVAILABLE and error.retry_after == 1
+    assert error.code == ErrorCode.RATE_LIMITS_UNAVAILABLE and error.retry_after == 1

@@ -55,12 +55,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-log = Logger(namespace="snet.httplimits")
+from snet.web.errors import ErrorCode
 
-BODY_TOO_LARGE = 41300
-"""The ``code`` of the 413 answer to a body over the limit."""
-REQUEST_TIMEOUT = 40800
-"""The ``code`` of the 408 answer to a request that missed its deadline."""
+log = Logger(namespace="snet.web.limits")
+
 
 _positive = validators.gt(0)
 _positive_seconds = validators.gt(0.0)
@@ -197,7 +195,12 @@ class LimitedChannel(HTTPChannel):
 
     def refuse_body(self) -> None:
         """Answer 413 and close: the body is, or will be, over the limit."""
-        self._refuse(413, f"the body is over {self.limits.max_body} bytes", BODY_TOO_LARGE, "body")
+        self._refuse(
+            413,
+            f"the body is over {self.limits.max_body} bytes",
+            ErrorCode.CONTENT_TOO_LARGE,
+            "body",
+        )
 
     def _start_deadline(self, seconds: float, what: str) -> None:
         self._cancel_deadline()
@@ -211,7 +214,9 @@ class LimitedChannel(HTTPChannel):
 
     def _deadline_passed(self, seconds: float, what: str) -> None:
         self._deadline = None
-        self._refuse(408, f"the {what} did not arrive within {seconds:g}s", REQUEST_TIMEOUT, what)
+        self._refuse(
+            408, f"the {what} did not arrive within {seconds:g}s", ErrorCode.REQUEST_TIMEOUT, what
+        )
 
     def _refuse(self, status: int, message: str, code: int, what: str) -> None:
         """Answer *status* with a JSON error, stop reading and close the connection (by

@@ -1,4 +1,4 @@
-"""Integration tests of snet.httplimits on real loopback sockets: a slow-header client is closed
+"""Integration tests of snet.web.limits on real loopback sockets: a slow-header client is closed
 at the header deadline while another client is answered, a 20 MB upload is refused before
 1 MB of it is read, and connections over the cap are closed at once."""
 
@@ -17,7 +17,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 
-from snet.httplimits import HTTPLimits, LimitedChannel, LimitedSite
+from snet.web.limits import HTTPLimits, LimitedChannel, LimitedSite
 
 pytestmark = pytest.mark.integration
 

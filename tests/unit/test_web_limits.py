@@ -1,4 +1,4 @@
-"""Unit tests of snet.httplimits: each limit of a LimitedSite, driven byte by byte over an
+"""Unit tests of snet.web.limits: each limit of a LimitedSite, driven byte by byte over an
 in-memory transport with a fake clock (no sockets, no running reactor)."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from snet.httplimits import (
-    BODY_TOO_LARGE,
-    REQUEST_TIMEOUT,
+from snet.web.errors import ErrorCode
+from snet.web.limits import (
     HTTPLimits,
     LimitedChannel,
     LimitedSite,
@@ -132,7 +131,7 @@ def test_a_content_length_over_the_limit_is_refused_413_before_any_body_is_read(
     assert json.loads(body) == {
         "message": "the body is over 1000 bytes",
         "request_id": "abc-1",
-        "code": BODY_TOO_LARGE,
+        "code": ErrorCode.CONTENT_TOO_LARGE,
     }
     assert headers[b"Content-Type"] == b"application/json"
     assert headers[b"Connection"] == b"close"
@@ -182,7 +181,7 @@ def test_a_chunked_body_is_cut_off_with_413_as_soon_as_it_passes_the_limit(
     conn.send(chunk(b"b" * 401))
     status, body, _ = conn.status_and_body()
     assert status == 413
-    assert json.loads(body)["code"] == BODY_TOO_LARGE
+    assert json.loads(body)["code"] == ErrorCode.CONTENT_TOO_LARGE
     assert conn.closed
     conn.send(chunk(b"c" * 10) + b"0\r\n\r\n")
     assert echo.seen == []
@@ -234,7 +233,7 @@ def test_a_client_trickling_header_bytes_is_closed_with_408_at_the_header_deadli
     clock.advance(0.2)
     status, body, _ = conn.status_and_body()
     assert status == 408
-    assert json.loads(body)["code"] == REQUEST_TIMEOUT
+    assert json.loads(body)["code"] == ErrorCode.REQUEST_TIMEOUT
     assert conn.closed
 
 
