@@ -246,6 +246,8 @@ def redis_pool(
         host=config.host,
         port=config.port,
         dbid=config.db,
+        password=config.password,
+        username=config.username,
         poolsize=poolsize,
         connectTimeout=timeout,
         replyTimeout=timeout,
