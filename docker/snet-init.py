@@ -145,7 +145,7 @@ def ensure_secrets(rotate: str | None = None) -> None:
         say(f"{name}: {'rotated' if rotate == name else 'generated'}")
     acl = redis_acl(values)
     if (REDIS / "users.acl").exists() and (REDIS / "users.acl").read_text() == acl:
-        say("secrets present: kept")
+        say("secrets present: kept; redis users.acl unchanged")
         return
     write_secret(REDIS, "users.acl", acl.rstrip("\n"))
     say("redis users.acl written")
@@ -207,9 +207,9 @@ def management_token() -> str:
         if status == 403 or "no longer allowed" in str(answer):
             raise InitError(
                 "Consul's ACLs were bootstrapped before, but the bootstrap token saved in the"
-                " operator-secrets volume is missing or revoked. Reset the bootstrap"
-                " (docs/deploying.md, 'Lost the bootstrap token') or start afresh with"
-                " `docker compose down -v`."
+                f" operator-secrets volume is missing or revoked (Consul: {answer}). Reset the"
+                " bootstrap (docs/deploying.md, 'Lost the bootstrap token') or start afresh"
+                " with `docker compose down -v`."
             )
         # 500s while a leader is elected or the ACL system leaves legacy mode: try again.
         return None
