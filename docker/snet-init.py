@@ -104,6 +104,12 @@ PASSWORDS: dict[str, list[tuple[Path, str]]] = {
 }
 
 
+# Each service's Redis keys. A new key prefix in the code needs its pattern here (and a
+# restart of redis to load it); tests/e2e/compose.sh exercises the dialog path.
+SERVER_KEYS = "~snet:feed:* ~snet:post:* ~snet:rate:*"  # feed cache, post bodies, rate limits
+CHAT_KEYS = "~snet:unread:* ~snet:read:*"  # unread counters and read marks
+
+
 def redis_acl(passwords: dict[str, str]) -> str:
     """Redis's users: no anonymous access, each service its own keys, a PING-only user for
     the health check. Service passwords appear only as SHA-256 hashes."""
@@ -114,10 +120,9 @@ def redis_acl(passwords: dict[str, str]) -> str:
     return "\n".join(
         [
             "user default off resetpass resetkeys resetchannels -@all",
-            f"user snet-server on {digest('redis-server')} resetchannels"
-            " ~snet:feed:* ~snet:post:* +@all -@dangerous",
-            f"user snet-chat on {digest('redis-chat')} resetchannels"
-            " ~snet:unread:* +@all -@dangerous",
+            f"user snet-server on {digest('redis-server')} resetchannels {SERVER_KEYS}"
+            " +@all -@dangerous",
+            f"user snet-chat on {digest('redis-chat')} resetchannels {CHAT_KEYS} +@all -@dangerous",
             f"user healthcheck on {digest('redis-healthcheck')} resetchannels -@all +ping",
             "",
         ]

@@ -432,7 +432,7 @@ def cmd_rogue_dialogs(args: argparse.Namespace) -> None:
             request = urllib.request.Request(url, headers=headers)
             try:
                 opened = urllib.request.urlopen(
-                    request, timeout=5, context=context if scheme == "https" else None
+                    request, timeout=3, context=context if scheme == "https" else None
                 )
                 with opened as response:
                     status, body = response.status, response.read()
