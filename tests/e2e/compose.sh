@@ -20,7 +20,8 @@
 #   3. `docker stop` of one chat container during a steady stream of sends: no failed
 #      request, Consul no longer lists it, the two others share the traffic;
 #   4. `docker compose up --scale chat=4`: the init steps run again and keep every secret and
-#      token, the new container gets its share, and every acknowledged message is in MySQL;
+#      token, the new container gets its share, every acknowledged message is in MySQL,
+#      and the services' logs show no refusal by Redis, MySQL or Consul;
 #   5. `docker compose down -v`, on failure too.
 #
 # One check is PENDING until the Connect-native TLS between the monolith and chat lands
@@ -334,6 +335,9 @@ say "restarting Consul: its ACLs, tokens and intentions are in its volume"
 compose restart consul >"${work}/restart.log" 2>&1 || { cat "${work}/restart.log" >&2; die "restart failed"; }
 check wait --instances 3
 check consul-acl --instances 3
+# While Consul elects itself again, it resolves no token ("ACL not found"): only refusals
+# after this point count below.
+settled_at="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 # 2. Even share
 
@@ -394,6 +398,13 @@ check_that "a second docker compose up ran both init steps again, and they kept 
 check wait --instances 4
 check even --state "${state}" --sends 120 --instances 4 --must-include "$(container_address "${new}")"
 check verify --state "${state}"
+no_refusals_logged() {
+    local refusals
+    refusals="$(compose logs --no-color --since "${settled_at}" server chat | grep -E 'NOPERM|NOAUTH|WRONGPASS|Access denied|Permission denied|ACL not found' || true)"
+    [[ -z ${refusals} ]] || { echo "${refusals}" | cut -c1-300 | head -5 | sed 's/^/   /'; return 1; }
+}
+check_that "the services were refused nothing by Redis, MySQL or Consul since it settled (their logs)" \
+    no_refusals_logged
 
 # 5. Teardown: the EXIT trap runs `docker compose down -v`.
 say "5. all checks passed"

@@ -375,6 +375,20 @@ def cmd_consul_acl(args: argparse.Namespace) -> None:
     """Without a token nothing; with a service's token only what its role needs."""
     chat = os.environ["SNET_E2E_CHAT_TOKEN"]
     server = os.environ["SNET_E2E_SERVER_TOKEN"]
+    operator = os.environ.get("CONSUL_HTTP_TOKEN", "")
+    # Each token is known (after a restart: once Consul's ACL system is back).
+    deadline = time.monotonic() + args.timeout
+    unknown = ["?"]
+    while unknown and time.monotonic() < deadline:
+        unknown = [
+            name
+            for name, token in (("chat", chat), ("monolith", server), ("operator", operator))
+            if call("GET", f"{CONSUL}/v1/acl/token/self", headers=consul_headers(token))[0] != 200
+        ]
+        if unknown:
+            time.sleep(0.2)
+    if unknown:
+        raise CheckFailed(f"Consul does not know these tokens: {unknown}")
     seen = consul_instances(passing=True)
     if len(seen) != args.instances:
         raise CheckFailed(f"the operator's token sees {len(seen)} instances, not {args.instances}")
@@ -488,6 +502,7 @@ def main(argv: list[str]) -> int:
 
     acl = commands.add_parser("consul-acl")
     acl.add_argument("--instances", type=int, required=True)
+    acl.add_argument("--timeout", type=float, default=30.0)
     acl.set_defaults(run=cmd_consul_acl)
 
     rogue = commands.add_parser("rogue-dialogs")
