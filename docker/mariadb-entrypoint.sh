@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Entry point of docker/mariadb.Dockerfile: on the first start with an empty data directory,
 # create the system tables, set the root password, create MARIADB_DATABASE and MARIADB_USER
-# (with MARIADB_PASSWORD and all rights on that database), and run the SQL files of
-# /docker-entrypoint-initdb.d in name order, all on a private server that listens on no
-# network port; then run the real server (the command, mariadbd by default).
+# (with MARIADB_PASSWORD and all rights on that database), and run the files of
+# /docker-entrypoint-initdb.d in name order (*.sql fed to the client, *.sh sourced, with
+# docker_process_sql to run SQL as root, as the official image does), all on a private server
+# that listens on no network port; then run the real server (the command, mariadbd by
+# default). As in the official image, MARIADB_ROOT_PASSWORD_FILE and MARIADB_PASSWORD_FILE
+# name files to read those passwords from.
 set -euo pipefail
 
 readonly DATADIR=/var/lib/mysql
@@ -16,8 +19,25 @@ sql_string() { local s="${1//\\/\\\\}"; printf "'%s'" "${s//\'/\\\'}"; }
 # shellcheck disable=SC2016 # backquotes quote SQL names
 sql_name() { printf '`%s`' "${1//\`/\`\`}"; }
 
+# VAR from VAR, or from the file VAR_FILE names (the official image's convention).
+file_env() {
+    local variable="$1" file_variable="${1}_FILE"
+    if [[ -n ${!file_variable:-} ]]; then
+        [[ -z ${!variable:-} ]] || { say "set ${variable} or ${file_variable}, not both"; exit 1; }
+        printf -v "${variable}" '%s' "$(<"${!file_variable}")"
+        export "${variable?}"
+    fi
+}
+
+# SQL on stdin (or -e ...), run as root on the private server; for the *.sh init files.
+docker_process_sql() {
+    MYSQL_PWD="${MARIADB_ROOT_PASSWORD}" mariadb --no-defaults --socket="${INIT_SOCKET}" -uroot "$@"
+}
+
 initialize() {
-    : "${MARIADB_ROOT_PASSWORD:?set MARIADB_ROOT_PASSWORD}"
+    file_env MARIADB_ROOT_PASSWORD
+    file_env MARIADB_PASSWORD
+    : "${MARIADB_ROOT_PASSWORD:?set MARIADB_ROOT_PASSWORD or MARIADB_ROOT_PASSWORD_FILE}"
     say "initializing ${DATADIR}"
     mariadb-install-db --datadir="${DATADIR}" --skip-test-db \
         --auth-root-authentication-method=normal >/dev/null
@@ -50,16 +70,17 @@ initialize() {
             fi
         fi
     } | "${client[@]}"
-    client+=(-p"${MARIADB_ROOT_PASSWORD}")
     local file
     for file in /docker-entrypoint-initdb.d/*; do
         case "${file}" in
-            *.sql) say "running ${file}"; "${client[@]}" <"${file}" ;;
-            *) [[ -e ${file} ]] && say "ignoring ${file} (only .sql files are run here)" ;;
+            *.sql) say "running ${file}"; docker_process_sql <"${file}" ;;
+            # shellcheck disable=SC1090 # the init files are the deployment's
+            *.sh) say "sourcing ${file}"; . "${file}" ;;
+            *) [[ -e ${file} ]] && say "ignoring ${file} (only .sql and .sh files are run here)" ;;
         esac
     done
-    mariadb-admin --no-defaults --socket="${INIT_SOCKET}" -uroot -p"${MARIADB_ROOT_PASSWORD}" \
-        shutdown
+    MYSQL_PWD="${MARIADB_ROOT_PASSWORD}" mariadb-admin --no-defaults --socket="${INIT_SOCKET}" \
+        -uroot shutdown
     wait "${pid}"
     say "initialized"
 }

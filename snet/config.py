@@ -1,14 +1,16 @@
 """Connection settings shared by every part: parsed once from URLs, then passed around as values.
 
-``mysql://USER:PASSWORD@HOST:PORT/DATABASE``, ``redis://HOST:PORT/DB`` and Consul's
-``http://HOST:PORT`` are the forms every command line and environment variable takes.
+``mysql://USER:PASSWORD@HOST:PORT/DATABASE``, ``redis://[USER][:PASSWORD@]HOST:PORT/DB`` and
+Consul's ``http://HOST:PORT`` are the forms every command line and environment variable
+takes. Secrets may instead come from files (:func:`read_secret_file`), as containers get them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,22 @@ def _split(url: str, scheme: str, what: str) -> tuple[str, int | None, str, str,
     )
 
 
+def read_secret_file(path: str, what: str) -> str:
+    """The secret in the file at *path*, without the line end a text file ends with.
+
+    Refuses (naming *what*) an unreadable or empty file, or one of more than one line: a
+    secret is one line, and a mistaken path should fail at start, not at the first login.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what}: cannot read {path!r}: {e}") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret or "\n" in secret or "\r" in secret:
+        raise ConfigError(f"{what}: {path!r} must hold one non-empty line")
+    return secret
+
+
 @frozen
 class MySQLConfig:
     """Where the MySQL/MariaDB database is and how to log in to it."""
@@ -72,25 +90,41 @@ class MySQLConfig:
             database,
         )
 
+    def with_password_file(self, path: str) -> MySQLConfig:
+        """This config with the password read from *path*; the URL must give none."""
+        if self.password:
+            raise ConfigError("--mysql-password-file: the --mysql URL gives a password too")
+        return evolve(self, password=read_secret_file(path, "--mysql-password-file"))
+
 
 @frozen
 class RedisConfig:
-    """Where the Redis server is, and which database number to use."""
+    """Where the Redis server is, which database number to use, and how to log in if needed
+    (``redis://[USER][:PASSWORD]@HOST:PORT/DB``; without a user, Redis's ``default`` one)."""
 
     host: str
     port: int
     db: int = 0
+    password: str | None = field(default=None, repr=False)
+    username: str | None = None
 
     @classmethod
     def from_url(cls, url: str) -> RedisConfig:
-        host, port, _user, _password, path = _split(url, "redis", "--redis")
+        host, port, user, password, path = _split(url, "redis", "--redis")
         db = 0
         if path:
             try:
                 db = int(path)
             except ValueError:
                 raise ConfigError(f"--redis: database {path!r} is not a number") from None
-        return cls(host, _port(None if port is None else str(port), 6379, "--redis"), db)
+        port_number = _port(None if port is None else str(port), 6379, "--redis")
+        return cls(host, port_number, db, password or None, user or None)
+
+    def with_password_file(self, path: str) -> RedisConfig:
+        """This config with the password read from *path*; the URL must give none."""
+        if self.password:
+            raise ConfigError("--redis-password-file: the --redis URL gives a password too")
+        return evolve(self, password=read_secret_file(path, "--redis-password-file"))
 
 
 @frozen

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from snet.config import ConfigError, ConsulConfig, MySQLConfig, RedisConfig
+from snet.config import ConfigError, ConsulConfig, MySQLConfig, RedisConfig, read_secret_file
 from snet.web.limits import HTTPLimits
 
 
@@ -115,7 +115,34 @@ class ServiceOptions(EnvironmentOptions):
             str,
         ],
         ["mysql", None, None, "mysql://USER:PASSWORD@HOST:PORT/DATABASE (required).", str],
-        ["redis", None, None, "redis://HOST:PORT/DB (default redis://127.0.0.1:6379/0).", str],
+        [
+            "mysql-password-file",
+            None,
+            None,
+            "Read the MySQL password from this file (the --mysql URL then gives none).",
+            str,
+        ],
+        [
+            "redis",
+            None,
+            None,
+            "redis://[USER][:PASSWORD@]HOST:PORT/DB (default redis://127.0.0.1:6379/0).",
+            str,
+        ],
+        [
+            "redis-password-file",
+            None,
+            None,
+            "Read the Redis password from this file (the --redis URL then gives none).",
+            str,
+        ],
+        [
+            "consul-token-file",
+            None,
+            None,
+            "Read the Consul ACL token from this file (CONSUL_HTTP_TOKEN, if set, wins).",
+            str,
+        ],
         [
             "drain-timeout",
             None,
@@ -164,7 +191,10 @@ class ServiceOptions(EnvironmentOptions):
         "listen": "SNET_LISTEN",
         "consul": "CONSUL_HTTP_ADDR",
         "mysql": "SNET_MYSQL",
+        "mysql-password-file": "SNET_MYSQL_PASSWORD_FILE",
         "redis": "SNET_REDIS",
+        "redis-password-file": "SNET_REDIS_PASSWORD_FILE",
+        "consul-token-file": "CONSUL_HTTP_TOKEN_FILE",
         "drain-timeout": "SNET_DRAIN_TIMEOUT",
         "max-body": "SNET_MAX_BODY",
         "header-timeout": "SNET_HEADER_TIMEOUT",
@@ -190,11 +220,22 @@ class ServiceOptions(EnvironmentOptions):
                 "--mysql (or SNET_MYSQL) is required: mysql://USER:PASSWORD@HOST:PORT/DATABASE"
             )
         try:
-            self["mysql-config"] = MySQLConfig.from_url(self["mysql"])
-            self["redis-config"] = RedisConfig.from_url(self["redis"])
-            self["consul-config"] = ConsulConfig.from_url(
-                self["consul"], self.environ.get("CONSUL_HTTP_TOKEN")
-            )
+            mysql = MySQLConfig.from_url(self["mysql"])
+            if self["mysql-password-file"]:
+                mysql = mysql.with_password_file(self["mysql-password-file"])
+            redis = RedisConfig.from_url(self["redis"])
+            if self["redis-password-file"]:
+                redis = redis.with_password_file(self["redis-password-file"])
+            if redis.username and not redis.password:
+                # txredisapi would send no AUTH at all: say so now, not at the first call.
+                raise ConfigError(f"--redis: the user {redis.username!r} needs a password")
+            # As the consul CLI: a token given directly wins over a token file.
+            token = self.environ.get("CONSUL_HTTP_TOKEN")
+            if not token and self["consul-token-file"]:
+                token = read_secret_file(self["consul-token-file"], "--consul-token-file")
+            self["mysql-config"] = mysql
+            self["redis-config"] = redis
+            self["consul-config"] = ConsulConfig.from_url(self["consul"], token)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         self["http-limits"] = HTTPLimits(

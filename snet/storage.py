@@ -287,6 +287,8 @@ def redis_pool(
         config.db,
         poolsize,
         isLazy=True,
+        password=config.password,
+        username=config.username,
         replyTimeout=timeout,
     )
     factory.startConnecting(HostnameEndpoint(reactor, config.host, config.port, timeout=timeout))

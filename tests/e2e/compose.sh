@@ -7,14 +7,27 @@
 #      dockerd if no engine answers (and stops it at the end, only then); builds the local
 #      base, Consul, MariaDB and Redis images (docker/build-local-images.sh: debootstrap only
 #      when the base image is missing) and snet's images with `docker compose build`;
-#   1. `docker compose up --wait` with three chat instances;
+#   1. `docker compose up --wait` with three chat instances, then the trust checks: every
+#      container hardened (read-only root, no capabilities, no-new-privileges, memory and
+#      pids limits, not root); the secret files readable by their consumers' group only;
+#      Consul refuses anonymous reads and registrations and each role's token what its role
+#      does not need; the chat MySQL user cannot read the monolith's tables; Redis refuses
+#      unauthenticated commands and keeps each service to its keys; no secret in `docker
+#      compose config`, the images' history, the containers' settings or the logs; and a
+#      restart of Consul keeps its ACLs;
 #   2. registers users and sends dialog messages through the monolith on 127.0.0.1:8080:
 #      the three chat containers share them evenly (X-Snet-Chat-Instance; within 1);
 #   3. `docker stop` of one chat container during a steady stream of sends: no failed
 #      request, Consul no longer lists it, the two others share the traffic;
-#   4. `docker compose up --scale chat=4`: the new container gets its share, and every
-#      acknowledged message is in MySQL;
+#   4. `docker compose up --scale chat=4`: the init steps run again and keep every secret and
+#      token, the new container gets its share, every acknowledged message is in MySQL,
+#      and the services' logs show no refusal by Redis, MySQL or Consul;
 #   5. `docker compose down -v`, on failure too.
+#
+# One check is PENDING until the Connect-native TLS between the monolith and chat lands
+# (issue 9): a container on the compose network that is not the monolith asks every chat
+# instance for dialogs. It runs and prints its result, but counts only with
+# SNET_E2E_CONNECT=1 (then it must pass).
 #
 # It exits non-zero on any failed request or uneven share. Traffic goes only to 127.0.0.1
 # (the published ports) and, inside the compose network, between the containers it made.
@@ -49,6 +62,7 @@ stack_up=0
 status=1
 passed=0
 failed=0
+pending=""
 
 say() { printf '== e2e [%3ds] %s\n' "$((SECONDS - STARTED_AT))" "$*"; }
 die() { printf '== e2e: error: %s\n' "$*" >&2; exit 1; }
@@ -59,6 +73,20 @@ check() {
     if traffic "$@"; then
         passed=$((passed + 1))
     else
+        failed=$((failed + 1))
+        return 1
+    fi
+}
+
+# A check made of shell commands: check_that "WHAT" COMMAND [ARGS...]
+check_that() {
+    local what="$1"
+    shift
+    if "$@"; then
+        say "ok: ${what}"
+        passed=$((passed + 1))
+    else
+        say "FAILED: ${what}"
         failed=$((failed + 1))
         return 1
     fi
@@ -89,6 +117,7 @@ finish() {
         say "FAILED (exit ${status}) after $((SECONDS - STARTED_AT)) s"
         [[ ${failed} -gt 0 ]] || failed=1
     fi
+    [[ -z ${pending} ]] || printf 'e2e: pending, not counted: %s\n' "${pending}"
     printf 'e2e: %d passed, %d failed\n' "${passed}" "${failed}"
     exit "${status}"
 }
@@ -198,13 +227,142 @@ stack_up=1
 compose up -d --no-build --pull never --wait >"${work}/up.log" 2>&1 \
     || { cat "${work}/up.log" >&2; die "docker compose up failed"; }
 compose ps --format '   {{.Name}}: {{.Status}}'
+
+# The secrets, as the init steps wrote them: NAME=VALUE lines, in this run's private work
+# directory (mode 0700, removed at the end). users.acl holds only hashes.
+read_secrets() {
+    compose run --rm --no-deps -T consul-acl-init sh -c \
+        'cd /secrets && for f in */*; do printf "%s=%s\n" "$f" "$(cat "$f")"; done' \
+        | grep -v '^server/\|^chat/' >"$1"
+    compose run --rm --no-deps -T secrets-init sh -c \
+        'cd /secrets && for f in */*; do [ "${f##*/}" = users.acl ] || printf "%s=%s\n" "$f" "$(cat "$f")"; done' \
+        >>"$1"
+    chmod 0600 "$1"
+}
+secret() { sed -n "s|^$1=||p" "${work}/secrets.env"; }
+read_secrets "${work}/secrets.env"
+export CONSUL_HTTP_TOKEN SNET_E2E_CHAT_TOKEN SNET_E2E_SERVER_TOKEN
+CONSUL_HTTP_TOKEN="$(secret operator/consul-token)"
+SNET_E2E_CHAT_TOKEN="$(secret chat/consul-token)"
+SNET_E2E_SERVER_TOKEN="$(secret server/consul-token)"
 check wait --instances 3
+
+say "1b. trust: hardening, secrets, Consul ACLs, MySQL and Redis users"
+
+hardened() {
+    local bad=0 id line
+    for id in $(compose ps -q); do
+        line="$(docker inspect -f '{{.Name}} ro={{.HostConfig.ReadonlyRootfs}} caps={{.HostConfig.CapDrop}}+{{.HostConfig.CapAdd}} opts={{.HostConfig.SecurityOpt}} mem={{.HostConfig.Memory}} pids={{.HostConfig.PidsLimit}} user={{.Config.User}}' "${id}")"
+        echo "   ${line}"
+        [[ ${line} == *" ro=true caps=[ALL]+[] opts=[no-new-privileges:true] "* ]] || bad=1
+        [[ ${line} != *" mem=0 "* && ${line} != *" pids=0 "* && ${line} != *" pids=<nil> "* ]] || bad=1
+        [[ ${line} =~ user=[0-9]+: && ${line} != *" user=0:"* ]] || bad=1
+    done
+    return "${bad}"
+}
+check_that "every running container: read-only root, no capabilities, no-new-privileges, memory and pids limits, a non-root user" hardened
+
+secret_files_private() {
+    local listing
+    listing="$(compose run --rm --no-deps -T secrets-init sh -c 'stat -c "%a %u:%g %n" /secrets/* /secrets/*/*')"
+    listing+=$'\n'"$(compose run --rm --no-deps -T consul-acl-init sh -c 'stat -c "%a %u:%g %n" /secrets/operator /secrets/operator/*')"
+    echo "${listing}" | sed 's/^/   /'
+    ! echo "${listing}" | grep -vE '^(750 0:[0-9]+ /secrets/[a-z]+|440 0:[0-9]+ /secrets/[a-z]+/[a-z.-]+)$'
+}
+check_that "secret files: root-owned, mode 0440 for their readers' group only, in 0750 directories" secret_files_private
+
+check consul-acl --instances 3
+
+mysql_as() {
+    local user="$1" file="$2" query="$3"
+    compose exec -T mysql sh -c \
+        "MYSQL_PWD=\"\$(cat /run/secrets/snet-mysql/${file})\" mariadb -u${user} -h127.0.0.1 -N -e '${query}'" 2>&1
+}
+mysql_least_privilege() {
+    local out bad=0
+    out="$(mysql_as snet_chat chat-password 'SELECT COUNT(*) FROM snet.users')" && bad=1
+    echo "   snet_chat: SELECT FROM snet.users -> ${out}"
+    [[ ${out} == *"denied"* ]] || bad=1
+    out="$(mysql_as snet_chat chat-password 'SELECT COUNT(*) FROM snet.user_tokens')" && bad=1
+    echo "   snet_chat: SELECT FROM snet.user_tokens -> ${out}"
+    out="$(mysql_as snet_server server-password 'SELECT COUNT(*) FROM snet_chat.chat_messages')" && bad=1
+    echo "   snet_server: SELECT FROM snet_chat.chat_messages -> ${out}"
+    out="$(mysql_as snet_chat chat-password 'SELECT COUNT(*) FROM snet_chat.chat_messages')" || bad=1
+    echo "   snet_chat: SELECT FROM snet_chat.chat_messages -> ${out}"
+    return "${bad}"
+}
+check_that "MySQL: the chat user cannot read users or tokens, the monolith's user cannot read messages, each reads its own" mysql_least_privilege
+
+# From a throwaway container on the compose network, holding the chat instances' secrets.
+redis_refuses() {
+    local out
+    out="$(docker run --rm --network "${PROJECT}_default" --read-only --cap-drop ALL \
+        --security-opt no-new-privileges:true --user 10001:10001 \
+        -v "${PROJECT}_chat-secrets:/s:ro" "${SNET_REDIS_IMAGE}" sh -c '
+            echo "anonymous PING: $(redis-cli -h redis ping 2>&1)"
+            echo "anonymous GET: $(redis-cli -h redis get snet:feed:1 2>&1)"
+            export REDISCLI_AUTH="$(cat /s/redis-password)"
+            echo "snet-chat GET snet:feed:1: $(redis-cli --no-auth-warning -h redis --user snet-chat get snet:feed:1 2>&1)"
+            echo "snet-chat CONFIG GET: $(redis-cli --no-auth-warning -h redis --user snet-chat config get requirepass 2>&1)"
+            echo "snet-chat HLEN snet:unread:1: $(redis-cli --no-auth-warning -h redis --user snet-chat -n 1 hlen snet:unread:1 2>&1)"
+        ')"
+    echo "${out}" | sed 's/^/   /'
+    [[ $(grep -c 'NOAUTH' <<<"${out}") -eq 2 && $(grep -c 'NOPERM' <<<"${out}") -eq 2 ]] \
+        && grep -qE '^snet-chat HLEN snet:unread:1: [0-9]+$' <<<"${out}"
+}
+check_that "Redis: unauthenticated commands refused; the chat user kept to its keys and out of CONFIG" redis_refuses
+
+no_secret_leaks() {
+    local haystack="${work}/haystack" image id
+    cut -d= -f2- "${work}/secrets.env" | grep -v '^$' >"${work}/needles"
+    [[ $(wc -l <"${work}/needles") -ge 10 ]] || { echo "   too few secrets read"; return 1; }
+    {
+        compose config
+        for image in "${SNET_SERVER_IMAGE}" "${SNET_CHAT_IMAGE}" "${SNET_CONSUL_IMAGE}" \
+            "${SNET_MYSQL_IMAGE}" "${SNET_REDIS_IMAGE}" "${SNET_BASE_IMAGE}"; do
+            docker history --no-trunc "${image}"
+            docker image inspect "${image}"
+        done
+        for id in $(compose ps -a -q); do docker inspect "${id}"; done
+        compose logs --no-color
+    } >"${haystack}" 2>&1
+    echo "   searched $(wc -c <"${haystack}") bytes for $(wc -l <"${work}/needles") secrets"
+    ! grep -qF -f "${work}/needles" "${haystack}"
+}
+check_that "no secret in docker compose config, the images' history and settings, the containers' settings or logs" no_secret_leaks
+
+say "restarting Consul: its ACLs, tokens and intentions are in its volume"
+compose restart consul >"${work}/restart.log" 2>&1 || { cat "${work}/restart.log" >&2; die "restart failed"; }
+check wait --instances 3
+check consul-acl --instances 3
+# While Consul elects itself again, it resolves no token ("ACL not found"): only refusals
+# after this point count below.
+settled_at="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 
 # 2. Even share
 
 say "2. registering users, then sequential sends through 127.0.0.1:${SNET_HTTP_PORT}"
 traffic users --state "${state}" --count 4
 check even --state "${state}" --sends 90 --instances 3
+
+# Pending until the Connect-native TLS lands: see the header.
+addresses=""
+for id in $(compose ps -q chat); do addresses+="${addresses:+,}$(container_address "${id}"):9001"; done
+say "2b. PENDING (not counted unless SNET_E2E_CONNECT=1): a container on the compose network that is not the monolith asks the chat instances for dialogs"
+rogue_dialogs() {
+    docker run --rm --network "${PROJECT}_default" --read-only --cap-drop ALL \
+        --security-opt no-new-privileges:true \
+        -v "${PWD}/tests/e2e/traffic.py:/e2e/traffic.py:ro" -v "${work}:/e2e/state:ro" \
+        "${SNET_BASE_IMAGE}" python3 /e2e/traffic.py rogue-dialogs \
+        --state /e2e/state/users.json --addresses "${addresses}"
+}
+if [[ ${SNET_E2E_CONNECT:-0} == 1 ]]; then
+    check_that "no dialog data for a container that is not the monolith" rogue_dialogs
+elif rogue_dialogs; then
+    pending="no dialog data for a container that is not the monolith: passes already (count it: SNET_E2E_CONNECT=1)"
+else
+    pending="no dialog data for a container that is not the monolith: FAILS, as expected until the Connect TLS wiring lands"
+fi
 
 # 3. One chat container stops during a stream of sends
 
@@ -226,9 +384,27 @@ new="$(comm -13 <(echo "${before}") <(compose ps -a -q chat | sort) | sed -n 1p)
 [[ -n ${new} ]] || die "no new chat container after --scale chat=4"
 new_name="$(docker inspect -f '{{.Name}}' "${new}")"
 say "new chat container: ${new_name#/} at $(container_address "${new}")"
+read_secrets "${work}/secrets-again.env"
+init_steps_kept_everything() {
+    local acl_runs
+    acl_runs="$(compose logs --no-color consul-acl-init | grep -c 'ACLs and intentions in place')"
+    echo "   consul-acl-init finished ${acl_runs} times"
+    [[ ${acl_runs} -eq 2 ]] \
+        && compose logs --no-color secrets-init | grep -q 'secrets present: kept' \
+        && cmp -s "${work}/secrets.env" "${work}/secrets-again.env"
+}
+check_that "a second docker compose up ran both init steps again, and they kept every secret and token" \
+    init_steps_kept_everything
 check wait --instances 4
 check even --state "${state}" --sends 120 --instances 4 --must-include "$(container_address "${new}")"
 check verify --state "${state}"
+no_refusals_logged() {
+    local refusals
+    refusals="$(compose logs --no-color --since "${settled_at}" server chat | grep -E 'NOPERM|NOAUTH|WRONGPASS|Access denied|Permission denied|ACL not found' || true)"
+    [[ -z ${refusals} ]] || { echo "${refusals}" | cut -c1-300 | head -5 | sed 's/^/   /'; return 1; }
+}
+check_that "the services were refused nothing by Redis, MySQL or Consul since it settled (their logs)" \
+    no_refusals_logged
 
 # 5. Teardown: the EXIT trap runs `docker compose down -v`.
 say "5. all checks passed"

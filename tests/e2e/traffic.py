@@ -16,9 +16,16 @@ command prints what it did and exits non-zero when a check fails:
                                               failed request, ADDR gone from Consul, the N
                                               others share the traffic
     traffic.py verify --state S               every acknowledged send is in its dialog
+    traffic.py consul-acl --instances N       Consul refuses anonymous reads and writes, and
+                                              each role's token only what its role needs
+    traffic.py rogue-dialogs --state S --addresses A,B,...
+                                              (run inside a throwaway container on the compose
+                                              network) no chat instance gives it dialog data
 
 Instances are told apart by the monolith's ``X-Snet-Chat-Instance`` header (a Consul service
-id, or HOST:PORT); Consul's catalogue says at which address each one runs.
+id, or HOST:PORT); Consul's catalogue says at which address each one runs. Consul runs with
+ACLs (default deny): Consul calls send the token in CONSUL_HTTP_TOKEN (the operator's);
+``consul-acl`` also takes SNET_E2E_CHAT_TOKEN and SNET_E2E_SERVER_TOKEN, the services' tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import collections
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -80,10 +88,19 @@ def call(
 # Consul and the monolith's view
 
 
-def consul_instances(passing: bool) -> dict[str, str]:
-    """Consul's chat instances: service id -> HOST:PORT."""
+def consul_headers(token: str | None) -> dict[str, str]:
+    return {"X-Consul-Token": token} if token else {}
+
+
+def consul_instances(passing: bool, token: str | None = None) -> dict[str, str]:
+    """Consul's chat instances as *token* (default: CONSUL_HTTP_TOKEN) sees them:
+    service id -> HOST:PORT."""
     query = "?passing=true" if passing else ""
-    status, _, entries = call("GET", f"{CONSUL}/v1/health/service/{SERVICE}{query}")
+    if token is None:
+        token = os.environ.get("CONSUL_HTTP_TOKEN", "")
+    status, _, entries = call(
+        "GET", f"{CONSUL}/v1/health/service/{SERVICE}{query}", headers=consul_headers(token)
+    )
     if status != 200:
         raise OSError(f"Consul answered {status}")
     return {
@@ -354,6 +371,98 @@ def cmd_verify(args: argparse.Namespace) -> None:
     say(f"all {total} acknowledged messages are stored, in {len(users) - 1} dialogs")
 
 
+def cmd_consul_acl(args: argparse.Namespace) -> None:
+    """Without a token nothing; with a service's token only what its role needs."""
+    chat = os.environ["SNET_E2E_CHAT_TOKEN"]
+    server = os.environ["SNET_E2E_SERVER_TOKEN"]
+    operator = os.environ.get("CONSUL_HTTP_TOKEN", "")
+    # Each token is known (after a restart: once Consul's ACL system is back).
+    deadline = time.monotonic() + args.timeout
+    unknown = ["?"]
+    while unknown and time.monotonic() < deadline:
+        unknown = [
+            name
+            for name, token in (("chat", chat), ("monolith", server), ("operator", operator))
+            if call("GET", f"{CONSUL}/v1/acl/token/self", headers=consul_headers(token))[0] != 200
+        ]
+        if unknown:
+            time.sleep(0.2)
+    if unknown:
+        raise CheckFailed(f"Consul does not know these tokens: {unknown}")
+    seen = consul_instances(passing=True)
+    if len(seen) != args.instances:
+        raise CheckFailed(f"the operator's token sees {len(seen)} instances, not {args.instances}")
+    anonymous = consul_instances(passing=False, token="")
+    if anonymous:
+        raise CheckFailed(f"an anonymous request read the chat instances: {anonymous}")
+    say(f"instance list: the operator's token sees {len(seen)}, an anonymous request 0")
+    if len(consul_instances(passing=True, token=server)) != args.instances:
+        raise CheckFailed("the monolith's token does not see the chat instances")
+
+    def register(token: str, name: str) -> int:
+        body = {"Name": name, "ID": f"e2e-rogue-{uuid.uuid4().hex[:8]}", "Address": "192.0.2.1"}
+        status, _, _ = call(
+            "PUT", f"{CONSUL}/v1/agent/service/register", body, consul_headers(token)
+        )
+        if status == 200:  # a failed check: leave nothing behind
+            deregister = f"{CONSUL}/v1/agent/service/deregister/{body['ID']}"
+            call("PUT", deregister, headers=consul_headers(os.environ.get("CONSUL_HTTP_TOKEN")))
+        return status
+
+    refused = {
+        "anonymous as snet-chat": register("", SERVICE),
+        "the monolith's token as snet-chat": register(server, SERVICE),
+        "the chat token as snet-server": register(chat, "snet-server"),
+        "the chat token as another service": register(chat, "e2e-other"),
+    }
+    allowed = [what for what, status in refused.items() if status != 403]
+    if allowed:
+        raise CheckFailed(f"registration not refused (403) for: {allowed} ({refused})")
+    say(f"registrations refused with 403: {', '.join(refused)}")
+    status, _, _ = call("GET", f"{CONSUL}/v1/agent/services", headers=consul_headers(chat))
+    if status != 200:
+        raise CheckFailed(f"the chat token cannot read its agent's services ({status})")
+    status, _, answer = call("GET", f"{CONSUL}/v1/acl/tokens", headers=consul_headers(chat))
+    if status != 403:
+        raise CheckFailed(f"the chat token listed ACL tokens: {status} {answer}")
+    say("the chat token cannot list ACL tokens (403)")
+
+
+def cmd_rogue_dialogs(args: argparse.Namespace) -> None:
+    """From a container on the compose network that is not the monolith, ask every chat
+    instance for the first user's dialogs as the chat API's callers do, over plaintext and
+    over TLS without a client certificate: no answer may carry dialog data."""
+    users = load_state(args.state)["users"]
+    user, peer = users[0]["id"], users[1]["id"]
+    path = f"/v1/dialogs/{peer}/messages"
+    headers = {"X-Snet-User-Id": str(user)}
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    leaks = []
+    for address in args.addresses.split(","):
+        for scheme in ("http", "https"):
+            url = f"{scheme}://{address}{path}"
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                opened = urllib.request.urlopen(
+                    request, timeout=3, context=context if scheme == "https" else None
+                )
+                with opened as response:
+                    status, body = response.status, response.read()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read()
+            except (OSError, ssl.SSLError) as e:
+                say(f"{url}: no answer ({type(e).__name__})")
+                continue
+            say(f"{url}: {status}, {len(body)} bytes")
+            if status == 200 or b"hello e2e-" in body:
+                leaks.append(f"{url} -> {status}")
+    if leaks:
+        raise CheckFailed(f"dialog data reached a container that is not the monolith: {leaks}")
+    say("no chat instance gave dialog data to a container that is not the monolith")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -390,6 +499,16 @@ def main(argv: list[str]) -> int:
     verify = commands.add_parser("verify")
     verify.add_argument("--state", required=True)
     verify.set_defaults(run=cmd_verify)
+
+    acl = commands.add_parser("consul-acl")
+    acl.add_argument("--instances", type=int, required=True)
+    acl.add_argument("--timeout", type=float, default=30.0)
+    acl.set_defaults(run=cmd_consul_acl)
+
+    rogue = commands.add_parser("rogue-dialogs")
+    rogue.add_argument("--state", required=True)
+    rogue.add_argument("--addresses", required=True, help="HOST:PORT,... of the chat instances")
+    rogue.set_defaults(run=cmd_rogue_dialogs)
 
     args = parser.parse_args(argv)
     try:
