@@ -1,6 +1,7 @@
 """The monolith's public HTTP API (Klein): the OTUS Highload Architect 1.2.0 contract
-(/work/shared/api, described for its users in docs/api.md) plus ``/dialog/unread``,
-``/health`` and ``/metrics``.
+(docs/openapi/, described for its users in docs/api.md) plus ``/dialog/unread``, ``/logout``,
+``/health`` and ``/metrics``. Logins and registrations pass the rate limits of
+``snet.server.ratelimit`` when they are given.
 
 Users, tokens and passwords live in ``Accounts``, friendships and posts in ``Social`` (both
 MySQL), feeds in ``FeedCache`` (Redis over MySQL); dialogs are forwarded to the chat service
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,6 +33,13 @@ from snet.chat_contract import (
 from snet.server.accounts import SEARCH_LIMIT, Accounts, NoSuchUser, Profile, WrongPassword
 from snet.server.feed import FeedCache
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
+from snet.server.ratelimit import (
+    LoginThrottle,
+    Network,
+    Registration,
+    RegistrationThrottle,
+    client_address,
+)
 from snet.server.social import (
     FEED_SIZE,
     NoSuchFriend,
@@ -175,6 +185,9 @@ class ServerAPI(ServiceApp):
         version: str,
         clock: IReactorTime | None = None,
         health_timeout: float = HEALTH_TIMEOUT,
+        logins: LoginThrottle | None = None,
+        registrations: RegistrationThrottle | None = None,
+        trusted_proxies: Sequence[Network] = (),
     ) -> None:
         super().__init__(
             in_flight=in_flight,
@@ -187,6 +200,9 @@ class ServerAPI(ServiceApp):
         self.social = social
         self.feed = feed
         self.chat = chat
+        self.logins = logins
+        self.registrations = registrations
+        self.trusted_proxies = trusted_proxies
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
@@ -231,16 +247,61 @@ class ServerAPI(ServiceApp):
         body = read_json_object(request)
         profile = _profile(body, self.accounts.today())
         password = validate_new_password(body.get("password"))
-        user_id = await uncancellable(self.accounts.register(profile, password))
+        registration = None
+        if self.registrations is not None:
+            address = client_address(request, self.trusted_proxies)
+            registration = await self.registrations.begin(address)
+        # Runs to its end even if the client goes away (no refund for a registration that
+        # happened), and gives the count back only if the registration failed.
+        user_id = await uncancellable(
+            Deferred.fromCoroutine(self._register(profile, password, registration))
+        )
         return json_response(request, {"user_id": str(user_id)})
+
+    async def _register(
+        self, profile: Profile, password: str, registration: Registration | None
+    ) -> int:
+        try:
+            return await self.accounts.register(profile, password)
+        except Exception:
+            if registration is not None:
+                await registration.abandoned()
+            raise
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
         body = read_json_object(request)
         user_id = parse_user_id(body.get("id"), "id")
         password = validate_given_password(body.get("password"))
-        token = await self.accounts.login(user_id, password)
+        if self.logins is None:
+            token = await self.accounts.login(user_id, password)
+            return json_response(request, {"token": token})
+        address = client_address(request, self.trusted_proxies)
+        attempt = await self.logins.begin(str(user_id), address)
+        try:
+            token = await self.accounts.login(user_id, password)
+        except (NoSuchUser, WrongPassword, CancelledError):
+            # A client that leaves before the answer still cost a password check.
+            attempt.failed()
+            raise
+        except Exception:
+            await attempt.abandoned()  # not checked (MySQL away): not held against anyone
+            raise
+        await attempt.succeeded()
         return json_response(request, {"token": token})
+
+    @app.route("/logout", methods=["POST"])
+    async def logout(self, request: IRequest) -> bytes:
+        """Revoke the token used, or with ``?everywhere=true`` every token of its user."""
+        user_id = await self._caller(request)
+        everywhere = query_arg(request, "everywhere")
+        if everywhere not in (None, "true", "false"):
+            raise BadRequest("everywhere must be true or false", code=ErrorCode.INVALID_PARAMETER)
+        if everywhere == "true":
+            await uncancellable(self.accounts.logout_everywhere(user_id))
+        else:
+            await uncancellable(self.accounts.logout(bearer_token(request)))
+        return json_response(request, {})
 
     @app.route("/user/get/<user_id>", methods=["GET"])
     async def get_user(self, request: IRequest, user_id: str) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from attrs import evolve
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -19,6 +20,14 @@ from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances, StaticInstances, endpoint_from_url
 from snet.server.ejection import PassiveHealth
 from snet.server.feed import FeedCache, FeedFanout, FeedMetrics
+from snet.server.ratelimit import (
+    LoginLimits,
+    LoginThrottle,
+    RegistrationLimits,
+    RegistrationThrottle,
+    SlidingWindow,
+    parse_networks,
+)
 from snet.server.roundrobin import RoundRobin
 from snet.server.schema import apply_server_schema
 from snet.server.social import Social
@@ -60,6 +69,14 @@ class Options(ServiceOptions):
          "connection does at once (default 3).", positive_int],
         ["chat-connect-timeout", None, None, "Seconds to connect to a chat instance before "
          "trying the next one (default 1).", positive_float],
+        ["trusted-proxies", None, None, "Comma-separated addresses or CIDR networks of the "
+         "proxies in front of the monolith: only from them is X-Forwarded-For believed "
+         "(default none: the client address is the socket's peer).", str],
+        ["registrations-per-hour", None, None, "Registrations one client address may make "
+         "per hour, for all monolith processes together (default 30).", positive_int],
+        ["failed-logins-per-address", None, None, "Failed logins one client address may make "
+         "per 15 minutes, over all accounts (default 30; 10 per account and address, and "
+         "200 per account from addresses it never logged in from).", positive_int],
     ]  # fmt: skip
     environment = {
         "chat-service": "SNET_CHAT_SERVICE",
@@ -70,6 +87,9 @@ class Options(ServiceOptions):
         "chat-deadline": "SNET_CHAT_DEADLINE",
         "chat-attempts": "SNET_CHAT_ATTEMPTS",
         "eject-after": "SNET_EJECT_AFTER",
+        "trusted-proxies": "SNET_TRUSTED_PROXIES",
+        "registrations-per-hour": "SNET_REGISTRATIONS_PER_HOUR",
+        "failed-logins-per-address": "SNET_FAILED_LOGINS_PER_ADDRESS",
     }
     fallbacks = {
         "listen": "tcp:8080",
@@ -80,6 +100,9 @@ class Options(ServiceOptions):
         "chat-deadline": 10.0,
         "chat-attempts": 3,
         "eject-after": 3,
+        "trusted-proxies": "",
+        "registrations-per-hour": 30,
+        "failed-logins-per-address": 30,
     }
 
     def postOptions(self) -> None:
@@ -89,6 +112,10 @@ class Options(ServiceOptions):
                 endpoint_from_url(self["chat-url"])
             except ValueError as e:
                 raise usage.UsageError(str(e)) from None
+        try:
+            self["trusted-networks"] = parse_networks(self["trusted-proxies"])
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxies: {e}") from None
 
 
 def makeService(options: Any, reactor: Any = None) -> IService:
@@ -133,6 +160,15 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     accounts = Accounts(pool=pool, clock=reactor)
     social = Social(pool=pool, clock=reactor)
     feed = FeedCache(social=social, redis=redis, metrics=FeedMetrics(registry=metrics.registry))
+    counters = SlidingWindow(redis, clock=reactor)
+    login_limits = LoginLimits(
+        per_address=evolve(LoginLimits().per_address, count=options["failed-logins-per-address"])
+    )
+    registration_limits = RegistrationLimits(
+        per_address=evolve(
+            RegistrationLimits().per_address, count=options["registrations-per-hour"]
+        )
+    )
     api = ServerAPI(
         accounts=accounts,
         social=social,
@@ -142,6 +178,9 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         metrics=metrics,
         version=__version__,
         clock=reactor,
+        logins=LoginThrottle(counters, login_limits),
+        registrations=RegistrationThrottle(counters, registration_limits),
+        trusted_proxies=options["trusted-networks"],
     )
     resources += [
         ClosedOnStop("chat-http", http.close),

@@ -120,6 +120,10 @@ class ChatFleet:
             process.stop()
 
 
+UNLIMITED = ("--registrations-per-hour", "1000000", "--failed-logins-per-address", "1000000")
+"""Options that lift the monolith's rate limits (for tests and benchmarks)."""
+
+
 def monolith(
     *,
     consul_url: str,
@@ -129,9 +133,17 @@ def monolith(
     port: int | None = None,
     extra_args: Sequence[str] = (),
     own_session: bool = False,
+    rate_limited: bool = False,
 ) -> TwistdProcess:
-    """A ``twistd -n snet-server`` process (not started yet) discovering *chat_service*."""
+    """A ``twistd -n snet-server`` process (not started yet) discovering *chat_service*.
+
+    Unless *rate_limited*, its registration and failed-login limits are lifted: tests and
+    benchmarks register many users from 127.0.0.1 through one Redis, and exercise the API
+    rather than its limits (tests/integration/test_edge.py checks those).
+    """
     port = port or free_port()
+    if not rate_limited:
+        extra_args = [*UNLIMITED, *extra_args]
     return TwistdProcess(
         "snet-server",
         [
