@@ -11,6 +11,7 @@ and stored once.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 import uuid
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 from attrs import frozen
 
-from snet.testing.fleet import ChatFleet, monolith
+from snet.testing.fleet import ChatFleet, monolith, query
 from snet.testing.processes import TwistdProcess
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 from snet.testing.traffic import (
@@ -332,3 +333,63 @@ def test_sigterm_of_the_monolith_answers_every_call_it_accepted(shared: Deployme
     cut_off = [o for o in traffic.failures() if "ConnectionRefused" not in (o.error or "")]
     assert cut_off == [], describe(cut_off, fault)
     assert_stored_once(shared, traffic)
+
+
+def unread_in_redis_equals_mysql(running: Deployment, redis: Redis) -> bool:
+    """Whether the recipient's unread count in Redis (the chat service's database of *redis*)
+    equals what MySQL says, now: the sender's messages above the recipient's read mark."""
+    reader, peer = running.recipient.id, running.sender.id
+    [(mysql,)] = query(
+        running.chat_mysql_url,
+        "SELECT COUNT(*) FROM chat_messages m LEFT JOIN chat_reads r"
+        " ON r.reader_id = m.recipient_id AND r.peer_id = m.sender_id"
+        " WHERE m.recipient_id = %s AND m.sender_id = %s AND m.id > COALESCE(r.last_read_id, 0)",
+        reader,
+        peer,
+    )
+    try:
+        reply = redis.command("ZCARD", f"snet:unread:{{{reader}}}:{peer}", timeout=1.0)
+        in_redis = int(reply.removeprefix(b":"))
+    except (OSError, ValueError):
+        return False
+    return in_redis == int(mysql)
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "kill"])
+def test_redis_stalled_or_restarted_loses_no_acknowledged_message_and_counters_converge(
+    consul_agent: ConsulAgent, mariadb: MariaDB, fault: str
+) -> None:
+    """Redis frozen (SIGSTOP) for longer than the monolith's chat timeout, or killed and
+    started again empty, under steady sends: every send answered 200 is in MySQL once, and
+    the recipient's unread counter equals MySQL's count within 5 s of Redis answering."""
+    with (
+        Redis() as redis,
+        deployment(
+            consul_url=consul_agent.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis
+        ) as running,
+        running.traffic() as traffic,
+    ):
+        traffic.wait_for(100)
+        began = time.monotonic()
+        if fault == "sigstop":
+            assert redis.pid is not None
+            os.kill(redis.pid, signal.SIGSTOP)
+            time.sleep(3.0)  # the fault's length: past the monolith's 2 s chat timeout
+            os.kill(redis.pid, signal.SIGCONT)
+        else:
+            redis.kill()
+            time.sleep(2.0)
+            redis.start()
+        back = time.monotonic()
+        traffic.wait_for(100, since=back)
+        traffic.stop()
+        failed = traffic.failures(since=began)
+        assert failed == [], describe(failed, began)
+        assert_stored_once(running, traffic)
+        converged = wait_until(
+            timed(lambda: unread_in_redis_equals_mysql(running, redis)),
+            10,
+            "the unread counter to equal MySQL's count",
+            interval=0.05,
+        )
+        assert converged - back < 5.0, f"converged {converged - back:.1f}s after Redis came back"
