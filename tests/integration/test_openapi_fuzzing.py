@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from snet.testing.fleet import ChatFleet, monolith
-from snet.testing.processes import TwistdProcess, http_json
+from snet.testing.monolith_stack import monolith_with_one_chat
+from snet.testing.processes import http_json
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 
 pytestmark = pytest.mark.integration
@@ -51,27 +51,10 @@ RUN_TIMEOUT = 240
 
 @pytest.fixture(scope="module")
 def base_url(consul_agent: ConsulAgent, mariadb: MariaDB, redis_server: Redis) -> Iterator[str]:
-    fleet = ChatFleet(
-        consul_url=consul_agent.url,
-        mysql_url=mariadb.create_database("fuzzing_chat"),
-        redis_url=redis_server.url.replace("/0", "/8"),
-        count=1,
-    )
-    process: TwistdProcess | None = None
-    try:
-        fleet.wait_all_passing()
-        process = monolith(
-            consul_url=consul_agent.url,
-            mysql_url=mariadb.create_database("fuzzing_server"),
-            redis_url=redis_server.url.replace("/0", "/9"),
-            chat_service=fleet.service,
-        ).start()
-        assert process.health_url is not None
-        yield process.health_url.removesuffix("/health")
-    finally:
-        if process is not None:
-            process.stop()
-        fleet.stop()
+    with monolith_with_one_chat(
+        consul_agent, mariadb, redis_server, name="fuzzing", chat_redis_db=8, server_redis_db=9
+    ) as (url, _fleet):
+        yield url
 
 
 def schemathesis(
