@@ -12,7 +12,8 @@ setup(
     package_data={
         "snet": ["py.typed"],
         "snet.chat": ["schema.sql"],
-        "snet.server": ["schema.sql"],
+        # openapi.json: the published API document (docs/openapi/snet-1.0.json links to it).
+        "snet.server": ["schema.sql", "openapi.json"],
     },
     include_package_data=True,
     zip_safe=False,

@@ -18,8 +18,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from snet.testing.fleet import ChatFleet, monolith
-from snet.testing.processes import TwistdProcess, http_json
+from snet.testing.fleet import ChatFleet
+from snet.testing.monolith_stack import monolith_with_one_chat
+from snet.testing.processes import http_json
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 
 pytestmark = pytest.mark.integration
@@ -80,27 +81,10 @@ def check(
 def stack(
     consul_agent: ConsulAgent, mariadb: MariaDB, redis_server: Redis
 ) -> Iterator[tuple[str, ChatFleet]]:
-    fleet = ChatFleet(
-        consul_url=consul_agent.url,
-        mysql_url=mariadb.create_database("contract_chat"),
-        redis_url=redis_server.url.replace("/0", "/3"),
-        count=1,
-    )
-    process: TwistdProcess | None = None
-    try:
-        fleet.wait_all_passing()
-        process = monolith(
-            consul_url=consul_agent.url,
-            mysql_url=mariadb.create_database("contract_server"),
-            redis_url=redis_server.url.replace("/0", "/4"),
-            chat_service=fleet.service,
-        ).start()
-        assert process.health_url is not None
-        yield process.health_url.removesuffix("/health"), fleet
-    finally:
-        if process is not None:
-            process.stop()
-        fleet.stop()
+    with monolith_with_one_chat(
+        consul_agent, mariadb, redis_server, name="contract", chat_redis_db=3, server_redis_db=4
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
