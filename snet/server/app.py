@@ -33,6 +33,7 @@ from snet.chat_contract import (
 from snet.server.accounts import SEARCH_LIMIT, Accounts, NoSuchUser, Profile, WrongPassword
 from snet.server.feed import FeedCache
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable, NoChatInstance
+from snet.server.openapi import openapi_response
 from snet.server.ratelimit import (
     LoginThrottle,
     Network,
@@ -483,6 +484,10 @@ class ServerAPI(ServiceApp):
             clock=self.clock,
             version=self.version,
         )
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi_document(self, request: IRequest) -> bytes:
+        return openapi_response(request)
 
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: IRequest) -> bytes:
