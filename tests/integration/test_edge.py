@@ -67,14 +67,18 @@ def base(process: TwistdProcess) -> str:
     return process.health_url.removesuffix("/health")
 
 
-def register(url: str, address: str = "192.0.2.1") -> str:
-    status, _, body = http_json(
+def registration(url: str, address: str) -> tuple[int, dict[str, str], Any]:
+    return http_json(
         "POST",
         f"{url}/user/register",
         {"first_name": "Edge", "second_name": "Case", "birthdate": "1990-01-01",
          "password": PASSWORD},
         {"X-Forwarded-For": address},
     )  # fmt: skip
+
+
+def register(url: str, address: str = "192.0.2.1") -> str:
+    status, _, body = registration(url, address)
     assert status == 200, body
     return str(body["user_id"])
 
@@ -213,13 +217,7 @@ def test_registrations_from_one_address_are_limited(
         url = base(process)
         register(url, address)
         register(url, address)
-        status, headers, body = http_json(
-            "POST",
-            f"{url}/user/register",
-            {"first_name": "A", "second_name": "B", "birthdate": "1990-01-01",
-             "password": PASSWORD},
-            {"X-Forwarded-For": address},
-        )  # fmt: skip
+        status, headers, body = registration(url, address)
         assert (status, body["code"]) == (429, 42902)
         assert int(headers["Retry-After"]) > 0
         register(url, "192.0.2.250")
