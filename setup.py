@@ -13,7 +13,8 @@ setup(
         "snet": ["py.typed"],
         "snet.chat": ["schema.sql"],
         # openapi.json: the published API document (docs/openapi/snet-1.0.json links to it).
-        "snet.server": ["schema.sql", "openapi.json"],
+        # static/: the web pages' stylesheet and script (snet.server.pages).
+        "snet.server": ["schema.sql", "openapi.json", "static/*.css", "static/*.js"],
     },
     include_package_data=True,
     zip_safe=False,

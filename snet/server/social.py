@@ -25,6 +25,8 @@ log = Logger(namespace="snet.server.social")
 
 FEED_SIZE = 1000
 """How many of the newest posts a feed holds."""
+FRIENDS_LIMIT = 500
+"""The most friends ``Social.friends`` lists."""
 
 
 class SelfFriendship(Exception):
@@ -146,6 +148,14 @@ def _posts(txn: adbapi.Transaction, post_ids: list[int]) -> dict[int, Post]:
     return {post.id: post for post in map(_post, txn.fetchall())}
 
 
+def _friends(txn: adbapi.Transaction, user_id: int, limit: int) -> list[int]:
+    txn.execute(
+        "SELECT friend_id FROM friendships WHERE user_id = %s ORDER BY friend_id LIMIT %s",
+        (user_id, limit),
+    )
+    return [int(row[0]) for row in txn.fetchall()]
+
+
 def _followers(txn: adbapi.Transaction, author_id: int, after: int, limit: int) -> list[int]:
     txn.execute(
         "SELECT user_id FROM friendships WHERE friend_id = %s AND user_id > %s"
@@ -225,6 +235,10 @@ class Social:
     def posts(self, post_ids: list[int]) -> Deferred[dict[int, Post]]:
         """{id: post} of those of *post_ids* that exist."""
         return run_with_retry(self.pool, _posts, list(post_ids))
+
+    def friends(self, user_id: int, limit: int = FRIENDS_LIMIT) -> Deferred[list[int]]:
+        """The first *limit* users *user_id* follows, by id."""
+        return run_with_retry(self.pool, _friends, user_id, limit)
 
     def followers(self, author_id: int, *, after: int, limit: int) -> Deferred[list[int]]:
         """Up to *limit* followers of *author_id* with ids above *after*, in id order."""

@@ -9,6 +9,7 @@ import re
 import unicodedata
 from datetime import date
 
+from snet.server.social import FEED_SIZE
 from snet.web.errors import BadRequest, ErrorCode
 from snet.web.inputs import ID, MAX_ID, validate_text
 
@@ -22,6 +23,33 @@ MAX_PASSWORD = 256
 OLDEST_BIRTHDATE = date(1900, 1, 1)
 MAX_POST_TEXT = 10_000
 """The longest post, in characters."""
+DEFAULT_FEED_LIMIT = 10
+MAX_FEED_LIMIT = FEED_SIZE
+"""The largest page of the feed: all of it."""
+
+_NUMBER = re.compile(r"[0-9]{1,9}")
+"""A page number or size as a query argument gives it."""
+
+
+def parse_offset(text: str | None) -> int:
+    """The feed's offset: a non-negative integer (0 if absent)."""
+    if text is None:
+        return 0
+    if _NUMBER.fullmatch(text) is None:
+        raise BadRequest("offset must be a non-negative integer", code=ErrorCode.INVALID_PARAMETER)
+    return int(text)
+
+
+def parse_feed_limit(text: str | None) -> int:
+    """The feed's page size: 1 to MAX_FEED_LIMIT (DEFAULT_FEED_LIMIT if absent)."""
+    if text is None:
+        return DEFAULT_FEED_LIMIT
+    if _NUMBER.fullmatch(text) is None or not 1 <= int(text) <= MAX_FEED_LIMIT:
+        raise BadRequest(
+            f"limit must be an integer from 1 to {MAX_FEED_LIMIT}",
+            code=ErrorCode.INVALID_PARAMETER,
+        )
+    return int(text)
 
 
 def _invalid(message: str) -> BadRequest:

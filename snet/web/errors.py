@@ -42,6 +42,7 @@ class ErrorCode(IntEnum):
     NO_SUCH_POST = 40012
     NOT_AUTHOR = 40013
     UNAUTHORIZED = 40100
+    CSRF_REFUSED = 40301
     NOT_FOUND = 40400
     USER_NOT_FOUND = 40401
     METHOD_NOT_ALLOWED = 40500
@@ -144,6 +145,20 @@ def error_response(
 ) -> bytes:
     """Turn *failure* into a JSON error answer on *request*: the one place errors are mapped.
 
+    See ``answered_error``; the answer carries its status, headers and ``Retry-After``.
+    """
+    api_error = answered_error(request, failure, domain_errors)
+    return json_response(
+        request, error_body(request, api_error.message, api_error.code), api_error.status
+    )
+
+
+def answered_error(
+    request: IRequest, failure: Failure, domain_errors: DomainErrors | None = None
+) -> ApiError:
+    """The ``ApiError`` that *failure* is answered with, its headers (``Retry-After``
+    included) already set on *request*; for answers in any format (JSON, HTML pages).
+
     ``ApiError`` keeps its status; an exception listed in *domain_errors* gets the status
     and code listed there; routing errors (unknown path, wrong method) keep theirs; back-end
     connection errors become 503 with ``Retry-After: 1``; anything else is logged with its
@@ -178,9 +193,7 @@ def error_response(
         set_header(request, header, header_value)
     if api_error.retry_after is not None:
         set_header(request, b"Retry-After", str(api_error.retry_after).encode("ascii"))
-    return json_response(
-        request, error_body(request, api_error.message, api_error.code), api_error.status
-    )
+    return api_error
 
 
 def _listed_error(exc: BaseException, domain_errors: DomainErrors) -> ApiError | None:

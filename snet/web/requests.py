@@ -72,6 +72,15 @@ def request_id(request: IRequest) -> str:
     return rid
 
 
+def redirect_response(request: IRequest, location: str, status: int = 303) -> bytes:
+    """Send the client to *location* (a path on this site): 303 See Other by default, what
+    a form's POST is answered with so that reloading the next page does not post again."""
+    set_status(request, status)
+    set_header(request, b"Location", location.encode("utf-8"))
+    set_header(request, b"Content-Length", b"0")
+    return b""
+
+
 def json_bytes(body: object) -> bytes:
     """*body* as compact UTF-8 JSON."""
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -17,14 +17,11 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from snet.server.accounts import NoSuchUser, Profile, User, WrongPassword
-from snet.server.app import (
-    MAX_DIALOG_PAGES,
-    ServerAPI,
-    parse_feed_limit,
-    parse_offset,
-)
+from snet.server.actions import MAX_DIALOG_PAGES
+from snet.server.app import ServerAPI
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
 from snet.server.social import NoSuchFriend, NoSuchPost, NotAuthor, Post, SelfFriendship
+from snet.server.validation import parse_feed_limit, parse_offset
 from snet.testing import result_of
 from snet.web.draining import InFlight
 from snet.web.errors import BadRequest, ErrorCode
