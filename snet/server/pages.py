@@ -18,6 +18,7 @@ from typing import Any
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import NotFound as NotFoundRoute
 
 from snet.chat_contract import validate_message_text
 from snet.server import page_views as views
@@ -211,7 +212,7 @@ class Pages:
             failure = Failure(mapped)  # type: ignore[no-untyped-call]
         error = answered_error(request, failure, DOMAIN_ERRORS)
         message = error.message
-        if error.status == 404 and error.code == 40400:
+        if isinstance(exc, NotFoundRoute):
             message = "There is no such page."
         elif error.status == 500:
             message = "Something went wrong on our side; it has been logged. Try again later."

@@ -45,6 +45,7 @@ class FakeAccounts:
     def __init__(self) -> None:
         self.users: dict[int, User] = {}
         self.passwords: dict[int, str] = {}
+        self.revoked: set[str] = set()
         self.ping_result: Deferred[None] | None = None
 
     def today(self) -> date:
@@ -65,8 +66,12 @@ class FakeAccounts:
 
     def authenticate(self, token: str) -> Deferred[int | None]:
         for user_id in self.users:
-            if token == f"t{user_id}" + "x" * 20:
+            if token == f"t{user_id}" + "x" * 20 and token not in self.revoked:
                 return succeed(user_id)
+        return succeed(None)
+
+    def logout(self, token: str) -> Deferred[None]:
+        self.revoked.add(token)
         return succeed(None)
 
     def get(self, user_id: int) -> Deferred[User | None]:
@@ -151,6 +156,9 @@ class FakeSocial:
 
     def get_post(self, post_id: int) -> Deferred[Post | None]:
         return succeed(self.posts.get(post_id))
+
+    def friends(self, user_id: int, limit: int = 500) -> Deferred[list[int]]:
+        return succeed(sorted(f for u, f in self.follows if u == user_id)[:limit])
 
 
 class FakeFeed:
