@@ -153,6 +153,11 @@ def html_document(viewer: Viewer, title: str, *content: Any) -> bytes:
             tags.footer(tags.p("snet: a small social network")),
         ),
     )
+    return render_html(document)
+
+
+def render_html(document: Tag) -> bytes:
+    """*document* (an ``html`` tag with nothing to wait for) as an HTML5 document."""
     rendered: list[bytes] = []
     failed: list[Any] = []
     flattenString(None, document).addCallbacks(rendered.append, failed.append)

@@ -146,10 +146,10 @@ class Browser:
     def screenshot(self, name: str) -> None:
         if SCREENSHOTS:
             Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-            # The window as tall as the page (the footer's bottom), plus the window's frame.
+            # The window as tall as the page (its body's bottom), plus the window's frame.
             height = self.driver.execute_script(
-                "return document.querySelector('footer').getBoundingClientRect().bottom"
-                " + window.scrollY + window.outerHeight - window.innerHeight"
+                "return document.body.getBoundingClientRect().bottom + window.scrollY + 16"
+                " + window.outerHeight - window.innerHeight"
             )
             width = self.driver.get_window_size()["width"]
             self.driver.set_window_size(width, max(400, min(int(height), 1800)))
