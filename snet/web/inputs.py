@@ -21,25 +21,34 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _body(request: IRequest, content_type: str, kind: str, limit: int) -> bytes | None:
+    """The body of *request* (None if it has none) if its content type is *content_type*
+    and it is at most *limit* bytes; else raise ``BadRequest``, calling it *kind*."""
+    given = (header_text(request, b"Content-Type") or "").split(";")[0].strip().lower()
+    if given != content_type:
+        raise BadRequest(
+            f"the body must be {kind} (Content-Type: {content_type})",
+            code=ErrorCode.UNSUPPORTED_CONTENT_TYPE,
+        )
+    content = request.content
+    if content is None:
+        return None
+    content.seek(0)
+    raw: bytes = content.read(limit + 1)
+    if len(raw) > limit:
+        raise BadRequest(f"the body is over {limit} bytes", code=ErrorCode.BODY_TOO_LARGE)
+    return raw
+
+
 def read_json_object(request: IRequest, *, limit: int = MAX_JSON_BODY) -> dict[str, Any]:
     """The request body as a JSON object.
 
     :raises BadRequest: if the content type is not JSON, the body is over *limit* bytes, is
         not UTF-8 JSON (``NaN`` and ``Infinity`` included), or is not an object.
     """
-    content_type = (header_text(request, b"Content-Type") or "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise BadRequest(
-            "the body must be JSON (Content-Type: application/json)",
-            code=ErrorCode.UNSUPPORTED_CONTENT_TYPE,
-        )
-    content = request.content
-    if content is None:
+    raw = _body(request, "application/json", "JSON", limit)
+    if raw is None:
         raise BadRequest("the body must be a JSON object", code=ErrorCode.INVALID_JSON)
-    content.seek(0)
-    raw = content.read(limit + 1)
-    if len(raw) > limit:
-        raise BadRequest(f"the body is over {limit} bytes", code=ErrorCode.BODY_TOO_LARGE)
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -60,19 +69,7 @@ def read_form(request: IRequest, *, limit: int = MAX_FORM_BODY) -> dict[str, str
     :raises BadRequest: if the content type is another, the body is over *limit* bytes or
         is not UTF-8.
     """
-    content_type = (header_text(request, b"Content-Type") or "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
-        raise BadRequest(
-            "the body must be a form (Content-Type: application/x-www-form-urlencoded)",
-            code=ErrorCode.UNSUPPORTED_CONTENT_TYPE,
-        )
-    content = request.content
-    raw = b""
-    if content is not None:
-        content.seek(0)
-        raw = content.read(limit + 1)
-    if len(raw) > limit:
-        raise BadRequest(f"the form is over {limit} bytes", code=ErrorCode.BODY_TOO_LARGE)
+    raw = _body(request, "application/x-www-form-urlencoded", "a form", limit) or b""
     try:
         pairs = parse_qsl(
             raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict"
