@@ -231,6 +231,8 @@ class Pages:
     @app.route("/signup", methods=["GET"])
     async def signup_form(self, request: IRequest) -> bytes:
         viewer = await self._viewer(request, unread=False)
+        if viewer.user is not None:
+            return redirect_response(request, url("/feed"))
         return _html(request, views.signup_page(viewer, {}))
 
     @app.route("/signup", methods=["POST"])

@@ -35,7 +35,8 @@ UNMATCHED_ROUTE = "<unmatched>"
 
 
 def klein_route(request: IRequest) -> str:
-    """The route template Klein matched for *request*, or ``<unmatched>``."""
+    """The route template Klein matched for *request*, or ``<unmatched>``; for an app mounted
+    under a path of another (the monolith's pages under ``/web``), that path and its route."""
     mapper = getattr(IKleinRequest(request), "mapper", None)
     if mapper is None:
         return UNMATCHED_ROUTE
@@ -43,7 +44,8 @@ def klein_route(request: IRequest) -> str:
         rule, _args = mapper.match(return_rule=True)
     except HTTPException:
         return UNMATCHED_ROUTE
-    return str(rule.rule)
+    mounted_at = str(getattr(mapper, "script_name", "") or "").rstrip("/")
+    return mounted_at + str(rule.rule)
 
 
 QUIET_ROUTES = frozenset({"/health", "/metrics"})

@@ -278,3 +278,18 @@ def test_read_form_refuses_what_is_not_a_small_utf8_form(
 ) -> None:
     with pytest.raises(BadRequest, match=message):
         read_form(form_request(body, content_type))
+
+
+def test_requests_to_pages_are_measured_under_their_full_route(h: Harness) -> None:
+    browser = Visitor(h)
+    browser.get("/web/login")
+    text = h.api.metrics.render()[0].decode()
+    assert 'method="GET",route="/web/login",status="200"' in text
+
+
+def test_signed_in_people_skip_the_sign_up_and_login_forms(h: Harness) -> None:
+    browser = Visitor(h)
+    browser.sign_up()
+    for page in ("/web/signup", "/web/login", "/web/"):
+        status, _, headers = browser.get(page)
+        assert status == 303 and location(headers) == "/web/feed"
