@@ -102,9 +102,11 @@ REPAIR_INTERVAL = 1.0
 """Seconds between two looks for unread counters to repair (``snet.chat.unread``)."""
 
 
-def default_instance_id(service_name: str, host: str, port: int) -> str:
-    """An ID unique per instance that still tells an operator where the instance runs."""
-    return f"{service_name}-{host}-{port}-{uuid.uuid4().hex[:8]}"
+def default_instance_id(service_name: str) -> str:
+    """An ID unique per instance, and opaque: the monolith passes it to its clients
+    (``X-Snet-Chat-Instance``), so it names no address. Consul's catalogue says where the
+    instance runs, and the instance logs it when it registers."""
+    return f"{service_name}-{uuid.uuid4().hex[:12]}"
 
 
 def makeService(options: Any, reactor: Any = None) -> IService:
@@ -132,7 +134,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
             consul=consul,
             instance=ServiceInstance(
                 service_name=service_name,
-                instance_id=options["instance-id"] or default_instance_id(service_name, host, port),
+                instance_id=options["instance-id"] or default_instance_id(service_name),
                 address=host,
                 port=port,
                 version=__version__,

@@ -3,6 +3,8 @@ tree its makeService wires, all on the reactor it is given (a memory reactor her
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from twisted.application.internet import TimerService
 from twisted.internet.testing import MemoryReactorClock
@@ -89,11 +91,12 @@ def test_the_mysql_password_never_shows_in_the_config_repr() -> None:
     assert "secret" not in repr(parse(["--mysql", MYSQL])["mysql-config"])
 
 
-def test_instance_ids_are_unique_and_say_where_the_instance_runs() -> None:
-    first = default_instance_id("snet-chat", "10.0.0.5", 9001)
-    second = default_instance_id("snet-chat", "10.0.0.5", 9001)
+def test_instance_ids_are_unique_and_name_no_address() -> None:
+    """The monolith shows the id to its clients (X-Snet-Chat-Instance)."""
+    first = default_instance_id("snet-chat")
+    second = default_instance_id("snet-chat")
     assert first != second
-    assert first.startswith("snet-chat-10.0.0.5-9001-")
+    assert re.fullmatch(r"snet-chat-[0-9a-f]{12}", first)
 
 
 def test_listen_interface_is_taken_from_the_endpoint_string() -> None:
@@ -124,7 +127,8 @@ def test_a_chat_instance_registers_once_serving_and_closes_consul_redis_then_mys
     assert service.announce is not None
     registration = service.announce("10.0.0.5", 9100)
     assert isinstance(registration, ChatRegistration)
-    assert registration.instance.instance_id.startswith("snet-chat-10.0.0.5-9100-")
+    assert re.fullmatch(r"snet-chat-[0-9a-f]{12}", registration.instance.instance_id)
+    assert (registration.instance.address, registration.instance.port) == ("10.0.0.5", 9100)
 
 
 def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_given() -> None:
