@@ -32,6 +32,7 @@ from snet.connect.watcher import CertificateWatcher
 from snet.consul import TreqConsul
 
 __all__ = [
+    "MONOLITH_SERVICE",
     "PLAINTEXT_ENVIRONMENT",
     "PLAINTEXT_FLAG",
     "ConnectServerEndpoint",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 log = Logger()
+
+MONOLITH_SERVICE = "snet-server"
+"""The monolith's Connect service name: its certificate's SPIFFE id, what intentions name."""
 
 PLAINTEXT_ENVIRONMENT = "SNET_INSECURE_PLAINTEXT"
 """The environment variable of ``--insecure-plaintext`` (``1``, ``true``, ``yes`` or ``on``)."""
