@@ -43,6 +43,7 @@ __all__ = [
     "DialogTraffic",
     "Outcome",
     "Pickup",
+    "api_requests",
     "compare_with_mysql",
     "instance_urls",
     "measure_pickup",
@@ -375,6 +376,15 @@ def served_requests(chat_url: str, timeout: float = 2.0) -> int | None:
         return None
     served = {("POST", SEND_ROUTE, "201"), ("GET", LIST_ROUTE, "200")}
     return int(sum(n for m, r, s, n in counts if (m, r, s) in served))
+
+
+def api_requests(chat_url: str, timeout: float = 2.0) -> int | None:
+    """Requests of any ``/v1`` route that reached the chat instance's HTTP layer, whatever
+    their answer (401 and 403 included), from its ``/metrics``; None if it does not answer."""
+    counts = _request_counts(chat_url, timeout)
+    if counts is None:
+        return None
+    return int(sum(n for _, route, _, n in counts if route.startswith("/v1")))
 
 
 def spread(counts: Mapping[str, int], among: Iterable[str] | None = None) -> int:
