@@ -44,13 +44,14 @@ class Deployment:
     redis_url: str
     sender: ApiUser
     recipient: ApiUser
+    lister: ApiUser
 
     def traffic(self, clients: int = 3) -> DialogTraffic:
         return DialogTraffic(
             self.base,
             sender=self.sender,
             recipient=self.recipient,
-            lister=self.recipient,
+            lister=self.lister,
             clients=clients,
             max_seconds=120,
         )
@@ -90,6 +91,7 @@ def deployment(mariadb: MariaDB, redis_server: Redis) -> Iterator[Deployment]:
                     redis_url,
                     register_user(base, "Sender"),
                     register_user(base, "Recipient"),
+                    register_user(base, "Lister"),
                 )
         finally:
             fleet.stop()
