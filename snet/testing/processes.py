@@ -116,6 +116,12 @@ class TwistdProcess:
         self.log_path = directory / "twistd.log"
 
     @property
+    def base_url(self) -> str:
+        """``scheme://host:port`` of the process's HTTP API (its health URL without the path)."""
+        assert self.health_url is not None
+        return self.health_url.removesuffix("/health")
+
+    @property
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid

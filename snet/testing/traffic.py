@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
@@ -41,6 +42,7 @@ __all__ = [
     "SEND_ROUTE",
     "ApiUser",
     "DialogTraffic",
+    "DialogUsers",
     "Outcome",
     "Pickup",
     "api_requests",
@@ -54,6 +56,7 @@ __all__ = [
     "served_sends",
     "spread",
     "stored_texts",
+    "wait_for_instances",
 ]
 
 SEND_ROUTE = "/v1/dialogs/<peer_id>/messages"
@@ -90,6 +93,25 @@ def register_user(base_url: str, name: str) -> ApiUser:
     if status != 200:
         raise RuntimeError(f"login {name}: {status} {body}")
     return ApiUser(user_id, str(body["token"]))
+
+
+@frozen
+class DialogUsers:
+    """The three users a :class:`DialogTraffic` needs, registered through one monolith."""
+
+    sender: ApiUser
+    recipient: ApiUser
+    lister: ApiUser
+
+    @classmethod
+    def register(cls, base_url: str) -> DialogUsers:
+        return cls(*(register_user(base_url, name) for name in ("Sender", "Recipient", "Lister")))
+
+    def traffic(self, base_url: str, **settings: Any) -> DialogTraffic:
+        """Traffic between them through *base_url*; *settings* as DialogTraffic takes them."""
+        return DialogTraffic(
+            base_url, sender=self.sender, recipient=self.recipient, lister=self.lister, **settings
+        )
 
 
 @frozen
@@ -337,6 +359,16 @@ def metric_value(url: str, name: str, timeout: float = 2.0, **labels: str) -> fl
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += float(sample.value)
     return total
+
+
+def wait_for_instances(monolith_url: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until the monolith at *monolith_url* lists *count* healthy chat instances."""
+    wait_until(
+        lambda: metric_value(monolith_url, "snet_chat_instances_healthy") == count,
+        timeout,
+        f"the monolith to list {count} chat instances",
+        interval=0.05,
+    )
 
 
 def _request_counts(chat_url: str, timeout: float) -> list[tuple[str, str, str, float]] | None:

@@ -15,19 +15,19 @@ from collections.abc import Iterator
 
 import pytest
 from attrs import frozen
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
+from snet.testing.connect import new_ca_private_key
 from snet.testing.fleet import ChatFleet, connect_client_tls, monolith, query
 from snet.testing.processes import TwistdProcess, http_get, http_json
 from snet.testing.servers import ConsulAgent, MariaDB, Redis, free_port
 from snet.testing.traffic import (
     ApiUser,
     DialogTraffic,
+    DialogUsers,
     api_requests,
     compare_with_mysql,
     metric_value,
-    register_user,
+    wait_for_instances,
 )
 from snet.testing.waiting import wait_until
 
@@ -42,19 +42,18 @@ class Deployment:
     base: str
     chat_mysql_url: str
     redis_url: str
-    sender: ApiUser
-    recipient: ApiUser
-    lister: ApiUser
+    users: DialogUsers
 
-    def traffic(self, clients: int = 3) -> DialogTraffic:
-        return DialogTraffic(
-            self.base,
-            sender=self.sender,
-            recipient=self.recipient,
-            lister=self.lister,
-            clients=clients,
-            max_seconds=120,
-        )
+    @property
+    def sender(self) -> ApiUser:
+        return self.users.sender
+
+    @property
+    def recipient(self) -> ApiUser:
+        return self.users.recipient
+
+    def traffic(self) -> DialogTraffic:
+        return self.users.traffic(self.base, clients=3, max_seconds=120)
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +73,8 @@ def deployment(mariadb: MariaDB, redis_server: Redis) -> Iterator[Deployment]:
                 redis_url=redis_server.url.replace("/0", "/3"),
                 chat_service=fleet.service,
             ) as server:
-                assert server.health_url is not None
-                base = server.health_url.removesuffix("/health")
-                wait_until(
-                    lambda: metric_value(base, "snet_chat_instances_healthy") == 2,
-                    10,
-                    "the monolith to list both instances",
-                    interval=0.05,
-                )
+                base = server.base_url
+                wait_for_instances(base, 2)
                 yield Deployment(
                     agent,
                     fleet,
@@ -89,9 +82,7 @@ def deployment(mariadb: MariaDB, redis_server: Redis) -> Iterator[Deployment]:
                     base,
                     chat_mysql_url,
                     redis_url,
-                    register_user(base, "Sender"),
-                    register_user(base, "Recipient"),
-                    register_user(base, "Lister"),
+                    DialogUsers.register(base),
                 )
         finally:
             fleet.stop()
@@ -249,7 +240,7 @@ def test_a_rogue_instance_under_the_chat_name_gets_no_request_and_clients_see_no
             traffic.wait_for(60, since=since)
         finally:
             d.agent.api("PUT", f"/v1/agent/service/deregister/{rogue_id}")
-        assert api_requests(rogue.health_url.removesuffix("/health")) == 0
+        assert api_requests(rogue.base_url) == 0
     assert traffic.failures() == []
     ejections = metric_value(d.base, "snet_chat_ejections_total", instance=rogue_id)
     assert ejections is not None and ejections >= 1
@@ -259,15 +250,6 @@ def test_a_rogue_instance_under_the_chat_name_gets_no_request_and_clients_see_no
         [],
         [],
     )
-
-
-def _new_ca_key() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode("ascii")
 
 
 def _leaf_serial(agent: ConsulAgent, service: str) -> str:
@@ -287,7 +269,7 @@ def test_a_ca_rotation_under_steady_traffic_fails_no_call(deployment: Deployment
         status, answer = d.agent.api(
             "PUT",
             "/v1/connect/ca/configuration",
-            {"Provider": "consul", "Config": {"PrivateKey": _new_ca_key()}},
+            {"Provider": "consul", "Config": {"PrivateKey": new_ca_private_key()}},
         )
         assert status == 200, answer
         rotated = time.monotonic()

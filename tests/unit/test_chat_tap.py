@@ -13,10 +13,9 @@ from twisted.python import usage
 from snet.chat.registration import ChatRegistration
 from snet.chat.tap import REPAIR_INTERVAL, Options, default_instance_id, makeService
 from snet.config import ConsulConfig, MySQLConfig, RedisConfig
-from snet.connect import CertificateWatcher
 from snet.lifecycle import ServingInstance, listen_interface
 from snet.testing import result_of
-from snet.testing.connect import TestCA
+from snet.testing.connect import TestCA, identified_before_listening
 
 MYSQL = "mysql://chat:secret@db.example:3307/snet"
 
@@ -156,16 +155,8 @@ def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_giv
 def test_by_default_it_listens_over_connect_tls_only_once_it_has_its_identity() -> None:
     reactor = MemoryReactorClock()
     service = make_service(["--service-name", "dialogs"], reactor)
-    [watcher] = service.prerequisites
-    assert isinstance(watcher, CertificateWatcher)
+    watcher = identified_before_listening(service, reactor, TestCA(), 8501)
     assert watcher.service == "dialogs"
-    service.startService()
-    reactor.advance(0)
-    assert reactor.tcpServers == []  # no identity yet: not listening
-    assert sum(1 for _, p, *_ in reactor.tcpClients if p == 8501) == 2  # its leaf, the roots
-    ca = TestCA()
-    watcher._apply_leaf(ca.consul_leaf("dialogs"))
-    watcher._apply_roots(ca.consul_roots())
     [(_, factory, _, _)] = reactor.tcpServers
     assert isinstance(factory, TLSMemoryBIOFactory)
     assert factory.wrappedFactory is service.site

@@ -6,14 +6,14 @@ from __future__ import annotations
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from snet.connect import CertificateWatcher, ConnectPolicyForHTTPS
+from snet.connect import ConnectPolicyForHTTPS
 from snet.consul import TreqConsul
 from snet.lifecycle import ServingInstance
 from snet.server.discovery import HealthyInstances, StaticInstances
 from snet.server.feed import FeedFanout
 from snet.server.tap import Options, makeService, monolith_connect
 from snet.testing import result_of
-from snet.testing.connect import TestCA
+from snet.testing.connect import TestCA, identified_before_listening
 
 ENVIRON = {
     "SNET_MYSQL": "mysql://server:secret@127.0.0.1:3307/snet",
@@ -76,16 +76,8 @@ def test_by_default_it_calls_chat_over_connect_tls_with_an_identity_it_has_befor
 ):
     reactor = MemoryReactorClock()
     service = make_service(["--chat-service", "dialogs"], reactor)
-    [watcher] = service.prerequisites
-    assert isinstance(watcher, CertificateWatcher)
+    watcher = identified_before_listening(service, reactor, TestCA(), 8501)
     assert watcher.service == "snet-server"
-    service.startService()
-    reactor.advance(0)
-    assert reactor.tcpServers == []  # no identity yet: not listening
-    assert connections_to(reactor, 8501) == 2  # its leaf, the roots
-    ca = TestCA()
-    watcher._apply_leaf(ca.consul_leaf("snet-server"))
-    watcher._apply_roots(ca.consul_roots())
     assert len(reactor.tcpServers) == 1
     result_of(service.stopService())
     assert not watcher.running
