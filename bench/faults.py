@@ -205,8 +205,13 @@ def deployment(
     """A fresh fleet and monolith (and HAProxy), and traffic ready to start."""
     tag = uuid.uuid4().hex[:8]
     chat_mysql = servers.mariadb.create_database(f"bench_chat_{tag}")
+    # HAProxy checks and forwards plain HTTP: that mode runs both ends in plaintext.
+    plaintext = mode == "haproxy"
     fleet = ChatFleet(
-        consul_url=servers.consul.url, mysql_url=chat_mysql, redis_url=servers.redis.url
+        consul_url=servers.consul.url,
+        mysql_url=chat_mysql,
+        redis_url=servers.redis.url,
+        plaintext=plaintext,
     )
     haproxy: HAProxy | None = None
     server: TwistdProcess | None = None
@@ -231,6 +236,7 @@ def deployment(
             redis_url=servers.redis.url.replace("/0", "/1"),
             chat_service=fleet.service,
             extra_args=extra,
+            plaintext=plaintext,
         ).start()
         assert server.health_url is not None
         base = server.health_url.removesuffix("/health")

@@ -5,6 +5,11 @@ their real binaries), then N ``twistd -n snet-chat`` instances and the monolith
 (``twistd -n snet-server``), and follows every log in one terminal with a prefix per process.
 Ctrl-C stops the monolith and the chat instances (each deregisters and drains first), then
 the servers.
+
+Like a deployment, it speaks Consul Connect (docs/trust.md): it creates the intentions
+``* -> snet-chat`` deny and ``snet-server -> snet-chat`` allow, the chat instances serve
+TLS only and the monolith calls them as ``snet-server``; ``--insecure-plaintext`` runs both
+in plain HTTP instead.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         "--chat-port", type=int, default=9001, help="first chat port (default 9001; 0: any free)"
     )
     parser.add_argument("--port", type=int, default=8080, help="the monolith's port (default 8080)")
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="run the monolith and the chat instances without Connect (plain HTTP)",
+    )
     args = parser.parse_args(argv)
     out = sys.stdout
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -86,7 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             count=0,
             service="snet-chat",
             own_session=True,
+            plaintext=args.insecure_plaintext,
         )
+        if fleet.intentions:
+            print(f"intentions  {'; '.join(fleet.intentions)}", file=out)
+        else:
+            print(
+                "plaintext  no Connect: any process that reaches a chat port is trusted", file=out
+            )
         chats = [fleet.add_instance_at(port) for port in ports]
         server = monolith(
             rate_limited=True,
@@ -96,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             chat_service=fleet.service,
             port=args.port,
             own_session=True,
+            plaintext=args.insecure_plaintext,
         )
         server.name = "monolith"
         logs = {

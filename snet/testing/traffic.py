@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
@@ -41,8 +42,10 @@ __all__ = [
     "SEND_ROUTE",
     "ApiUser",
     "DialogTraffic",
+    "DialogUsers",
     "Outcome",
     "Pickup",
+    "api_requests",
     "compare_with_mysql",
     "instance_urls",
     "measure_pickup",
@@ -53,6 +56,7 @@ __all__ = [
     "served_sends",
     "spread",
     "stored_texts",
+    "wait_for_instances",
 ]
 
 SEND_ROUTE = "/v1/dialogs/<peer_id>/messages"
@@ -89,6 +93,25 @@ def register_user(base_url: str, name: str) -> ApiUser:
     if status != 200:
         raise RuntimeError(f"login {name}: {status} {body}")
     return ApiUser(user_id, str(body["token"]))
+
+
+@frozen
+class DialogUsers:
+    """The three users a :class:`DialogTraffic` needs, registered through one monolith."""
+
+    sender: ApiUser
+    recipient: ApiUser
+    lister: ApiUser
+
+    @classmethod
+    def register(cls, base_url: str) -> DialogUsers:
+        return cls(*(register_user(base_url, name) for name in ("Sender", "Recipient", "Lister")))
+
+    def traffic(self, base_url: str, **settings: Any) -> DialogTraffic:
+        """Traffic between them through *base_url*; *settings* as DialogTraffic takes them."""
+        return DialogTraffic(
+            base_url, sender=self.sender, recipient=self.recipient, lister=self.lister, **settings
+        )
 
 
 @frozen
@@ -338,6 +361,16 @@ def metric_value(url: str, name: str, timeout: float = 2.0, **labels: str) -> fl
     return total
 
 
+def wait_for_instances(monolith_url: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until the monolith at *monolith_url* lists *count* healthy chat instances."""
+    wait_until(
+        lambda: metric_value(monolith_url, "snet_chat_instances_healthy") == count,
+        timeout,
+        f"the monolith to list {count} chat instances",
+        interval=0.05,
+    )
+
+
 def _request_counts(chat_url: str, timeout: float) -> list[tuple[str, str, str, float]] | None:
     """(method, route, status, count) of ``snet_http_requests_total``; None if no answer."""
     try:
@@ -375,6 +408,15 @@ def served_requests(chat_url: str, timeout: float = 2.0) -> int | None:
         return None
     served = {("POST", SEND_ROUTE, "201"), ("GET", LIST_ROUTE, "200")}
     return int(sum(n for m, r, s, n in counts if (m, r, s) in served))
+
+
+def api_requests(chat_url: str, timeout: float = 2.0) -> int | None:
+    """Requests of any ``/v1`` route that reached the chat instance's HTTP layer, whatever
+    their answer (401 and 403 included), from its ``/metrics``; None if it does not answer."""
+    counts = _request_counts(chat_url, timeout)
+    if counts is None:
+        return None
+    return int(sum(n for _, route, _, n in counts if route.startswith("/v1")))
 
 
 def spread(counts: Mapping[str, int], among: Iterable[str] | None = None) -> int:

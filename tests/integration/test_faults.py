@@ -89,9 +89,12 @@ def deployment(
     chat_mysql: MariaDB,
     redis: Redis,
     monolith_args: Sequence[str] = (),
+    plaintext: bool = False,
 ) -> Iterator[Deployment]:
     chat_mysql_url = chat_mysql.create_database(_unique("faults_chat"))
-    fleet = ChatFleet(consul_url=consul_url, mysql_url=chat_mysql_url, redis_url=redis.url)
+    fleet = ChatFleet(
+        consul_url=consul_url, mysql_url=chat_mysql_url, redis_url=redis.url, plaintext=plaintext
+    )
     try:
         fleet.wait_all_passing()
         server = monolith(
@@ -100,6 +103,7 @@ def deployment(
             redis_url=redis.url.replace("/0", "/1"),
             chat_service=fleet.service,
             extra_args=monolith_args,
+            plaintext=plaintext,
         )
         with server:
             assert server.health_url is not None
@@ -243,11 +247,19 @@ def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recover
     mariadb: MariaDB, redis_server: Redis
 ) -> None:
     """While the agent is down the monolith serves from the last list; once it is back the
-    instances register again by themselves and the monolith lists and uses all three."""
+    instances register again by themselves and the monolith lists and uses all three.
+
+    In plaintext: a restarted *dev* agent is a new cluster (a new Connect CA and trust
+    domain, no intentions), which a real agent restart never is; connections made under the
+    old trust domain would get 403s. test_connect_processes covers Connect itself."""
     with (
         ConsulAgent() as consul,
         deployment(
-            consul_url=consul.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis_server
+            consul_url=consul.url,
+            server_mysql=mariadb,
+            chat_mysql=mariadb,
+            redis=redis_server,
+            plaintext=True,
         ) as running,
         running.traffic() as traffic,
     ):

@@ -8,6 +8,8 @@ import re
 import pytest
 from twisted.application.internet import TimerService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from snet.chat.registration import ChatRegistration
@@ -15,6 +17,7 @@ from snet.chat.tap import REPAIR_INTERVAL, Options, default_instance_id, makeSer
 from snet.config import ConsulConfig, MySQLConfig, RedisConfig
 from snet.lifecycle import ServingInstance, listen_interface
 from snet.testing import result_of
+from snet.testing.connect import TestCA, identified_before_listening
 
 MYSQL = "mysql://chat:secret@db.example:3307/snet"
 
@@ -133,7 +136,7 @@ def test_a_chat_instance_registers_once_serving_and_closes_consul_redis_then_mys
 
 def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_given() -> None:
     reactor = MemoryReactorClock()
-    service = make_service([], reactor)
+    service = make_service(["--insecure-plaintext"], reactor)
     service.startService()
     [(port, site, _, interface)] = reactor.tcpServers
     assert (port, site, interface) == (0, service.site, "127.0.0.1")
@@ -151,3 +154,42 @@ def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_giv
     assert result_of(stopped) is None
     assert not any(r.running for r in service.resources)
     assert reactor.getDelayedCalls() == []
+
+
+def test_by_default_it_listens_over_connect_tls_only_once_it_has_its_identity() -> None:
+    reactor = MemoryReactorClock()
+    service = make_service(["--service-name", "dialogs"], reactor)
+    watcher = identified_before_listening(service, reactor, TestCA(), 8501)
+    assert watcher.service == "dialogs"
+    [(_, factory, _, _)] = reactor.tcpServers
+    assert isinstance(factory, TLSMemoryBIOFactory)
+    assert factory.wrappedFactory is service.site
+    assert service.announce is not None
+    registration = service.announce("127.0.0.1", 9001)
+    assert isinstance(registration, ChatRegistration)
+    assert registration.instance.connect_native
+    result_of(service.stopService())
+    assert not watcher.running
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "plaintext"),
+    [
+        ([], {}, False),
+        (["--insecure-plaintext"], {}, True),
+        ([], {"SNET_INSECURE_PLAINTEXT": "1"}, True),
+        ([], {"SNET_INSECURE_PLAINTEXT": "0"}, False),
+    ],
+)
+def test_plaintext_is_only_by_the_explicit_option_or_its_variable(
+    args: list[str], environ: dict[str, str], plaintext: bool
+) -> None:
+    assert parse(["--mysql", MYSQL, *args], environ)["insecure-plaintext"] is plaintext
+
+
+def test_plaintext_logs_a_warning_at_start() -> None:
+    with capturedLogs() as events:
+        service = make_service(["--insecure-plaintext"], MemoryReactorClock())
+    assert service.prerequisites == []
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert any("--insecure-plaintext" in w for w in warnings)
