@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet.defer import (
     CancelledError,
@@ -32,6 +33,7 @@ from twisted.internet.defer import (
     inlineCallbacks,
     maybeDeferred,
 )
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -45,6 +47,8 @@ from twisted.web.server import Site
 
 from snet.retry import exponential_backoff
 from snet.web.draining import InFlight
+from snet.web.limits import LimitedSite
+from snet.web.service import ServiceApp
 
 log = Logger()
 
@@ -252,3 +256,13 @@ class ServingInstance(Service):
             except Exception:
                 log.failure("while closing {resource}", resource=resource.name)
         log.info("stopped")
+
+
+def admin_listener(options: Any, app: ServiceApp, reactor: Any) -> IService:
+    """The admin listener (``--admin-listen``) serving *app*'s operator routes: a worker of
+    the ServingInstance, so it is up before the instance registers and answers (``/metrics``
+    during the drain included) until the public listener has drained."""
+    return StreamServerEndpointService(
+        serverFromString(reactor, options["admin-listen"]),
+        LimitedSite(app.admin_resource(), options["http-limits"], reactor=reactor),
+    )

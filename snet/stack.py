@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{chat.name} ready: {chat.health_url}", file=out)
                 server.start()
                 print(f"monolith ready: http://127.0.0.1:{args.port}/", file=out)
+                print(f"metrics (admin listener): {server.admin_url}/metrics", file=out)
                 print("the stack is up; Ctrl-C stops it", file=out)
                 while server.running() and all(chat.running() for chat in chats):
                     time.sleep(0.5)

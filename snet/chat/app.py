@@ -44,7 +44,6 @@ from snet.web.service import (
     HEALTH_TIMEOUT,
     ServiceApp,
     health_response,
-    metrics_response,
     uncancellable,
 )
 
@@ -205,7 +204,3 @@ class ChatAPI(ServiceApp):
             clock=self.clock,
             version=self.version,
         )
-
-    @app.route("/metrics", methods=["GET"])
-    def metrics_text(self, request: IRequest) -> bytes:
-        return metrics_response(request, self.metrics)

@@ -28,7 +28,7 @@ from snet.connect.wiring import (
     warn_insecure_plaintext,
 )
 from snet.consul import TreqConsul
-from snet.lifecycle import ClosedOnStop, ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
 from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import mysql_pool, redis_pool
 from snet.web.draining import InFlight
@@ -92,6 +92,7 @@ class Options(ServiceOptions):
     }
     fallbacks = {
         "listen": "tcp:9001",
+        "admin-listen": "tcp:9101:interface=127.0.0.1",
         "service-name": "snet-chat",
         "deregister-grace": 0.5,
         "check-interval": 1.0,
@@ -198,7 +199,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         advertise=options["advertise-address"],
         announce=registration,
         announce_grace=options["deregister-grace"],
-        workers=[repairs.service(REPAIR_INTERVAL, reactor)],
+        workers=[repairs.service(REPAIR_INTERVAL, reactor), admin_listener(options, api, reactor)],
         prerequisites=[connect.watcher] if connect.watcher is not None else [],
         resources=[
             ClosedOnStop("consul", consul.close),

@@ -21,7 +21,7 @@ from snet.connect.wiring import (
     warn_insecure_plaintext,
 )
 from snet.consul import TreqConsul
-from snet.lifecycle import ClosedOnStop, ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
 from snet.options import ServiceOptions, positive_float, positive_int
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
@@ -105,6 +105,7 @@ class Options(ServiceOptions):
     }
     fallbacks = {
         "listen": "tcp:8080",
+        "admin-listen": "tcp:8081:interface=127.0.0.1",
         "chat-service": "snet-chat",
         "refresh-interval": 5.0,
         "chat-timeout": 2.0,
@@ -238,7 +239,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         clock=reactor,
         drain_timeout=options["drain-timeout"],
         reactor=reactor,
-        workers=[instances, FeedFanout(feed, clock=reactor)],
+        workers=[instances, FeedFanout(feed, clock=reactor), admin_listener(options, api, reactor)],
         prerequisites=[connect.watcher] if connect.watcher is not None else [],
         resources=resources,
     )

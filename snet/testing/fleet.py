@@ -110,10 +110,12 @@ class ChatFleet:
             process.wait_healthy(30)
 
     def _process(self, index: int, port: int) -> TwistdProcess:
+        admin = free_port()
         return TwistdProcess(
             "snet-chat",
             [
                 "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--admin-listen", f"tcp:{admin}:interface=127.0.0.1",
                 "--consul", self.consul_url,
                 "--service-name", self.service,
                 "--instance-id", self.instance_id(index),
@@ -122,6 +124,7 @@ class ChatFleet:
                 *self.extra_args,
             ],
             health_url=f"{self.scheme}://127.0.0.1:{port}/health",
+            admin_url=f"http://127.0.0.1:{admin}",
             name=self.instance_id(index),
             own_session=self.own_session,
         )  # fmt: skip
@@ -153,6 +156,12 @@ class ChatFleet:
         health = self.instances[index].health_url
         assert health is not None
         return health.removesuffix("/health")
+
+    def admin_url(self, index: int) -> str:
+        """Where instance *index* serves ``/metrics`` (its admin listener)."""
+        admin = self.instances[index].admin_url
+        assert admin is not None
+        return admin
 
     def consul_entries(self, passing: bool = True) -> list[dict[str, Any]]:
         query = "?passing=true" if passing else ""
@@ -215,12 +224,14 @@ def monolith(
     rather than its limits (tests/integration/test_edge.py checks those).
     """
     port = port or free_port()
+    admin = free_port()
     if not rate_limited:
         extra_args = [*UNLIMITED, *extra_args]
     return TwistdProcess(
         "snet-server",
         [
             "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--admin-listen", f"tcp:{admin}:interface=127.0.0.1",
             "--consul", consul_url,
             "--chat-service", chat_service,
             "--mysql", mysql_url,
@@ -229,6 +240,7 @@ def monolith(
             *([PLAINTEXT] if plaintext else []),
         ],
         health_url=f"http://127.0.0.1:{port}/health",
+        admin_url=f"http://127.0.0.1:{admin}",
         name=f"monolith-{port}",
         own_session=own_session,
     )  # fmt: skip

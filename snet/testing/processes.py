@@ -105,6 +105,8 @@ class TwistdProcess:
     args: Sequence[str]
     environ: Mapping[str, str] = field(factory=dict)
     health_url: str | None = None
+    admin_url: str | None = None
+    """``http://host:port`` of its admin listener (``/metrics``), if the test knows it."""
     name: str = ""
     own_session: bool = False
     """Start in a session of its own, out of reach of a terminal's Ctrl-C (see servers)."""

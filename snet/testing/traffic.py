@@ -45,9 +45,9 @@ __all__ = [
     "DialogUsers",
     "Outcome",
     "Pickup",
+    "admin_urls",
     "api_requests",
     "compare_with_mysql",
-    "instance_urls",
     "measure_pickup",
     "metric_value",
     "read_served",
@@ -361,10 +361,11 @@ def metric_value(url: str, name: str, timeout: float = 2.0, **labels: str) -> fl
     return total
 
 
-def wait_for_instances(monolith_url: str, count: int, timeout: float = 10.0) -> None:
-    """Wait until the monolith at *monolith_url* lists *count* healthy chat instances."""
+def wait_for_instances(admin_url: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until the monolith whose admin listener is *admin_url* lists *count* healthy chat
+    instances."""
     wait_until(
-        lambda: metric_value(monolith_url, "snet_chat_instances_healthy") == count,
+        lambda: metric_value(admin_url, "snet_chat_instances_healthy") == count,
         timeout,
         f"the monolith to list {count} chat instances",
         interval=0.05,
@@ -454,7 +455,7 @@ def measure_pickup(fleet: ChatFleet, *, timeout: float = 30.0, interval: float =
     port = free_port()
     process = fleet.add_instance_at(port)
     instance_id = fleet.instance_id(len(fleet.instances) - 1)
-    url = f"http://127.0.0.1:{port}"
+    url = fleet.admin_url(len(fleet.instances) - 1)
     started = time.monotonic()
     process.start(ready_timeout=None)
 
@@ -475,9 +476,9 @@ def measure_pickup(fleet: ChatFleet, *, timeout: float = 30.0, interval: float =
     return Pickup(instance_id, url, started, passing_at, first)
 
 
-def instance_urls(fleet: ChatFleet) -> dict[str, str]:
-    """Instance id -> base URL, for every instance the fleet started."""
-    return {fleet.instance_id(i): fleet.url(i) for i in range(len(fleet.instances))}
+def admin_urls(fleet: ChatFleet) -> dict[str, str]:
+    """Instance id -> admin listener URL (its ``/metrics``), for every instance started."""
+    return {fleet.instance_id(i): fleet.admin_url(i) for i in range(len(fleet.instances))}
 
 
 def read_served(urls: Mapping[str, str], ids: Sequence[str] | None = None) -> dict[str, int]:

@@ -49,6 +49,12 @@ class Deployment:
         return self.users.sender
 
     @property
+    def admin(self) -> str:
+        """The monolith's admin listener (its /metrics)."""
+        assert self.server.admin_url is not None
+        return self.server.admin_url
+
+    @property
     def recipient(self) -> ApiUser:
         return self.users.recipient
 
@@ -74,7 +80,8 @@ def deployment(mariadb: MariaDB, redis_server: Redis) -> Iterator[Deployment]:
                 chat_service=fleet.service,
             ) as server:
                 base = server.base_url
-                wait_for_instances(base, 2)
+                assert server.admin_url is not None
+                wait_for_instances(server.admin_url, 2)
                 yield Deployment(
                     agent,
                     fleet,
@@ -159,7 +166,8 @@ def test_a_tls_call_without_a_client_certificate_gets_401_but_health_answers(
     assert "WWW-Authenticate" not in got
     assert "messages" not in body
     assert http_get(f"{url}/health")[0] == 200
-    assert http_get(f"{url}/metrics")[0] == 200
+    assert http_get(f"{url}/metrics")[0] == 404, "metrics are on the admin listener only"
+    assert http_get(f"{d.fleet.admin_url(0)}/metrics")[0] == 200
 
 
 def test_a_valid_certificate_of_another_service_gets_403(deployment: Deployment) -> None:
@@ -191,17 +199,19 @@ def test_a_rogue_instance_under_the_chat_name_gets_no_request_and_clients_see_no
     """A real chat process with a valid certificate of another service (``intruder``),
     registered in Consul under the chat service's name and passing its check."""
     d = deployment
-    port = free_port()
+    port, admin = free_port(), free_port()
     rogue = TwistdProcess(
         "snet-chat",
         [
             "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--admin-listen", f"tcp:{admin}:interface=127.0.0.1",
             "--consul", d.agent.url,
             "--service-name", "intruder",
             "--mysql", d.chat_mysql_url,
             "--redis", d.redis_url,
         ],
         health_url=f"https://127.0.0.1:{port}/health",
+        admin_url=f"http://127.0.0.1:{admin}",
         name="rogue",
     )  # fmt: skip
     rogue_id = f"{d.fleet.service}-rogue"
@@ -228,7 +238,7 @@ def test_a_rogue_instance_under_the_chat_name_gets_no_request_and_clients_see_no
 
             def identity_failures() -> float:
                 value = metric_value(
-                    d.base,
+                    d.admin,
                     "snet_chat_request_failures_total",
                     instance=rogue_id,
                     reason="identity",
@@ -240,9 +250,10 @@ def test_a_rogue_instance_under_the_chat_name_gets_no_request_and_clients_see_no
             traffic.wait_for(60, since=since)
         finally:
             d.agent.api("PUT", f"/v1/agent/service/deregister/{rogue_id}")
-        assert api_requests(rogue.base_url) == 0
+        assert rogue.admin_url is not None
+        assert api_requests(rogue.admin_url) == 0
     assert traffic.failures() == []
-    ejections = metric_value(d.base, "snet_chat_ejections_total", instance=rogue_id)
+    ejections = metric_value(d.admin, "snet_chat_ejections_total", instance=rogue_id)
     assert ejections is not None and ejections >= 1
     log = d.server.log_path.read_text(errors="replace")
     assert "svc/intruder" in log and rogue_id in log

@@ -27,8 +27,8 @@ from snet.testing.traffic import (
     ApiUser,
     DialogTraffic,
     Outcome,
+    admin_urls,
     compare_with_mysql,
-    instance_urls,
     metric_value,
     register_user,
     served_sends,
@@ -61,10 +61,11 @@ class Deployment:
         )
 
     def metric(self, name: str, **labels: str) -> float | None:
-        return metric_value(self.base, name, **labels)
+        assert self.server.admin_url is not None
+        return metric_value(self.server.admin_url, name, **labels)
 
     def sends_served(self) -> dict[str, int | None]:
-        return {i: served_sends(url, timeout=1.0) for i, url in instance_urls(self.fleet).items()}
+        return {i: served_sends(url, timeout=1.0) for i, url in admin_urls(self.fleet).items()}
 
     def wait_all_serve_again(self, since: dict[str, int | None], timeout: float) -> float:
         """Wait until every running instance served more sends than in *since*; the time."""
@@ -109,7 +110,7 @@ def deployment(
             assert server.health_url is not None
             base = server.health_url.removesuffix("/health")
             wait_until(
-                lambda: base_metric(base, "snet_chat_instances_healthy") == 3,
+                lambda: base_metric(server, "snet_chat_instances_healthy") == 3,
                 10,
                 "the monolith to list three instances",
                 interval=0.05,
@@ -127,8 +128,9 @@ def deployment(
         fleet.stop()
 
 
-def base_metric(base: str, name: str) -> float | None:
-    return metric_value(base, name)
+def base_metric(server: TwistdProcess, name: str) -> float | None:
+    assert server.admin_url is not None
+    return metric_value(server.admin_url, name)
 
 
 @pytest.fixture
@@ -227,7 +229,8 @@ def test_sigstop_ejects_the_instance_after_bounded_failures_and_sigcont_brings_i
         back = wait_until(
             timed(
                 lambda: (
-                    (served_sends(shared.fleet.url(0), timeout=1.0) or 0) > (before[victim_id] or 0)
+                    (served_sends(shared.fleet.admin_url(0), timeout=1.0) or 0)
+                    > (before[victim_id] or 0)
                 )
             ),
             15,

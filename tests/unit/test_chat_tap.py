@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from twisted.application.internet import TimerService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -122,8 +122,9 @@ def test_a_chat_instance_registers_once_serving_and_closes_consul_redis_then_mys
     reactor = MemoryReactorClock()
     service = make_service(["--deregister-grace", "0.25", "--advertise", "10.0.0.5:9100"], reactor)
     assert service.clock is reactor
-    [repairs] = service.workers
+    repairs, admin = service.workers
     assert isinstance(repairs, TimerService)
+    assert isinstance(admin, StreamServerEndpointService)
     assert (repairs.step, repairs.clock) == (REPAIR_INTERVAL, reactor)
     assert [r.name for r in service.resources] == ["consul", "redis", "mysql"]
     assert (service.advertise, service.announce_grace) == (("10.0.0.5", 9100), 0.25)

@@ -3,6 +3,7 @@ given (a memory reactor here: nothing listens or connects for real)."""
 
 from __future__ import annotations
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
@@ -38,7 +39,8 @@ def test_the_monolith_discovers_chat_in_consul_and_closes_consul_http_redis_then
     reactor = MemoryReactorClock()
     service = make_service([], reactor)
     assert service.clock is reactor
-    discovery, fanout = service.workers
+    discovery, fanout, admin = service.workers
+    assert isinstance(admin, StreamServerEndpointService)
     assert isinstance(discovery, HealthyInstances)
     assert isinstance(fanout, FeedFanout)
     assert fanout.clock is reactor
@@ -110,3 +112,11 @@ def test_plaintext_can_come_from_the_environment() -> None:
     options = Options(environ={**ENVIRON, "SNET_INSECURE_PLAINTEXT": "true"})
     options.parseOptions([])
     assert options["insecure-plaintext"] is True
+
+
+def test_the_admin_listener_is_on_127_0_0_1_unless_the_operator_says_otherwise() -> None:
+    default, given = Options(environ=ENVIRON), Options(environ=ENVIRON)
+    default.parseOptions([])
+    given.parseOptions(["--admin-listen", "tcp:9090"])
+    assert default["admin-listen"] == "tcp:8081:interface=127.0.0.1"
+    assert given["admin-listen"] == "tcp:9090"
