@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         chats = [fleet.add_instance_at(port) for port in ports]
         server = monolith(
             rate_limited=True,
+            admin_port=args.port + 1,
             consul_url=consul.url,
             mysql_url=server_mysql_url,
             redis_url=redis.url.replace("/0", "/1"),

@@ -215,6 +215,7 @@ def monolith(
     own_session: bool = False,
     rate_limited: bool = False,
     plaintext: bool = False,
+    admin_port: int | None = None,
 ) -> TwistdProcess:
     """A ``twistd -n snet-server`` process (not started yet) discovering *chat_service*,
     calling it over Connect as ``snet-server`` unless *plaintext*.
@@ -224,7 +225,7 @@ def monolith(
     rather than its limits (tests/integration/test_edge.py checks those).
     """
     port = port or free_port()
-    admin = free_port()
+    admin = admin_port or free_port()
     if not rate_limited:
         extra_args = [*UNLIMITED, *extra_args]
     return TwistdProcess(
