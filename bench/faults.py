@@ -59,8 +59,8 @@ from snet.testing.processes import TwistdProcess, http_get
 from snet.testing.servers import ConsulAgent, MariaDB, Redis, free_ports
 from snet.testing.traffic import (
     DialogTraffic,
+    admin_urls,
     compare_with_mysql,
-    instance_urls,
     measure_pickup,
     metric_value,
     read_served,
@@ -205,8 +205,13 @@ def deployment(
     """A fresh fleet and monolith (and HAProxy), and traffic ready to start."""
     tag = uuid.uuid4().hex[:8]
     chat_mysql = servers.mariadb.create_database(f"bench_chat_{tag}")
+    # HAProxy checks and forwards plain HTTP: that mode runs both ends in plaintext.
+    plaintext = mode == "haproxy"
     fleet = ChatFleet(
-        consul_url=servers.consul.url, mysql_url=chat_mysql, redis_url=servers.redis.url
+        consul_url=servers.consul.url,
+        mysql_url=chat_mysql,
+        redis_url=servers.redis.url,
+        plaintext=plaintext,
     )
     haproxy: HAProxy | None = None
     server: TwistdProcess | None = None
@@ -231,12 +236,13 @@ def deployment(
             redis_url=servers.redis.url.replace("/0", "/1"),
             chat_service=fleet.service,
             extra_args=extra,
+            plaintext=plaintext,
         ).start()
         assert server.health_url is not None
         base = server.health_url.removesuffix("/health")
         if mode == "snet":
             wait_until(
-                lambda: metric_value(base, "snet_chat_instances_healthy") == 3,
+                lambda: metric_value(server.admin_url or "", "snet_chat_instances_healthy") == 3,
                 10,
                 "list",
                 interval=0.05,
@@ -262,7 +268,7 @@ def run(servers: Servers, scenario: str, mode: str, args: argparse.Namespace) ->
     result = Result(scenario, mode)
     budget = args.before + args.after + max(args.down, args.freeze) + 30
     with deployment(servers, mode, args.clients, budget) as (fleet, _, traffic, chat_mysql):
-        urls = instance_urls(fleet)
+        urls = admin_urls(fleet)
         original = sorted(urls)
         victim = original[0]
         result.steady = original[1:] if scenario in ("sigterm", "sigkill", "sigstop") else original
@@ -309,7 +315,7 @@ def run(servers: Servers, scenario: str, mode: str, args: argparse.Namespace) ->
             elif scenario == "new":
                 pickup = measure_pickup(fleet, timeout=30)
                 result.in_use = pickup.seconds_to_first_request
-                urls = instance_urls(fleet)
+                urls = admin_urls(fleet)
                 time.sleep(max(0.0, fault + args.after - time.monotonic()))
         finally:
             traffic.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import sys
 import threading
 import time
@@ -46,8 +47,12 @@ def run_load(
     concurrency: int,
     ok: frozenset[int] = frozenset({200, 201}),
     label: str = "",
+    tls: ssl.SSLContext | None = None,
 ) -> LoadResult:
-    """Send *total* requests to *base* from *concurrency* workers; make_request(worker, n)."""
+    """Send *total* requests to *base* from *concurrency* workers; make_request(worker, n).
+
+    An ``https://`` *base* is called with *tls* (a Connect client certificate, for a chat
+    instance's ``/v1`` routes)."""
     parts = urlsplit(base)
     assert parts.hostname == "127.0.0.1", "benchmarks only talk to this machine"
     result = LoadResult()
@@ -58,7 +63,11 @@ def run_load(
     done = [0]
 
     def worker(index: int) -> None:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        connection = (
+            http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30, context=tls)
+            if parts.scheme == "https"
+            else http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        )
         for n in range(per_worker[index]):
             method, path, body, headers = make_request(index, n)
             started = time.perf_counter()

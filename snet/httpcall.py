@@ -33,6 +33,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
+    BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     RequestTransmissionFailed,
     ResponseDone,
@@ -40,7 +41,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
 __all__ = [
     "WRAPPED",
@@ -78,20 +79,30 @@ class PooledHTTPClient(treq.client.HTTPClient):
 
 
 def pooled_http_client(
-    reactor: Any, *, connect_timeout: float, max_per_host: int | None = None
+    reactor: Any,
+    *,
+    connect_timeout: float,
+    max_per_host: int | None = None,
+    tls: IPolicyForHTTPS | None = None,
 ) -> PooledHTTPClient:
     """A treq client that keeps its connections alive and bounds connecting.
 
     The pool is persistent (at most *max_per_host* idle connections per host; Twisted's
     default of 2 when not given) and retries a request once on a fresh connection when a
     pooled one turns out to be closed; a connection attempt gives up after *connect_timeout*
-    seconds. *reactor* provides ``IReactorTCP`` and ``IReactorTime``.
+    seconds. *reactor* provides ``IReactorTCP`` and ``IReactorTime``. *tls* is the policy for
+    ``https://`` URLs (Twisted's default, web PKI with host names, when not given).
     """
     pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
     if max_per_host is not None:
         pool.maxPersistentPerHost = max_per_host
     pool.retryAutomatically = True
-    agent = Agent(reactor, connectTimeout=connect_timeout, pool=pool)  # type: ignore[no-untyped-call]
+    agent = Agent(  # type: ignore[no-untyped-call]
+        reactor,
+        contextFactory=tls or BrowserLikePolicyForHTTPS(),  # type: ignore[no-untyped-call]
+        connectTimeout=connect_timeout,
+        pool=pool,
+    )
     return PooledHTTPClient(agent, pool)
 
 

@@ -3,26 +3,37 @@
 Order matters both ways, so ``ServingInstance`` chains its steps itself instead of relying on
 a ``MultiService`` (which starts and stops its children concurrently):
 
-start: start the resources (pools and clients, open from construction on) -> listen ->
-       apply the schema (retrying while MySQL is away) -> start the workers (discovery,
-       feed fan-out) -> announce (register with Consul)
+start: start the resources (pools and clients, open from construction on) -> start the
+       prerequisites and wait until each is ready (the Connect identity: an instance serves
+       TLS and calls its peers only with a certificate) -> listen -> apply the schema
+       (retrying while MySQL is away) -> start the workers (discovery, feed fan-out) ->
+       announce (register with Consul)
 stop:  withdraw the announcement (deregister) -> grace for watchers -> stop listening ->
-       drain in-flight requests -> stop the workers -> stop the resources one after
-       another, in the order given (the taps give: Consul client, chat HTTP client, Redis
-       pool, MySQL pool), each closing its pool or client
+       drain in-flight requests -> stop the workers and the prerequisites -> stop the
+       resources one after another, in the order given (the taps give: Consul client, chat
+       HTTP client, Redis pool, MySQL pool), each closing its pool or client
 
 A resource is a ``ClosedOnStop`` service: its ``stopService`` closes the pool or client and
-returns the Deferred that fires once it is closed.
+returns the Deferred that fires once it is closed. A prerequisite is a service with a
+``ready()`` method (:class:`Prerequisite`), such as ``snet.connect.CertificateWatcher``.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+)
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -36,6 +47,8 @@ from twisted.web.server import Site
 
 from snet.retry import exponential_backoff
 from snet.web.draining import InFlight
+from snet.web.limits import LimitedSite
+from snet.web.service import ServiceApp
 
 log = Logger()
 
@@ -55,6 +68,19 @@ def host_address() -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+class Prerequisite(Protocol):
+    """A service the instance needs before it listens: ``ready()`` fires once it is."""
+
+    running: bool | int
+
+    def startService(self) -> None: ...
+
+    def stopService(self) -> Deferred[Any] | None: ...
+
+    def ready(self) -> Deferred[Any]:
+        """Fires once the service can be used (at once if it already can)."""
 
 
 class ClosedOnStop(Service):
@@ -88,6 +114,7 @@ class ServingInstance(Service):
         announce_grace: float = 0.0,
         workers: Sequence[IService] = (),
         resources: Sequence[IService] = (),
+        prerequisites: Sequence[Prerequisite] = (),
         schema_retry_delay: Callable[[int], float] | None = None,
         reactor: IReactorCore | None = None,
     ) -> None:
@@ -104,11 +131,13 @@ class ServingInstance(Service):
         self.announce_grace = announce_grace
         self.workers = list(workers)
         self.resources = list(resources)
+        self.prerequisites = list(prerequisites)
         self.schema_retry_delay = schema_retry_delay or exponential_backoff()
         self._reactor = reactor
         self.port: IListeningPort | None = None
         self.announcement: IService | None = None
         self._workers_started = False
+        self._waiting: Deferred[Any] | None = None
         self._starting: Deferred[None] | None = None
         self._retry: IDelayedCall | None = None
         self._stopping = False
@@ -122,6 +151,20 @@ class ServingInstance(Service):
 
     @inlineCallbacks
     def _start(self) -> Any:
+        for prerequisite in self.prerequisites:
+            prerequisite.startService()
+        for prerequisite in self.prerequisites:
+            self._waiting = prerequisite.ready()
+            try:
+                yield self._waiting
+            except CancelledError:
+                if self._stopping:
+                    return
+                raise
+            finally:
+                self._waiting = None
+        if self._stopping:
+            return
         self.port = yield self.endpoint.listen(self.site)
         assert self.port is not None
         bound: Any = self.port.getHost()
@@ -185,6 +228,8 @@ class ServingInstance(Service):
         self._stopping = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
         return self._stop()
 
     @inlineCallbacks
@@ -200,11 +245,24 @@ class ServingInstance(Service):
         remaining = yield self.in_flight.drained(self.drain_timeout, self.clock)
         if remaining:
             log.warn("drain timeout: {count} requests still in flight", count=remaining)
-        if self._workers_started:
-            yield gatherResults([maybeDeferred(w.stopService) for w in self.workers])
+        stopping = [w for w in self.workers if self._workers_started] + [
+            p for p in self.prerequisites if p.running
+        ]
+        if stopping:
+            yield gatherResults([maybeDeferred(s.stopService) for s in stopping])
         for resource in self.resources:
             try:
                 yield maybeDeferred(resource.stopService)
             except Exception:
                 log.failure("while closing {resource}", resource=resource.name)
         log.info("stopped")
+
+
+def admin_listener(options: Any, app: ServiceApp, reactor: Any) -> IService:
+    """The admin listener (``--admin-listen``) serving *app*'s operator routes: a worker of
+    the ServingInstance, so it is up before the instance registers and answers (``/metrics``
+    during the drain included) until the public listener has drained."""
+    return StreamServerEndpointService(
+        serverFromString(reactor, options["admin-listen"]),
+        LimitedSite(app.admin_resource(), options["http-limits"], reactor=reactor),
+    )

@@ -108,6 +108,14 @@ class ServiceOptions(EnvironmentOptions):
     optParameters = [
         ["listen", None, None, "Endpoint string to listen on.", str],
         [
+            "admin-listen",
+            None,
+            None,
+            "Endpoint string of the admin listener (/metrics, /health; operators only; on"
+            " 127.0.0.1 by default).",
+            str,
+        ],
+        [
             "consul",
             None,
             None,
@@ -189,6 +197,7 @@ class ServiceOptions(EnvironmentOptions):
     ]
     environment = {
         "listen": "SNET_LISTEN",
+        "admin-listen": "SNET_ADMIN_LISTEN",
         "consul": "CONSUL_HTTP_ADDR",
         "mysql": "SNET_MYSQL",
         "mysql-password-file": "SNET_MYSQL_PASSWORD_FILE",

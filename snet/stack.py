@@ -5,6 +5,11 @@ their real binaries), then N ``twistd -n snet-chat`` instances and the monolith
 (``twistd -n snet-server``), and follows every log in one terminal with a prefix per process.
 Ctrl-C stops the monolith and the chat instances (each deregisters and drains first), then
 the servers.
+
+Like a deployment, it speaks Consul Connect (docs/trust.md): it creates the intentions
+``* -> snet-chat`` deny and ``snet-server -> snet-chat`` allow, the chat instances serve
+TLS only and the monolith calls them as ``snet-server``; ``--insecure-plaintext`` runs both
+in plain HTTP instead.
 """
 
 from __future__ import annotations
@@ -61,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         "--chat-port", type=int, default=9001, help="first chat port (default 9001; 0: any free)"
     )
     parser.add_argument("--port", type=int, default=8080, help="the monolith's port (default 8080)")
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="run the monolith and the chat instances without Connect (plain HTTP)",
+    )
     args = parser.parse_args(argv)
     out = sys.stdout
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -86,16 +96,25 @@ def main(argv: list[str] | None = None) -> int:
             count=0,
             service="snet-chat",
             own_session=True,
+            plaintext=args.insecure_plaintext,
         )
+        if fleet.intentions:
+            print(f"intentions  {'; '.join(fleet.intentions)}", file=out)
+        else:
+            print(
+                "plaintext  no Connect: any process that reaches a chat port is trusted", file=out
+            )
         chats = [fleet.add_instance_at(port) for port in ports]
         server = monolith(
             rate_limited=True,
+            admin_port=args.port + 1,
             consul_url=consul.url,
             mysql_url=server_mysql_url,
             redis_url=redis.url.replace("/0", "/1"),
             chat_service=fleet.service,
             port=args.port,
             own_session=True,
+            plaintext=args.insecure_plaintext,
         )
         server.name = "monolith"
         logs = {
@@ -112,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{chat.name} ready: {chat.health_url}", file=out)
                 server.start()
                 print(f"monolith ready: http://127.0.0.1:{args.port}/", file=out)
+                print(f"metrics (admin listener): {server.admin_url}/metrics", file=out)
                 print("the stack is up; Ctrl-C stops it", file=out)
                 while server.running() and all(chat.running() for chat in chats):
                     time.sleep(0.5)

@@ -2,7 +2,11 @@
 health and metrics. docs/chat-api.md describes it for its callers.
 
 The acting user comes in ``X-Snet-User-Id`` (set by the monolith, which authenticates the
-client); every error is a JSON body ``{"message", "request_id", "code"}`` (see snet.web.errors).
+client). Only the monolith may say so: with an *authorizer* (Connect, the default wiring),
+every ``/v1`` route first requires a verified Connect client certificate whose service
+Consul's intentions allow (401 without one, 403 when not allowed; docs/trust.md), while
+``/health`` and ``/metrics`` stay open to any TLS client (Consul's check). Every error is
+a JSON body ``{"message", "request_id", "code"}`` (see snet.web.errors).
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ from snet.chat_contract import (
     validate_idempotency_key,
     validate_message_text,
 )
+from snet.connect import ConnectAuthorizer
 from snet.web.draining import InFlight
 from snet.web.errors import (
     BadRequest,
+    ClientCertificateRequired,
     Conflict,
     DomainErrors,
     ErrorCode,
+    Forbidden,
     error_response,
 )
 from snet.web.inputs import parse_id, query_arg, read_json_object
@@ -37,7 +44,6 @@ from snet.web.service import (
     HEALTH_TIMEOUT,
     ServiceApp,
     health_response,
-    metrics_response,
     uncancellable,
 )
 
@@ -89,7 +95,9 @@ class ChatAPI(ServiceApp):
         version: str,
         clock: IReactorTime | None = None,
         health_timeout: float = HEALTH_TIMEOUT,
+        authorizer: ConnectAuthorizer | None = None,
     ) -> None:
+        """Without an *authorizer* (``--insecure-plaintext``) every caller is trusted."""
         super().__init__(
             in_flight=in_flight,
             metrics=metrics,
@@ -98,6 +106,20 @@ class ChatAPI(ServiceApp):
             health_timeout=health_timeout,
         )
         self.dialogs = dialogs
+        self.authorizer = authorizer
+
+    async def authorized(self, request: IRequest) -> None:
+        """Raise unless the caller may use the ``/v1`` routes (see the module docstring)."""
+        if self.authorizer is None:
+            return
+        decision = await self.authorizer.check_request(request)
+        if decision.allowed:
+            return
+        if decision.status == 401:
+            raise ClientCertificateRequired(
+                f"a Connect client certificate is required: {decision.reason}"
+            )
+        raise Forbidden(f"{decision.caller} may not call this service: {decision.reason}")
 
     @app.handle_errors(Exception)
     def _error(self, request: IRequest, failure: Failure) -> bytes:
@@ -105,6 +127,7 @@ class ChatAPI(ServiceApp):
 
     @app.route("/v1/dialogs/<peer_id>/messages", methods=["POST"])
     async def send_message(self, request: IRequest, peer_id: str) -> bytes:
+        await self.authorized(request)
         user_id = acting_user(request)
         peer = parse_id(peer_id, "peer_id")
         if peer == user_id:
@@ -129,6 +152,7 @@ class ChatAPI(ServiceApp):
 
     @app.route("/v1/dialogs/<peer_id>/messages", methods=["GET"])
     async def list_messages(self, request: IRequest, peer_id: str) -> bytes:
+        await self.authorized(request)
         user_id = acting_user(request)
         peer = parse_id(peer_id, "peer_id")
         if peer == user_id:
@@ -150,6 +174,7 @@ class ChatAPI(ServiceApp):
 
     @app.route("/v1/unread", methods=["GET"])
     async def unread(self, request: IRequest) -> bytes:
+        await self.authorized(request)
         user_id = acting_user(request)
         counts = await self.dialogs.unread_counts(user_id, request_id=request_id(request))
         return json_response(
@@ -164,6 +189,7 @@ class ChatAPI(ServiceApp):
 
     @app.route("/v1/unread/rebuild", methods=["POST"])
     async def rebuild_unread(self, request: IRequest) -> bytes:
+        await self.authorized(request)
         acting_user(request)
         readers = await uncancellable(Deferred.fromCoroutine(self.dialogs.rebuild_unread()))
         return json_response(request, {"readers": readers})
@@ -178,7 +204,3 @@ class ChatAPI(ServiceApp):
             clock=self.clock,
             version=self.version,
         )
-
-    @app.route("/metrics", methods=["GET"])
-    def metrics_text(self, request: IRequest) -> bytes:
-        return metrics_response(request, self.metrics)

@@ -44,14 +44,35 @@ class ServiceInstance:
     """Seconds the health check waits for ``/health`` to answer."""
     deregister_critical_after: float = 60.0
     """Seconds after which Consul removes an instance whose check stays critical."""
+    connect_native: bool = False
+    """Whether the instance serves Connect TLS itself: it registers as Connect-native
+    (``Connect: {Native: true}``) and its check calls ``https://`` without verifying the
+    certificate (``TLSSkipVerify``: the agent is no Connect client; ``/health`` tells
+    nothing)."""
 
     def check_url(self) -> str:
-        """The URL Consul's HTTP check calls: ``http://address:port/health``."""
+        """The URL Consul's HTTP check calls: ``http(s)://address:port/health``."""
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}/health"
+        scheme = "https" if self.connect_native else "http"
+        return f"{scheme}://{host}:{self.port}/health"
 
     def registration(self) -> dict[str, Any]:
         """The keyword arguments of py-consul's ``agent.service.register`` for this instance."""
+        check = consul.Check.http(
+            self.check_url(),
+            consul_duration(self.check_interval),
+            timeout=consul_duration(self.check_timeout),
+            deregister=consul_duration(self.deregister_critical_after),
+        )
+        if not self.connect_native:
+            return {**self._common(), "check": check}
+        return {
+            **self._common(),
+            "check": {**check, "TLSSkipVerify": True},
+            "connect": {"Native": True},
+        }
+
+    def _common(self) -> dict[str, Any]:
         return {
             "name": self.service_name,
             "service_id": self.instance_id,
@@ -59,12 +80,6 @@ class ServiceInstance:
             "port": self.port,
             "tags": [*self.tags, f"version={self.version}"],
             "meta": {"version": self.version},
-            "check": consul.Check.http(
-                self.check_url(),
-                consul_duration(self.check_interval),
-                timeout=consul_duration(self.check_timeout),
-                deregister=consul_duration(self.deregister_critical_after),
-            ),
         }
 
 

@@ -9,8 +9,15 @@ the status to answer):
   certificate's URI is not a Connect service id;
 - **403** when the id is from another trust domain, when Consul says no
   (``POST /v1/agent/connect/authorize`` answers ``Authorized: false``), and when Consul
-  cannot be asked or answers nonsense: the rule is *denied on any error*;
+  cannot be asked or answers nonsense: the rule is *denied on any error*, with one
+  exception below;
 - **200** (allowed) only on Consul's explicit yes.
+
+**Stale if error.** When Consul cannot answer for a caller it answered less than
+``stale_if_error`` seconds ago (60 s by default), that last answer stands, as the agent's own
+cache and Consul's proxies do: an agent restart (seconds) must not cut the monolith off every
+chat instance. A caller never seen, or seen longer ago, is denied. So a revoked intention
+lets a known caller in for at most ``ttl`` + ``stale_if_error`` while the agent is down.
 
 Answers (yes and no) are cached for ``ttl`` seconds per (SPIFFE id, serial), which Consul's
 documentation allows for this endpoint. The default of 3 s keeps the cost of authorizing off
@@ -36,12 +43,15 @@ from snet.connect.identity import IdentitySource, SpiffeServiceId
 from snet.connect.tls import PeerIdentity, peer_identity
 from snet.consul import TreqConsul
 
-__all__ = ["DEFAULT_AUTHORIZE_TTL", "ConnectAuthorizer", "Decision"]
+__all__ = ["DEFAULT_AUTHORIZE_TTL", "DEFAULT_STALE_IF_ERROR", "ConnectAuthorizer", "Decision"]
 
 log = Logger()
 
 DEFAULT_AUTHORIZE_TTL = 3.0
 """Seconds an answer of Consul's authorize endpoint is reused (see the module docstring)."""
+
+DEFAULT_STALE_IF_ERROR = 60.0
+"""Seconds an answer may still stand while Consul cannot answer (see the module docstring)."""
 
 
 @frozen
@@ -74,7 +84,8 @@ class ConnectAuthorizer:
     """Asks the local agent whether callers may call *target*, caching its answers.
 
     ``hits`` and ``misses`` count cache lookups (a lookup that joins a call in flight counts
-    as a hit), ``errors`` the calls that failed and so denied.
+    as a hit), ``errors`` the calls that failed (and so denied, or answered stale: ``stale``
+    counts those).
     """
 
     def __init__(
@@ -85,12 +96,15 @@ class ConnectAuthorizer:
         source: IdentitySource,
         clock: IReactorTime,
         ttl: float = DEFAULT_AUTHORIZE_TTL,
+        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
         max_entries: int = 4096,
     ) -> None:
         """
         :param target: the service callers want to reach (Consul's ``Target``).
         :param source: this service's identity: callers from another trust domain are
             refused without asking Consul.
+        :param stale_if_error: seconds after Consul's answer that it still stands when Consul
+            cannot be asked again (0: never).
         :param max_entries: at most this many answers are cached (expired ones go first).
         """
         self._consul = consul
@@ -98,12 +112,15 @@ class ConnectAuthorizer:
         self._source = source
         self._clock = clock
         self.ttl = ttl
+        self.stale_if_error = stale_if_error
         self._max_entries = max_entries
         self._cache: dict[_Key, tuple[float, Decision]] = {}
+        """key -> (when Consul answered, its decision)"""
         self._pending: dict[_Key, list[Deferred[Decision]]] = {}
         self.hits = 0
         self.misses = 0
         self.errors = 0
+        self.stale = 0
 
     def check_request(self, request: object) -> Deferred[Decision]:
         """The decision for an HTTP request (anything with a ``transport``)."""
@@ -128,7 +145,7 @@ class ConnectAuthorizer:
         key = (client_uri, serial)
         now = self._clock.seconds()
         cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] + self.ttl > now:
             self.hits += 1
             return succeed(cached[1])
         waiting = self._pending.get(key)
@@ -155,15 +172,7 @@ class ConnectAuthorizer:
         client_uri = key[0]
         decision: Decision
         if isinstance(answer, Failure):
-            self.errors += 1
-            decision = Decision.forbidden(
-                client_uri, f"consul could not authorize: {answer.getErrorMessage()}"
-            )
-            log.warn(
-                "denying {caller}: consul could not authorize it: {error}",
-                caller=client_uri,
-                error=answer.getErrorMessage(),
-            )
+            decision = self._failed(key, f"consul could not authorize: {answer.getErrorMessage()}")
         elif isinstance(answer, dict) and isinstance(answer.get("Authorized"), bool):
             reason = str(answer.get("Reason", ""))
             if answer["Authorized"]:
@@ -172,18 +181,37 @@ class ConnectAuthorizer:
                 decision = Decision.forbidden(client_uri, reason)
             self._remember(key, decision)
         else:
-            self.errors += 1
-            decision = Decision.forbidden(client_uri, f"consul answered {answer!r}")
+            decision = self._failed(key, f"consul answered {answer!r}"[:200])
         for d in self._pending.pop(key, []):
             d.callback(decision)
+
+    def _failed(self, key: _Key, why: str) -> Decision:
+        """The decision when Consul could not answer: its last answer if recent enough."""
+        self.errors += 1
+        client_uri = key[0]
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] + self.stale_if_error > self._clock.seconds():
+            self.stale += 1
+            log.warn(
+                "{caller}: {why}; its answer of {age:.1f}s ago stands ({decision})",
+                caller=client_uri,
+                why=why,
+                age=self._clock.seconds() - cached[0],
+                decision="allowed" if cached[1].allowed else "denied",
+            )
+            return cached[1]
+        log.warn("denying {caller}: {why}", caller=client_uri, why=why)
+        return Decision.forbidden(client_uri, why)
 
     def _remember(self, key: _Key, decision: Decision) -> None:
         now = self._clock.seconds()
         if len(self._cache) >= self._max_entries:
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            keep = max(self.ttl, self.stale_if_error)
+            self._cache = {k: v for k, v in self._cache.items() if v[0] + keep > now}
             while len(self._cache) >= self._max_entries:
                 del self._cache[next(iter(self._cache))]
-        self._cache[key] = (now + self.ttl, decision)
+        self._cache.pop(key, None)  # re-inserted last: the oldest answers go first
+        self._cache[key] = (now, decision)
 
     def hit_rate(self) -> float:
         """The share of lookups answered without a call of their own (0 before any)."""

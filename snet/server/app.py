@@ -74,7 +74,6 @@ from snet.web.service import (
     HEALTH_TIMEOUT,
     ServiceApp,
     health_response,
-    metrics_response,
     uncancellable,
 )
 
@@ -373,7 +372,3 @@ class ServerAPI(ServiceApp):
     @app.route("/openapi.json", methods=["GET"])
     def openapi_document(self, request: IRequest) -> bytes:
         return openapi_response(request)
-
-    @app.route("/metrics", methods=["GET"])
-    def metrics_text(self, request: IRequest) -> bytes:
-        return metrics_response(request, self.metrics)

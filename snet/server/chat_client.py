@@ -6,11 +6,16 @@
 key. Every attempt's outcome goes to the balancer's passive health (``snet.server.ejection``),
 which ejects instances that keep failing. What happens when an attempt goes wrong:
 
-- **Not reached** (connection refused, connect timeout, no route, DNS): the request never
-  left, so it goes to the next instance at once, sends included. Such skips are free: they
+- **Not reached** (connection refused, connect timeout, no route, DNS, and with Connect an
+  instance whose certificate is not the chat service's: ``identity``, the TLS handshake
+  fails before any request byte is sent): the request never left, so it goes to the next
+  instance at once, sends included. Such skips are free: they
   count neither as attempts (``max_attempts``) nor against the retry budget, since no chat
   process did any work (a refusing instance is also ejected at once, so they stay rare);
-  each instance is still tried at most once per call, and the deadline bounds them.
+  each instance is still tried at most once per call, and the deadline bounds them. An
+  ``identity`` failure ejects the instance at once too, and is logged with the SPIFFE id it
+  presented; ``no_identity`` (this process has no certificate yet) is not held against the
+  instance.
 - **Reached but failed** (no full answer within the attempt's timeout, the connection lost
   mid-request, a 5xx, a body that is not JSON): retried on another instance. That is safe
   for every call this client makes: lists and unread reads change nothing a repeat would
@@ -55,8 +60,9 @@ from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
+from snet.connect import NoConnectIdentity, PeerIdentityError, identity_failure
 from snet.httpcall import (
     WRAPPED,
     BodyTooLarge,
@@ -91,7 +97,7 @@ of 4096 characters is well under it)."""
 # The connection was there, then was lost before the whole answer came.
 _LOST = (ConnectionLost, ConnectionDone, *WRAPPED)
 # Failure reasons that say the request never got to the instance.
-_NOT_REACHED = frozenset({"refused", "connect_timeout", "connect_error"})
+_NOT_REACHED = frozenset({"refused", "connect_timeout", "connect_error", "identity", "no_identity"})
 
 
 class ChatInstanceFailed(ChatUnavailable):
@@ -130,7 +136,11 @@ class _NotReached(Exception):
 
 
 def chat_http_client(
-    reactor: Any, *, connect_timeout: float = 1.0, max_per_host: int = 16
+    reactor: Any,
+    *,
+    connect_timeout: float = 1.0,
+    max_per_host: int = 16,
+    tls: IPolicyForHTTPS | None = None,
 ) -> PooledHTTPClient:
     """The treq client the monolith calls the chat instances with.
 
@@ -138,8 +148,12 @@ def chat_http_client(
     instance) and a connection attempt gives up after *connect_timeout* seconds, so that an
     instance that cannot be reached is skipped quickly. *reactor* provides ``IReactorTCP`` and
     ``IReactorTime`` (the reactor). Close the client's pool with ``close()`` on shutdown.
+    *tls* is the Connect policy (:class:`~snet.connect.ConnectPolicyForHTTPS`) for instances
+    called over ``https://``.
     """
-    return pooled_http_client(reactor, connect_timeout=connect_timeout, max_per_host=max_per_host)
+    return pooled_http_client(
+        reactor, connect_timeout=connect_timeout, max_per_host=max_per_host, tls=tls
+    )
 
 
 @frozen
@@ -245,16 +259,20 @@ class ChatClient:
     call that reached an instance; *budget* (by default a :class:`~snet.retry.RetryBudget` on
     *clock*) bounds the retries of all calls together.
 
+    With *tls*, instances are called at ``https://`` (*http* then carries the Connect policy:
+    ``chat_http_client(..., tls=ConnectPolicyForHTTPS(...))``).
+
     *connect_timeout* is used only when *http* is not given: the client then makes its own
     with :func:`chat_http_client` (and *clock* must be the reactor), which ``close()``
     closes; an injected *http* belongs to the caller. With a *registry*, exports
     ``snet_chat_requests_total{instance}`` (attempts), ``snet_chat_request_failures_total
-    {instance,reason}`` (reason: refused, connect_timeout, connect_error, timeout, lost,
-    server_error, bad_response), ``snet_chat_request_seconds{instance}`` (answered
-    attempts), ``snet_chat_retries_total{reason}`` (attempts after the first of a call, by
-    the reason the one before failed), ``snet_chat_retries_denied_total{cause}`` (calls
-    that failed with a retry wanted but not allowed: attempts, budget, deadline,
-    no_instance) and ``snet_chat_retry_budget_available`` (retries the budget allows now).
+    {instance,reason}`` (reason: refused, connect_timeout, connect_error, identity,
+    no_identity, timeout, lost, server_error, bad_response),
+    ``snet_chat_request_seconds{instance}`` (answered attempts),
+    ``snet_chat_retries_total{reason}`` (attempts after the first of a call, by the reason
+    the one before failed), ``snet_chat_retries_denied_total{cause}`` (calls that failed
+    with a retry wanted but not allowed: attempts, budget, deadline, no_instance) and
+    ``snet_chat_retry_budget_available`` (retries the budget allows now).
     """
 
     def __init__(
@@ -269,7 +287,9 @@ class ChatClient:
         budget: RetryBudget | None = None,
         connect_timeout: float = 1.0,
         registry: CollectorRegistry | None = None,
+        tls: bool = False,
     ) -> None:
+        self._tls = tls
         self._retries = RetryLimits(
             clock=clock, max_attempts=max_attempts, deadline=deadline, budget=budget
         )
@@ -349,16 +369,17 @@ class ChatClient:
             except _NotReached as skipped:
                 reason, reached = skipped.reason, False
                 unreached.append(f"{endpoint.instance_id} ({reason})")
-                log.warn(
-                    "chat instance {instance} not reachable ({reason}: {error}) for {method}"
-                    " {path}, request {request_id}",
-                    instance=endpoint.instance_id,
-                    reason=reason,
-                    error=describe(skipped.error),
-                    method=request.method,
-                    path=request.path,
-                    request_id=request.request_id,
-                )
+                if reason != "identity":  # _attempt_failed said more
+                    log.warn(
+                        "chat instance {instance} not reachable ({reason}: {error}) for {method}"
+                        " {path}, request {request_id}",
+                        instance=endpoint.instance_id,
+                        reason=reason,
+                        error=describe(skipped.error),
+                        method=request.method,
+                        path=request.path,
+                        request_id=request.request_id,
+                    )
             except ChatInstanceFailed as failed:
                 reason, reached = failed.reason, True
                 failure = failed
@@ -432,7 +453,7 @@ class ChatClient:
     async def _exchange(self, endpoint: ChatEndpoint, request: _Request) -> _Answer:
         response: IResponse = await self._http.request(
             request.method,
-            endpoint.url + request.path,
+            (endpoint.https_url if self._tls else endpoint.url) + request.path,
             headers=request.headers,
             data=request.data,
             unbuffered=True,
@@ -467,7 +488,8 @@ class ChatClient:
                     raise CancelledError() from error
                 raise
             self._metrics.failed(instance, why)
-            self._balancer.failed(endpoint, why)
+            if why != "no_identity":  # this process has no certificate yet: not the instance
+                self._balancer.failed(endpoint, why)
             raise self._attempt_failed(endpoint, request, why, error, why) from error
         self._metrics.answered(instance, self._clock.seconds() - started)
         try:
@@ -487,6 +509,8 @@ class ChatClient:
         detail: str,
     ) -> Exception:
         """What an attempt that failed for *reason* with *error* ends with (logged)."""
+        if reason == "identity":
+            self._log_identity(endpoint, request, error)
         if reason in _NOT_REACHED:
             return _NotReached(reason, error)
         self._log_failure(endpoint, request, reason, describe(error))
@@ -501,6 +525,11 @@ class ChatClient:
         about the instance (a bug, or the caller cancelled the call)."""
         if cancelled(error):
             return None
+        wrong_identity = identity_failure(error)
+        if isinstance(wrong_identity, NoConnectIdentity):
+            return "no_identity"
+        if wrong_identity is not None:
+            return "identity"
         if isinstance(error, ConnectionRefusedError):
             return "refused"
         if isinstance(error, (ConnectTimeoutError, TCPTimedOutError)):
@@ -545,6 +574,22 @@ class ChatClient:
                 status=answer.status,
             )
         return ChatReply(answer.status, body, instance)
+
+    @staticmethod
+    def _log_identity(endpoint: ChatEndpoint, request: _Request, error: BaseException) -> None:
+        wrong = identity_failure(error)
+        log.warn(
+            "chat instance {instance} is not the chat service: it presented {found} where"
+            " {expected} was expected; ejected, {method} {path} not sent to it, request"
+            " {request_id}",
+            instance=endpoint.instance_id,
+            found=(wrong.found if isinstance(wrong, PeerIdentityError) else None)
+            or "no valid certificate",
+            expected=wrong.expected if isinstance(wrong, PeerIdentityError) else None,
+            method=request.method,
+            path=request.path,
+            request_id=request.request_id,
+        )
 
     def _log_failure(
         self, endpoint: ChatEndpoint, request: _Request, reason: str, error: str

@@ -84,6 +84,11 @@ class ChatEndpoint:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def https_url(self) -> str:
+        """``https://host:port``: the instance over Connect TLS."""
+        return "https" + self.url.removeprefix("http")
+
 
 Instances = tuple[ChatEndpoint, ...]
 Subscriber = Callable[[Instances], object]

@@ -6,7 +6,9 @@ that fails ``consecutive_failures`` attempts in a row (timed out, connection los
 answer that is not JSON, a connect timeout) is *ejected*: the balancer leaves it out of the
 rotation until its ejection ends. A refused connection ejects at once: nothing listens on the
 port, so the process is gone or stopping, and waiting for more refusals would only cost more
-skips. Any answer that is not a failure (4xx included: the instance is there and answering)
+skips. So does a failed identity (``identity``: the instance's certificate is not the chat
+service's, a rogue registration; docs/trust.md): it will not become the chat service by
+waiting. Any answer that is not a failure (4xx included: the instance is there and answering)
 resets the count.
 
 - **Back-off.** The *n*-th ejection of an instance lasts ``backoff(n)`` seconds (by default
@@ -42,7 +44,7 @@ __all__ = ["IMMEDIATE_EJECTION", "PassiveHealth"]
 
 log = Logger()
 
-IMMEDIATE_EJECTION = frozenset({"refused"})
+IMMEDIATE_EJECTION = frozenset({"refused", "identity"})
 """Failure reasons that eject an instance at once, whatever its count of failures."""
 
 

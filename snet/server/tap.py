@@ -5,14 +5,23 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from attrs import evolve
+from attrs import evolve, frozen
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
 from twisted.python import usage
 
 from snet import __version__
+from snet.connect import CertificateWatcher, ConnectPolicyForHTTPS
+from snet.connect.wiring import (
+    MONOLITH_SERVICE,
+    PLAINTEXT_FLAG,
+    certificate_watcher,
+    insecure_plaintext,
+    warn_insecure_plaintext,
+)
 from snet.consul import TreqConsul
-from snet.lifecycle import ClosedOnStop, ServingInstance
+from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
 from snet.options import ServiceOptions, positive_float, positive_int
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
@@ -46,8 +55,11 @@ class Options(ServiceOptions):
         "calls go round-robin to every chat instance Consul reports as passing for "
         "--chat-service, or all to one --chat-url. Instances that keep failing calls are "
         "ejected for a while; failed calls are retried on another instance within "
-        "--chat-attempts, a retry budget and --chat-deadline."
+        "--chat-attempts, a retry budget and --chat-deadline. Chat instances are called over "
+        "Connect TLS with the snet-server identity (--insecure-plaintext, or --chat-url, "
+        "calls them in plain HTTP)."
     )
+    optFlags = [PLAINTEXT_FLAG]
     optParameters = [
         ["chat-service", None, None, "Consul service name of the chat instances "
          "(default snet-chat).", str],
@@ -93,6 +105,7 @@ class Options(ServiceOptions):
     }
     fallbacks = {
         "listen": "tcp:8080",
+        "admin-listen": "tcp:8081:interface=127.0.0.1",
         "chat-service": "snet-chat",
         "refresh-interval": 5.0,
         "chat-timeout": 2.0,
@@ -107,6 +120,7 @@ class Options(ServiceOptions):
 
     def postOptions(self) -> None:
         super().postOptions()
+        self["insecure-plaintext"] = insecure_plaintext(self["insecure-plaintext"], self.environ)
         if self["chat-url"]:
             try:
                 endpoint_from_url(self["chat-url"])
@@ -116,6 +130,30 @@ class Options(ServiceOptions):
             self["trusted-networks"] = parse_networks(self["trusted-proxies"])
         except ValueError as e:
             raise usage.UsageError(f"--trusted-proxies: {e}") from None
+
+
+@frozen
+class MonolithConnect:
+    """The monolith's Connect parts: its identity (to be ready before it listens) and the TLS
+    policy its chat client calls instances with; None for plain HTTP."""
+
+    watcher: CertificateWatcher | None = None
+    policy: ConnectPolicyForHTTPS | None = None
+
+
+def monolith_connect(
+    options: Any, consul: TreqConsul | None, clock: IReactorTime
+) -> MonolithConnect:
+    """Connect for calls to the discovered chat instances; plain HTTP with
+    ``--insecure-plaintext`` or to one ``--chat-url`` (a proxy, or a plaintext instance)."""
+    if consul is None:
+        warn_insecure_plaintext(f"calling chat at --chat-url {options['chat-url']}")
+        return MonolithConnect()
+    if options["insecure-plaintext"]:
+        warn_insecure_plaintext("calling chat instances")
+        return MonolithConnect()
+    watcher = certificate_watcher(consul, MONOLITH_SERVICE, clock)
+    return MonolithConnect(watcher, ConnectPolicyForHTTPS(watcher, options["chat-service"]))
 
 
 def makeService(options: Any, reactor: Any = None) -> IService:
@@ -129,6 +167,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     in_flight = InFlight()
     resources: list[IService] = []
 
+    consul: TreqConsul | None = None
     if options["chat-url"]:
         instances: Any = StaticInstances(options["chat-url"])
     else:
@@ -141,7 +180,10 @@ def makeService(options: Any, reactor: Any = None) -> IService:
             registry=metrics.registry,
         )
         resources.append(ClosedOnStop("consul", consul.close))
-    http = chat_http_client(reactor, connect_timeout=options["chat-connect-timeout"])
+    connect = monolith_connect(options, consul, reactor)
+    http = chat_http_client(
+        reactor, connect_timeout=options["chat-connect-timeout"], tls=connect.policy
+    )
     health = PassiveHealth(
         clock=reactor,
         consecutive_failures=options["eject-after"],
@@ -156,6 +198,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         max_attempts=options["chat-attempts"],
         connect_timeout=options["chat-connect-timeout"],
         registry=metrics.registry,
+        tls=connect.policy is not None,
     )
     accounts = Accounts(pool=pool, clock=reactor)
     social = Social(pool=pool, clock=reactor)
@@ -196,6 +239,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         clock=reactor,
         drain_timeout=options["drain-timeout"],
         reactor=reactor,
-        workers=[instances, FeedFanout(feed, clock=reactor)],
+        workers=[instances, FeedFanout(feed, clock=reactor), admin_listener(options, api, reactor)],
+        prerequisites=[connect.watcher] if connect.watcher is not None else [],
         resources=resources,
     )

@@ -18,7 +18,7 @@ import secrets
 
 from twisted.web.iweb import IRequest
 
-from snet.web.errors import ApiError, ErrorCode
+from snet.web.errors import ErrorCode, Forbidden
 
 SESSION_COOKIE = b"snet_session"
 VISITOR_COOKIE = b"snet_visitor"
@@ -27,10 +27,9 @@ _CSRF_LABEL = b"snet web pages: csrf v1"
 COOKIE_PATH = b"/web"
 
 
-class CsrfRefused(ApiError):
+class CsrfRefused(Forbidden):
     """A form was posted without the CSRF token of this browser's session (403)."""
 
-    status = 403
     default_code = ErrorCode.CSRF_REFUSED
 
 

@@ -19,12 +19,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from treq.testing import StubTreq
+from twisted.internet.testing import MemoryReactorClock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from snet.connect.identity import ConnectIdentity, Leaf, Roots, SpiffeServiceId
+from snet.connect.watcher import CertificateWatcher
+from snet.lifecycle import ServingInstance
 
-__all__ = ["AUTHORIZE", "ROOTS", "FakeConnectAgent", "TestCA", "leaf_path"]
+__all__ = [
+    "AUTHORIZE",
+    "ROOTS",
+    "FakeConnectAgent",
+    "TestCA",
+    "identified_before_listening",
+    "leaf_path",
+    "new_ca_private_key",
+]
 
 ROOTS = "/v1/agent/connect/ca/roots"
 AUTHORIZE = "/v1/agent/connect/authorize"
@@ -281,3 +292,27 @@ class FakeConnectAgent(Resource):
 def _finish(request: Request, body: bytes) -> None:
     request.write(body)
     request.finish()
+
+
+def new_ca_private_key() -> str:
+    """A fresh CA key as Consul's ``PUT /v1/connect/ca/configuration`` takes it (a rotation:
+    ``{"Provider": "consul", "Config": {"PrivateKey": new_ca_private_key()}}``)."""
+    return _key_pem(ec.generate_private_key(ec.SECP256R1()))
+
+
+def identified_before_listening(
+    instance: ServingInstance, reactor: MemoryReactorClock, ca: TestCA, consul_port: int
+) -> CertificateWatcher:
+    """Start *instance* (a tap's ``makeService`` on a memory *reactor*), check that it asks
+    the agent on *consul_port* for its identity and does not listen before it has one, then
+    give its watcher an identity from *ca* as the agent's first answers would; the watcher."""
+    [watcher] = instance.prerequisites
+    assert isinstance(watcher, CertificateWatcher)
+    instance.startService()
+    reactor.advance(0)
+    assert reactor.tcpServers == [], "listening before having an identity"
+    asked = sum(1 for _, port, *_ in reactor.tcpClients if port == consul_port)
+    assert asked == 2, f"{asked} calls to the agent, not 2 (the leaf, the roots)"
+    watcher._apply_leaf(ca.consul_leaf(watcher.service))
+    watcher._apply_roots(ca.consul_roots())
+    return watcher

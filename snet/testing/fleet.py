@@ -2,25 +2,83 @@
 
 Integration tests, benchmarks and ``python -m snet.stack`` start the same processes the same
 way, from ``twistd`` of the running Python environment, each on a free 127.0.0.1 port.
+
+They speak Connect by default, as deployed (docs/trust.md): a fleet first creates the
+intentions ``* -> <its service>`` deny and ``snet-server -> <its service>`` allow, its
+instances serve TLS only, and a monolith calls them as ``snet-server``. Talking to an
+instance directly takes ``https://`` and, for ``/v1``, a Connect client certificate:
+``ChatFleet.caller_tls`` is one for ``snet-server`` (``/health`` and ``/metrics`` need none).
+``plaintext=True`` starts both ends with ``--insecure-plaintext`` instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import tempfile
 import uuid
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
+from urllib.parse import quote
 
 import pymysql
 
 from snet.config import MySQLConfig
-from snet.testing.processes import TwistdProcess, http_get
+from snet.connect.wiring import MONOLITH_SERVICE
+from snet.testing.processes import TwistdProcess, http_get, http_json
 from snet.testing.servers import free_port
 from snet.testing.waiting import wait_until
 
+PLAINTEXT = "--insecure-plaintext"
+
+
+def allow_only_the_monolith(consul_url: str, service: str) -> list[str]:
+    """Create the intentions ``* -> service`` deny and ``snet-server -> service`` allow (those
+    that exist already are kept); returns them as ``source -> destination action`` lines."""
+    created = []
+    for source, action in (("*", "deny"), (MONOLITH_SERVICE, "allow")):
+        status, _, answer = http_json(
+            "POST",
+            f"{consul_url}/v1/connect/intentions",
+            {"SourceName": source, "DestinationName": service, "Action": action},
+        )
+        if status != 200 and "duplicate" not in json.dumps(answer).lower():
+            raise RuntimeError(f"creating the intention {source} -> {service}: {status} {answer}")
+        created.append(f"{source} -> {service} {action}")
+    return created
+
+
+def connect_client_tls(consul_url: str, service: str = MONOLITH_SERVICE) -> ssl.SSLContext:
+    """A TLS client context that presents *service*'s Connect leaf (from the agent at
+    *consul_url*) and verifies servers against the Connect roots (their SPIFFE ids are not
+    checked: a test client, not the monolith)."""
+    status, body = http_get(f"{consul_url}/v1/agent/connect/ca/leaf/{quote(service, safe='')}")
+    if status != 200:
+        raise RuntimeError(f"the connect leaf of {service}: {status} {body!r}")
+    leaf = json.loads(body)
+    status, body = http_get(f"{consul_url}/v1/agent/connect/ca/roots")
+    if status != 200:
+        raise RuntimeError(f"the connect roots: {status} {body!r}")
+    roots = "".join(root["RootCert"] for root in json.loads(body)["Roots"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=roots)
+    # ssl loads a key pair only from a file: a private one, removed at once.
+    descriptor, path = tempfile.mkstemp(suffix=".pem")
+    try:
+        with os.fdopen(descriptor, "w") as pem:
+            pem.write(leaf["CertPEM"] + leaf["PrivateKeyPEM"])
+        context.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    return context
+
 
 class ChatFleet:
-    """Chat instances registered under one service name (by default a fresh one)."""
+    """Chat instances registered under one service name (by default a fresh one), over
+    Connect unless *plaintext* (see the module docstring)."""
 
     def __init__(
         self,
@@ -33,13 +91,16 @@ class ChatFleet:
         extra_args: Sequence[str] = ("--drain-timeout", "5"),
         ports: Sequence[int] | None = None,
         own_session: bool = False,
+        plaintext: bool = False,
     ) -> None:
         self.consul_url = consul_url
+        self.plaintext = plaintext
         self.mysql_url = mysql_url
         self.redis_url = redis_url
         self.service = service or f"snet-chat-{uuid.uuid4().hex[:8]}"
-        self.extra_args = list(extra_args)
+        self.extra_args = [*extra_args, PLAINTEXT] if plaintext else list(extra_args)
         self.own_session = own_session
+        self.intentions = [] if plaintext else allow_only_the_monolith(consul_url, self.service)
         self.instances: list[TwistdProcess] = []
         for index in range(count):
             self.instances.append(self._process(index, ports[index] if ports else free_port()))
@@ -49,10 +110,12 @@ class ChatFleet:
             process.wait_healthy(30)
 
     def _process(self, index: int, port: int) -> TwistdProcess:
+        admin = free_port()
         return TwistdProcess(
             "snet-chat",
             [
                 "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--admin-listen", f"tcp:{admin}:interface=127.0.0.1",
                 "--consul", self.consul_url,
                 "--service-name", self.service,
                 "--instance-id", self.instance_id(index),
@@ -60,10 +123,21 @@ class ChatFleet:
                 "--redis", self.redis_url,
                 *self.extra_args,
             ],
-            health_url=f"http://127.0.0.1:{port}/health",
+            health_url=f"{self.scheme}://127.0.0.1:{port}/health",
+            admin_url=f"http://127.0.0.1:{admin}",
             name=self.instance_id(index),
             own_session=self.own_session,
         )  # fmt: skip
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.plaintext else "https"
+
+    @cached_property
+    def caller_tls(self) -> ssl.SSLContext | None:
+        """A client certificate of ``snet-server``, the one caller the intentions allow, for
+        calling ``/v1`` of an instance directly (None in plaintext: none needed)."""
+        return None if self.plaintext else connect_client_tls(self.consul_url)
 
     def add_instance(self) -> TwistdProcess:
         """Start one more instance (it registers once healthy) and return it."""
@@ -82,6 +156,12 @@ class ChatFleet:
         health = self.instances[index].health_url
         assert health is not None
         return health.removesuffix("/health")
+
+    def admin_url(self, index: int) -> str:
+        """Where instance *index* serves ``/metrics`` (its admin listener)."""
+        admin = self.instances[index].admin_url
+        assert admin is not None
+        return admin
 
     def consul_entries(self, passing: bool = True) -> list[dict[str, Any]]:
         query = "?passing=true" if passing else ""
@@ -134,27 +214,34 @@ def monolith(
     extra_args: Sequence[str] = (),
     own_session: bool = False,
     rate_limited: bool = False,
+    plaintext: bool = False,
+    admin_port: int | None = None,
 ) -> TwistdProcess:
-    """A ``twistd -n snet-server`` process (not started yet) discovering *chat_service*.
+    """A ``twistd -n snet-server`` process (not started yet) discovering *chat_service*,
+    calling it over Connect as ``snet-server`` unless *plaintext*.
 
     Unless *rate_limited*, its registration and failed-login limits are lifted: tests and
     benchmarks register many users from 127.0.0.1 through one Redis, and exercise the API
     rather than its limits (tests/integration/test_edge.py checks those).
     """
     port = port or free_port()
+    admin = admin_port or free_port()
     if not rate_limited:
         extra_args = [*UNLIMITED, *extra_args]
     return TwistdProcess(
         "snet-server",
         [
             "--listen", f"tcp:{port}:interface=127.0.0.1",
+            "--admin-listen", f"tcp:{admin}:interface=127.0.0.1",
             "--consul", consul_url,
             "--chat-service", chat_service,
             "--mysql", mysql_url,
             "--redis", redis_url,
             *extra_args,
+            *([PLAINTEXT] if plaintext else []),
         ],
         health_url=f"http://127.0.0.1:{port}/health",
+        admin_url=f"http://127.0.0.1:{admin}",
         name=f"monolith-{port}",
         own_session=own_session,
     )  # fmt: skip

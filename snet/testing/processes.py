@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -19,18 +20,42 @@ from attrs import define, field
 
 from snet.testing.waiting import wait_until
 
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-"""Talks to this machine's servers directly, whatever proxy the environment names."""
+
+def tls_probe_context() -> ssl.SSLContext:
+    """A TLS client that presents no certificate and verifies none, like Consul's HTTPS check
+    with ``TLSSkipVerify``: enough for a Connect chat instance's ``/health`` and ``/metrics``,
+    never for its ``/v1`` routes (401)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+_PROBE = tls_probe_context()
+
+
+def opener(tls: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
+    """An opener that talks to this machine's servers directly, whatever proxy the
+    environment names; ``https://`` with *tls* (by default :func:`tls_probe_context`)."""
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=tls or _PROBE)
+    )
+
+
+_opener = opener()
 
 
 class ProcessFailed(RuntimeError):
     """A process exited or never became ready; the message carries the tail of its log."""
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """GET *url* with a timeout; HTTP errors are answers too (status, body)."""
+def http_get(
+    url: str, timeout: float = 2.0, tls: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
+    """GET *url* with a timeout; HTTP errors are answers too (status, body). An ``https://``
+    URL is called with *tls* (by default a probe without a certificate)."""
     try:
-        with _opener.open(url, timeout=timeout) as response:
+        with (opener(tls) if tls else _opener).open(url, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -43,10 +68,12 @@ def http_json(
     headers: Mapping[str, str] | None = None,
     timeout: float = 5.0,
     raw: bytes | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], Any]:
     """Make one JSON request; returns (status, headers, decoded body or None).
 
-    *raw* is sent as the body instead of *body*'s JSON, for malformed-input tests.
+    *raw* is sent as the body instead of *body*'s JSON, for malformed-input tests; an
+    ``https://`` URL is called with *tls* (by default a probe without a certificate).
     """
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
@@ -55,7 +82,7 @@ def http_json(
     for name, value in (headers or {}).items():
         request.add_header(name, value)
     try:
-        with _opener.open(request, timeout=timeout) as response:
+        with (opener(tls) if tls else _opener).open(request, timeout=timeout) as response:
             status, raw, got = response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as e:
         status, raw, got = e.code, e.read(), dict(e.headers)
@@ -78,6 +105,8 @@ class TwistdProcess:
     args: Sequence[str]
     environ: Mapping[str, str] = field(factory=dict)
     health_url: str | None = None
+    admin_url: str | None = None
+    """``http://host:port`` of its admin listener (``/metrics``), if the test knows it."""
     name: str = ""
     own_session: bool = False
     """Start in a session of its own, out of reach of a terminal's Ctrl-C (see servers)."""
@@ -87,6 +116,12 @@ class TwistdProcess:
     def __attrs_post_init__(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix=f"snet-{self.plugin}-"))
         self.log_path = directory / "twistd.log"
+
+    @property
+    def base_url(self) -> str:
+        """``scheme://host:port`` of the process's HTTP API (its health URL without the path)."""
+        assert self.health_url is not None
+        return self.health_url.removesuffix("/health")
 
     @property
     def pid(self) -> int:

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
@@ -41,10 +42,12 @@ __all__ = [
     "SEND_ROUTE",
     "ApiUser",
     "DialogTraffic",
+    "DialogUsers",
     "Outcome",
     "Pickup",
+    "admin_urls",
+    "api_requests",
     "compare_with_mysql",
-    "instance_urls",
     "measure_pickup",
     "metric_value",
     "read_served",
@@ -53,6 +56,7 @@ __all__ = [
     "served_sends",
     "spread",
     "stored_texts",
+    "wait_for_instances",
 ]
 
 SEND_ROUTE = "/v1/dialogs/<peer_id>/messages"
@@ -89,6 +93,25 @@ def register_user(base_url: str, name: str) -> ApiUser:
     if status != 200:
         raise RuntimeError(f"login {name}: {status} {body}")
     return ApiUser(user_id, str(body["token"]))
+
+
+@frozen
+class DialogUsers:
+    """The three users a :class:`DialogTraffic` needs, registered through one monolith."""
+
+    sender: ApiUser
+    recipient: ApiUser
+    lister: ApiUser
+
+    @classmethod
+    def register(cls, base_url: str) -> DialogUsers:
+        return cls(*(register_user(base_url, name) for name in ("Sender", "Recipient", "Lister")))
+
+    def traffic(self, base_url: str, **settings: Any) -> DialogTraffic:
+        """Traffic between them through *base_url*; *settings* as DialogTraffic takes them."""
+        return DialogTraffic(
+            base_url, sender=self.sender, recipient=self.recipient, lister=self.lister, **settings
+        )
 
 
 @frozen
@@ -338,6 +361,17 @@ def metric_value(url: str, name: str, timeout: float = 2.0, **labels: str) -> fl
     return total
 
 
+def wait_for_instances(admin_url: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until the monolith whose admin listener is *admin_url* lists *count* healthy chat
+    instances."""
+    wait_until(
+        lambda: metric_value(admin_url, "snet_chat_instances_healthy") == count,
+        timeout,
+        f"the monolith to list {count} chat instances",
+        interval=0.05,
+    )
+
+
 def _request_counts(chat_url: str, timeout: float) -> list[tuple[str, str, str, float]] | None:
     """(method, route, status, count) of ``snet_http_requests_total``; None if no answer."""
     try:
@@ -377,6 +411,15 @@ def served_requests(chat_url: str, timeout: float = 2.0) -> int | None:
     return int(sum(n for m, r, s, n in counts if (m, r, s) in served))
 
 
+def api_requests(chat_url: str, timeout: float = 2.0) -> int | None:
+    """Requests of any ``/v1`` route that reached the chat instance's HTTP layer, whatever
+    their answer (401 and 403 included), from its ``/metrics``; None if it does not answer."""
+    counts = _request_counts(chat_url, timeout)
+    if counts is None:
+        return None
+    return int(sum(n for _, route, _, n in counts if route.startswith("/v1")))
+
+
 def spread(counts: Mapping[str, int], among: Iterable[str] | None = None) -> int:
     """max - min of *counts* (over the keys *among*, if given)."""
     keys = list(counts) if among is None else [k for k in among if k in counts]
@@ -412,7 +455,7 @@ def measure_pickup(fleet: ChatFleet, *, timeout: float = 30.0, interval: float =
     port = free_port()
     process = fleet.add_instance_at(port)
     instance_id = fleet.instance_id(len(fleet.instances) - 1)
-    url = f"http://127.0.0.1:{port}"
+    url = fleet.admin_url(len(fleet.instances) - 1)
     started = time.monotonic()
     process.start(ready_timeout=None)
 
@@ -433,9 +476,9 @@ def measure_pickup(fleet: ChatFleet, *, timeout: float = 30.0, interval: float =
     return Pickup(instance_id, url, started, passing_at, first)
 
 
-def instance_urls(fleet: ChatFleet) -> dict[str, str]:
-    """Instance id -> base URL, for every instance the fleet started."""
-    return {fleet.instance_id(i): fleet.url(i) for i in range(len(fleet.instances))}
+def admin_urls(fleet: ChatFleet) -> dict[str, str]:
+    """Instance id -> admin listener URL (its ``/metrics``), for every instance started."""
+    return {fleet.instance_id(i): fleet.admin_url(i) for i in range(len(fleet.instances))}
 
 
 def read_served(urls: Mapping[str, str], ids: Sequence[str] | None = None) -> dict[str, int]:

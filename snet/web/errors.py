@@ -42,6 +42,8 @@ class ErrorCode(IntEnum):
     NO_SUCH_POST = 40012
     NOT_AUTHOR = 40013
     UNAUTHORIZED = 40100
+    NO_CLIENT_CERTIFICATE = 40101
+    FORBIDDEN = 40300
     CSRF_REFUSED = 40301
     NOT_FOUND = 40400
     USER_NOT_FOUND = 40401
@@ -104,6 +106,24 @@ class Unauthorized(ApiError):
     def __init__(self, message: str, *, code: int | None = None, invalid_token: bool = False):
         challenge = b'Bearer error="invalid_token"' if invalid_token else b"Bearer"
         super().__init__(message, code=code, headers={b"WWW-Authenticate": challenge})
+
+
+class ClientCertificateRequired(ApiError):
+    """A service-to-service call without a verified Connect client certificate (401).
+
+    No ``WWW-Authenticate``: the credential is a TLS client certificate, which no HTTP
+    challenge asks for (a ``Bearer`` challenge would send callers looking for a token).
+    """
+
+    status = 401
+    default_code = ErrorCode.NO_CLIENT_CERTIFICATE
+
+
+class Forbidden(ApiError):
+    """The caller proved who it is but may not do this (403)."""
+
+    status = 403
+    default_code = ErrorCode.FORBIDDEN
 
 
 class NotFound(ApiError):

@@ -172,6 +172,37 @@ class ServiceApp:
             self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
         )
 
+    def admin_resource(self) -> IResource:
+        """The operator's routes (``/metrics``, ``/health``) as a resource for the admin
+        listener, which is bound to 127.0.0.1 unless the operator says otherwise."""
+        return ObservedResource(
+            AdminAPI(self).app.resource(),
+            in_flight=InFlight(),
+            metrics=self.metrics,
+            clock=self.clock,
+        )
+
+    async def health(self, request: IRequest) -> bytes:
+        """``GET /health`` (each service's own, on its public and admin listeners)."""
+        raise NotImplementedError
+
+
+class AdminAPI:
+    """The admin listener's routes: what operators and their tools read, never clients."""
+
+    app = Klein()
+
+    def __init__(self, service: ServiceApp) -> None:
+        self.service = service
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        return metrics_response(request, self.service.metrics)
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: IRequest) -> bytes:
+        return await self.service.health(request)
+
 
 async def health_response(
     request: IRequest,

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVER = f"http://127.0.0.1:{os.environ.get('SNET_HTTP_PORT') or 8080}"
+ADMIN = f"http://127.0.0.1:{os.environ.get('SNET_ADMIN_PORT') or 8081}"
+"""The monolith's admin listener: its /metrics."""
 CONSUL = f"http://127.0.0.1:{os.environ.get('SNET_CONSUL_PORT') or 8500}"
 SERVICE = "snet-chat"
 TIMEOUT = 10.0
@@ -110,7 +112,7 @@ def consul_instances(passing: bool, token: str | None = None) -> dict[str, str]:
 
 def monolith_instances() -> int | None:
     """The number of chat instances the monolith balances over, from its /metrics."""
-    status, _, text = call("GET", f"{SERVER}/metrics")
+    status, _, text = call("GET", f"{ADMIN}/metrics")
     if status != 200 or not isinstance(text, str):
         return None
     for line in text.splitlines():

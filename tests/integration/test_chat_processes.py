@@ -5,6 +5,7 @@ unread counters and bad input, all observed from outside as an operator or clien
 from __future__ import annotations
 
 import signal
+import ssl
 import threading
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from snet.testing.fleet import ChatFleet, query
-from snet.testing.processes import http_json
+from snet.testing.processes import http_json, opener
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 from snet.testing.waiting import wait_until
 
@@ -39,12 +40,15 @@ def chat_database(mariadb: MariaDB) -> str:
     return mariadb.create_database("chat_processes")
 
 
-def send(base: str, sender: int, peer: int, text: str, key: str) -> tuple[int, dict[str, str], Any]:
+def send(
+    base: str, sender: int, peer: int, text: str, key: str, tls: ssl.SSLContext | None
+) -> tuple[int, dict[str, str], Any]:
     return http_json(
         "POST",
         f"{base}/v1/dialogs/{peer}/messages",
         {"text": text},
         {"X-Snet-User-Id": str(sender), "Idempotency-Key": key, "X-Request-ID": key},
+        tls=tls,
     )
 
 
@@ -98,7 +102,7 @@ def test_sigterm_during_a_stream_of_sends_answers_every_request_it_was_sent(
                 return
             key = f"{run}-{client}-{n}"
             try:
-                status, _, _ = send(base, 11, 12, f"message {n}", key)
+                status, _, _ = send(base, 11, 12, f"message {n}", key, fleet.caller_tls)
             except OSError as e:
                 failures.append(f"{key}: {e!r}")
                 continue
@@ -155,8 +159,10 @@ def test_restarting_the_consul_agent_brings_every_live_instance_back(
 
 def test_a_repeated_idempotency_key_stores_one_message_and_answers_alike(fleet: ChatFleet) -> None:
     key = f"same-{uuid.uuid4().hex}"
-    first = send(fleet.url(0), 21, 22, "hello once", key)
-    second = send(fleet.url(1), 21, 22, "hello once", key)  # another instance, same database
+    first = send(fleet.url(0), 21, 22, "hello once", key, fleet.caller_tls)
+    second = send(
+        fleet.url(1), 21, 22, "hello once", key, fleet.caller_tls
+    )  # another instance, same database
     assert first[0] == second[0] == 201
     assert first[2] == second[2]
     assert second[1].get("Idempotent-Replayed") == "true"
@@ -171,20 +177,25 @@ def test_a_repeated_idempotency_key_stores_one_message_and_answers_alike(fleet: 
 def test_unread_counters_match_mysql_after_a_rebuild(fleet: ChatFleet, redis_server: Redis) -> None:
     base = fleet.url(0)
     for n in range(5):
-        assert send(base, 31, 32, f"to 32 #{n}", uuid.uuid4().hex)[0] == 201
+        assert send(base, 31, 32, f"to 32 #{n}", uuid.uuid4().hex, fleet.caller_tls)[0] == 201
     for n in range(3):
-        assert send(base, 33, 32, f"to 32 from 33 #{n}", uuid.uuid4().hex)[0] == 201
+        assert (
+            send(base, 33, 32, f"to 32 from 33 #{n}", uuid.uuid4().hex, fleet.caller_tls)[0] == 201
+        )
     for n in range(2):
-        assert send(base, 32, 31, f"to 31 #{n}", uuid.uuid4().hex)[0] == 201
+        assert send(base, 32, 31, f"to 31 #{n}", uuid.uuid4().hex, fleet.caller_tls)[0] == 201
     # 32 reads the dialog with 33: that counter clears.
     status, _, body = http_json(
-        "GET", f"{base}/v1/dialogs/33/messages", headers={"X-Snet-User-Id": "32"}
+        "GET",
+        f"{base}/v1/dialogs/33/messages",
+        headers={"X-Snet-User-Id": "32"},
+        tls=fleet.caller_tls,
     )
     assert status == 200 and len(body["messages"]) == 3
 
     def unread(user: int) -> dict[int, int]:
         status, _, body = http_json(
-            "GET", f"{base}/v1/unread", headers={"X-Snet-User-Id": str(user)}
+            "GET", f"{base}/v1/unread", headers={"X-Snet-User-Id": str(user)}, tls=fleet.caller_tls
         )
         assert status == 200, body
         return {d["peer_id"]: d["count"] for d in body["dialogs"]}
@@ -194,7 +205,9 @@ def test_unread_counters_match_mysql_after_a_rebuild(fleet: ChatFleet, redis_ser
     # Lose every counter, as if Redis had been emptied, then rebuild from MySQL.
     redis_server.flushall()
     assert unread(32) == {}
-    status, _, body = http_json("POST", f"{base}/v1/unread/rebuild", {}, {"X-Snet-User-Id": "1"})
+    status, _, body = http_json(
+        "POST", f"{base}/v1/unread/rebuild", {}, {"X-Snet-User-Id": "1"}, tls=fleet.caller_tls
+    )
     assert status == 200, body
     assert unread(32) == {31: 5}
     assert unread(31) == {32: 2}
@@ -228,7 +241,7 @@ def test_bad_input_gets_400_and_leaves_the_tables_unchanged(fleet: ChatFleet) ->
         ("GET", "/v1/dialogs/42/messages?after_id=x", None, headers),
     ]
     for method, path, body, extra in cases:
-        status, _, answer = http_json(method, base + path, body, extra)
+        status, _, answer = http_json(method, base + path, body, extra, tls=fleet.caller_tls)
         assert status == 400, (path, body, answer)
         assert isinstance(answer, dict) and answer.get("message"), (path, body, answer)
     # Malformed JSON, sent raw.
@@ -239,6 +252,6 @@ def test_bad_input_gets_400_and_leaves_the_tables_unchanged(fleet: ChatFleet) ->
         headers={**headers, "Content-Type": "application/json"},
     )  # fmt: skip
     with pytest.raises(urllib.error.HTTPError) as error:
-        urllib.request.urlopen(request, timeout=5)
+        opener(fleet.caller_tls).open(request, timeout=5)
     assert error.value.code == 400
     assert snapshot() == before

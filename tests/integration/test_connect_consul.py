@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq.client
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -45,6 +43,7 @@ from snet.connect import (
 from snet.connect.acl import chat_rules, monolith_rules
 from snet.consul import TreqConsul
 from snet.retry import exponential_backoff
+from snet.testing.connect import new_ca_private_key
 from snet.testing.servers import HOST, ConsulAgent
 from snet.testing.waiting import eventually, sleep
 
@@ -279,15 +278,6 @@ async def test_intentions_decide_who_may_call_the_chat_service(
             agent.api("DELETE", f"/v1/connect/intentions/{intention}")
 
 
-def _new_ca_key() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode("ascii")
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_ca_rotation_reaches_both_ends_and_calls_go_on(
     harness: Harness, agent: ConsulAgent
@@ -315,7 +305,7 @@ async def test_a_ca_rotation_reaches_both_ends_and_calls_go_on(
     status, answer = agent.api(
         "PUT",
         "/v1/connect/ca/configuration",
-        {"Provider": "consul", "Config": {"PrivateKey": _new_ca_key()}},
+        {"Provider": "consul", "Config": {"PrivateKey": new_ca_private_key()}},
     )
     assert status == 200, answer
     started = time.monotonic()

@@ -27,8 +27,8 @@ from snet.testing.traffic import (
     ApiUser,
     DialogTraffic,
     Outcome,
+    admin_urls,
     compare_with_mysql,
-    instance_urls,
     metric_value,
     register_user,
     served_sends,
@@ -61,10 +61,11 @@ class Deployment:
         )
 
     def metric(self, name: str, **labels: str) -> float | None:
-        return metric_value(self.base, name, **labels)
+        assert self.server.admin_url is not None
+        return metric_value(self.server.admin_url, name, **labels)
 
     def sends_served(self) -> dict[str, int | None]:
-        return {i: served_sends(url, timeout=1.0) for i, url in instance_urls(self.fleet).items()}
+        return {i: served_sends(url, timeout=1.0) for i, url in admin_urls(self.fleet).items()}
 
     def wait_all_serve_again(self, since: dict[str, int | None], timeout: float) -> float:
         """Wait until every running instance served more sends than in *since*; the time."""
@@ -89,9 +90,12 @@ def deployment(
     chat_mysql: MariaDB,
     redis: Redis,
     monolith_args: Sequence[str] = (),
+    plaintext: bool = False,
 ) -> Iterator[Deployment]:
     chat_mysql_url = chat_mysql.create_database(_unique("faults_chat"))
-    fleet = ChatFleet(consul_url=consul_url, mysql_url=chat_mysql_url, redis_url=redis.url)
+    fleet = ChatFleet(
+        consul_url=consul_url, mysql_url=chat_mysql_url, redis_url=redis.url, plaintext=plaintext
+    )
     try:
         fleet.wait_all_passing()
         server = monolith(
@@ -100,12 +104,13 @@ def deployment(
             redis_url=redis.url.replace("/0", "/1"),
             chat_service=fleet.service,
             extra_args=monolith_args,
+            plaintext=plaintext,
         )
         with server:
             assert server.health_url is not None
             base = server.health_url.removesuffix("/health")
             wait_until(
-                lambda: base_metric(base, "snet_chat_instances_healthy") == 3,
+                lambda: base_metric(server, "snet_chat_instances_healthy") == 3,
                 10,
                 "the monolith to list three instances",
                 interval=0.05,
@@ -123,8 +128,9 @@ def deployment(
         fleet.stop()
 
 
-def base_metric(base: str, name: str) -> float | None:
-    return metric_value(base, name)
+def base_metric(server: TwistdProcess, name: str) -> float | None:
+    assert server.admin_url is not None
+    return metric_value(server.admin_url, name)
 
 
 @pytest.fixture
@@ -223,7 +229,8 @@ def test_sigstop_ejects_the_instance_after_bounded_failures_and_sigcont_brings_i
         back = wait_until(
             timed(
                 lambda: (
-                    (served_sends(shared.fleet.url(0), timeout=1.0) or 0) > (before[victim_id] or 0)
+                    (served_sends(shared.fleet.admin_url(0), timeout=1.0) or 0)
+                    > (before[victim_id] or 0)
                 )
             ),
             15,
@@ -243,11 +250,19 @@ def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recover
     mariadb: MariaDB, redis_server: Redis
 ) -> None:
     """While the agent is down the monolith serves from the last list; once it is back the
-    instances register again by themselves and the monolith lists and uses all three."""
+    instances register again by themselves and the monolith lists and uses all three.
+
+    In plaintext: a restarted *dev* agent is a new cluster (a new Connect CA and trust
+    domain, no intentions), which a real agent restart never is; connections made under the
+    old trust domain would get 403s. test_connect_processes covers Connect itself."""
     with (
         ConsulAgent() as consul,
         deployment(
-            consul_url=consul.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis_server
+            consul_url=consul.url,
+            server_mysql=mariadb,
+            chat_mysql=mariadb,
+            redis=redis_server,
+            plaintext=True,
         ) as running,
         running.traffic() as traffic,
     ):

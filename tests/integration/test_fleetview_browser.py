@@ -104,6 +104,7 @@ async def stack(
             mysql_url=mariadb.create_database("fleetview_chat"),
             redis_url=redis_server.url.replace("/0", "/14"),
             count=3,
+            plaintext=True,  # the view is the same over Connect; this keeps the client simple
         )
     )
     monolith: Monolith | None = None

@@ -21,7 +21,11 @@ from snet.chat.app import ChatAPI, parse_limit
 from snet.chat.store import COUNTER_TIMEOUT, Dialogs, IdempotencyKeyReused, Message, MessageStore
 from snet.chat.unread import UnreadIndex, UnreadRepairs
 from snet.chat_contract import MAX_TEXT, validate_message_text
+from snet.config import ConsulConfig
+from snet.connect import ConnectAuthorizer, Decision, FixedIdentity, PeerIdentity
+from snet.consul import TreqConsul
 from snet.testing import result_of
+from snet.testing.connect import FakeConnectAgent, TestCA
 from snet.web.draining import InFlight
 from snet.web.errors import BadRequest, ErrorCode
 from snet.web.inputs import parse_id
@@ -526,9 +530,12 @@ def test_health_is_503_while_draining(chat: Chat) -> None:
     assert body["code"] == ErrorCode.DRAINING
 
 
-def test_metrics_are_prometheus_text_by_route_template(chat: Chat) -> None:
+def test_metrics_are_prometheus_text_by_route_template_on_the_admin_listener(chat: Chat) -> None:
     chat.send(ALICE, BOB, {"text": "hi"})
-    response, body = chat.call("GET", "/metrics")
+    assert chat.call("GET", "/metrics")[0].code == 404, "not on the public listener"
+    admin = StubTreq(chat.api.admin_resource())
+    response = result_of(admin.get(BASE + "/metrics"))
+    body = result_of(response.content())
     assert response.code == 200
     assert (header(response, "Content-Type") or "").startswith("text/plain")
     assert (
@@ -617,3 +624,91 @@ def test_through_the_api_any_body_without_a_good_text_changes_nothing(body: dict
     else:
         assert response.code == 400
         assert chat.messages.rows == [] and chat.unread.hashes == {}
+
+
+# --- who may call: Connect authorization of the /v1 routes ------------------------------------
+
+
+class PresentedAuthorizer(ConnectAuthorizer):
+    """The real authorizer, with the peer a test says the TLS layer verified (StubTreq's
+    transports are not TLS)."""
+
+    peer: PeerIdentity | None = None
+
+    def check_request(self, request: object) -> Deferred[Decision]:
+        return self.check_peer(self.peer)
+
+
+@pytest.fixture
+def guarded(chat: Chat) -> tuple[Chat, PresentedAuthorizer, FakeConnectAgent, TestCA]:
+    ca = TestCA()
+    agent = FakeConnectAgent(ca, "snet-chat")
+    consul = TreqConsul(
+        ConsulConfig.from_url("http://127.0.0.1:8500"), reactor=chat.clock, http=agent.stub
+    )
+    authorizer = PresentedAuthorizer(
+        consul=consul,
+        target="snet-chat",
+        source=FixedIdentity(ca.identity("snet-chat")),
+        clock=chat.clock,
+    )
+    chat.api.authorizer = authorizer
+    return chat, authorizer, agent, ca
+
+
+V1_CALLS = [
+    ("POST", "/v1/dialogs/2/messages"),
+    ("GET", "/v1/dialogs/2/messages"),
+    ("GET", "/v1/unread"),
+    ("POST", "/v1/unread/rebuild"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), V1_CALLS)
+def test_without_a_client_certificate_every_v1_route_is_a_401_without_a_bearer_challenge(
+    guarded: tuple[Chat, PresentedAuthorizer, FakeConnectAgent, TestCA], method: str, path: str
+) -> None:
+    chat, _, _, _ = guarded
+    response, body = chat.call(
+        method,
+        path,
+        data=json.dumps({"text": "forged"}).encode(),
+        headers={"X-Snet-User-Id": "1", "Idempotency-Key": "k", "Content-Type": "application/json"},
+    )
+    assert response.code == 401
+    assert body["code"] == ErrorCode.NO_CLIENT_CERTIFICATE
+    assert header(response, "WWW-Authenticate") is None
+    assert chat.messages.rows == []
+
+
+def test_a_caller_consul_does_not_allow_gets_a_403_and_no_data(
+    guarded: tuple[Chat, PresentedAuthorizer, FakeConnectAgent, TestCA],
+) -> None:
+    chat, authorizer, _, ca = guarded
+    authorizer.peer = PeerIdentity(ca.spiffe_id("intruder").uri, "01")
+    response, body = chat.list(BOB, ALICE)
+    assert response.code == 403
+    assert body["code"] == ErrorCode.FORBIDDEN
+    assert "intruder" in body["message"]
+    assert "messages" not in body
+
+
+def test_the_caller_consul_allows_is_served(
+    guarded: tuple[Chat, PresentedAuthorizer, FakeConnectAgent, TestCA],
+) -> None:
+    chat, authorizer, agent, ca = guarded
+    monolith = ca.spiffe_id("snet-server").uri
+    agent.authorized[monolith] = True
+    authorizer.peer = PeerIdentity(monolith, "02")
+    response, _ = chat.send(ALICE, BOB, {"text": "hello"})
+    assert response.code == 201
+    response, body = chat.list(BOB, ALICE)
+    assert response.code == 200
+    assert [m["text"] for m in body["messages"]] == ["hello"]
+
+
+def test_health_needs_no_client_certificate(
+    guarded: tuple[Chat, PresentedAuthorizer, FakeConnectAgent, TestCA],
+) -> None:
+    chat, _, _, _ = guarded
+    assert chat.call("GET", "/health")[0].code == 200

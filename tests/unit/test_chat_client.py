@@ -16,9 +16,12 @@ from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from snet.connect import NoConnectIdentity, PeerIdentityError
 from snet.retry import RetryBudget
 from snet.server import chat_client
 from snet.server.chat_client import (
@@ -107,6 +110,8 @@ class Network:
         self.refused: set[str] = set()
         self.timing_out: set[str] = set()
         self.connecting: set[str] = set()
+        self.rogues: dict[str, str] = {}
+        """Hosts whose TLS certificate has another SPIFFE id (the value): the handshake fails."""
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
 
     def request(self, method: str, url: str, **kwargs: Any) -> Deferred[Any]:
@@ -118,7 +123,12 @@ class Network:
             return fail(ConnectTimeoutError())
         if host in self.connecting:
             return Deferred(lambda d: d.errback(ConnectingCancelledError(host)))
-        d: Deferred[Any] = self.stub.request(method, url, **kwargs)
+        if host in self.rogues:
+            wrong = PeerIdentityError(
+                "the server is someone else", expected=CHAT_ID, found=self.rogues[host]
+            )
+            return fail(ResponseNeverReceived([Failure(wrong)]))
+        d: Deferred[Any] = self.stub.request(method, url.replace("https://", "http://"), **kwargs)
         return d
 
 
@@ -142,6 +152,7 @@ class Harness:
         max_attempts: int = 3,
         budget: dict[str, float] | None = None,
         eject_after: int | None = None,
+        tls: bool = False,
     ) -> None:
         self.clock = Clock()
         self.chat = FakeChat()
@@ -162,6 +173,7 @@ class Harness:
             max_attempts=max_attempts,
             budget=RetryBudget(clock=self.clock, **budget) if budget is not None else None,
             registry=self.registry,
+            tls=tls,
         )
 
     def send(self, text: str = "hi", request_id: str = "req-1") -> Deferred[ChatReply]:
@@ -653,3 +665,48 @@ def test_the_monolith_takes_attempts_deadline_and_ejection_from_options_or_envir
     )
     with pytest.raises(UsageError, match="--eject-after"):
         Options(environ=mysql).parseOptions(["--eject-after", "0"])
+
+
+# --- Connect: an instance that is not the chat service -----------------------------------------
+
+CHAT_ID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/snet-chat"
+ROGUE_ID = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/intruder"
+
+
+def test_with_tls_instances_are_called_over_https() -> None:
+    h = Harness(A, tls=True)
+    result_of(h.list())
+    assert [url for _, url, _ in h.network.requests] == [
+        f"https://10.0.0.1:{A.port}/v1/dialogs/2/messages?limit=10"
+    ]
+
+
+def test_a_rogue_instance_is_ejected_at_once_and_the_send_goes_elsewhere_with_the_same_key(
+    logs: Sequence[LogEvent],
+) -> None:
+    h = Harness(A, B, eject_after=3, tls=True)
+    h.network.rogues["10.0.0.1"] = ROGUE_ID
+    reply = result_of(h.send(request_id="req-9"))
+    assert (reply.status, reply.instance) == (201, "chat-b")
+    assert h.chat.hosts() == ["10.0.0.2"]  # nothing reached the rogue: the handshake failed
+    assert h.chat.calls[0]["headers"]["idempotency-key"] == "key-1"
+    assert h.metric("snet_chat_request_failures_total", instance="chat-a", reason="identity") == 1
+    assert h.health is not None and h.health.ejected("chat-a")
+    (warning,) = warnings(logs)
+    assert (warning["instance"], warning["found"]) == ("chat-a", ROGUE_ID)
+    assert warning["expected"] == CHAT_ID
+    assert "req-9" in formatEvent(warning)
+    # Ejected: the next calls go to chat-b alone, without trying the rogue again.
+    assert [result_of(h.list()).instance for _ in range(3)] == ["chat-b"] * 3
+    assert h.metric("snet_chat_requests_total", instance="chat-a") == 1
+
+
+def test_without_an_identity_of_its_own_the_monolith_does_not_blame_the_instance() -> None:
+    h = Harness(A, B, eject_after=1, tls=True)
+    failing = NoConnectIdentity("no connect identity yet")
+    h.network.request = lambda *a, **k: fail(ResponseNeverReceived([Failure(failing)]))  # type: ignore[method-assign]
+    assert failure_of(h.list()).check(ChatUnavailable)
+    assert (
+        h.metric("snet_chat_request_failures_total", instance="chat-a", reason="no_identity") == 1
+    )
+    assert h.health is not None and not h.health.ejected("chat-a")

@@ -3,9 +3,13 @@ tree its makeService wires, all on the reactor it is given (a memory reactor her
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from twisted.application.internet import TimerService
+from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from snet.chat.registration import ChatRegistration
@@ -13,6 +17,7 @@ from snet.chat.tap import REPAIR_INTERVAL, Options, default_instance_id, makeSer
 from snet.config import ConsulConfig, MySQLConfig, RedisConfig
 from snet.lifecycle import ServingInstance, listen_interface
 from snet.testing import result_of
+from snet.testing.connect import TestCA, identified_before_listening
 
 MYSQL = "mysql://chat:secret@db.example:3307/snet"
 
@@ -89,11 +94,12 @@ def test_the_mysql_password_never_shows_in_the_config_repr() -> None:
     assert "secret" not in repr(parse(["--mysql", MYSQL])["mysql-config"])
 
 
-def test_instance_ids_are_unique_and_say_where_the_instance_runs() -> None:
-    first = default_instance_id("snet-chat", "10.0.0.5", 9001)
-    second = default_instance_id("snet-chat", "10.0.0.5", 9001)
+def test_instance_ids_are_unique_and_name_no_address() -> None:
+    """The monolith shows the id to its clients (X-Snet-Chat-Instance)."""
+    first = default_instance_id("snet-chat")
+    second = default_instance_id("snet-chat")
     assert first != second
-    assert first.startswith("snet-chat-10.0.0.5-9001-")
+    assert re.fullmatch(r"snet-chat-[0-9a-f]{12}", first)
 
 
 def test_listen_interface_is_taken_from_the_endpoint_string() -> None:
@@ -116,20 +122,22 @@ def test_a_chat_instance_registers_once_serving_and_closes_consul_redis_then_mys
     reactor = MemoryReactorClock()
     service = make_service(["--deregister-grace", "0.25", "--advertise", "10.0.0.5:9100"], reactor)
     assert service.clock is reactor
-    [repairs] = service.workers
+    repairs, admin = service.workers
     assert isinstance(repairs, TimerService)
+    assert isinstance(admin, StreamServerEndpointService)
     assert (repairs.step, repairs.clock) == (REPAIR_INTERVAL, reactor)
     assert [r.name for r in service.resources] == ["consul", "redis", "mysql"]
     assert (service.advertise, service.announce_grace) == (("10.0.0.5", 9100), 0.25)
     assert service.announce is not None
     registration = service.announce("10.0.0.5", 9100)
     assert isinstance(registration, ChatRegistration)
-    assert registration.instance.instance_id.startswith("snet-chat-10.0.0.5-9100-")
+    assert re.fullmatch(r"snet-chat-[0-9a-f]{12}", registration.instance.instance_id)
+    assert (registration.instance.address, registration.instance.port) == ("10.0.0.5", 9100)
 
 
 def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_given() -> None:
     reactor = MemoryReactorClock()
-    service = make_service([], reactor)
+    service = make_service(["--insecure-plaintext"], reactor)
     service.startService()
     [(port, site, _, interface)] = reactor.tcpServers
     assert (port, site, interface) == (0, service.site, "127.0.0.1")
@@ -147,3 +155,42 @@ def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_giv
     assert result_of(stopped) is None
     assert not any(r.running for r in service.resources)
     assert reactor.getDelayedCalls() == []
+
+
+def test_by_default_it_listens_over_connect_tls_only_once_it_has_its_identity() -> None:
+    reactor = MemoryReactorClock()
+    service = make_service(["--service-name", "dialogs"], reactor)
+    watcher = identified_before_listening(service, reactor, TestCA(), 8501)
+    assert watcher.service == "dialogs"
+    [(_, factory, _, _)] = reactor.tcpServers
+    assert isinstance(factory, TLSMemoryBIOFactory)
+    assert factory.wrappedFactory is service.site
+    assert service.announce is not None
+    registration = service.announce("127.0.0.1", 9001)
+    assert isinstance(registration, ChatRegistration)
+    assert registration.instance.connect_native
+    result_of(service.stopService())
+    assert not watcher.running
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "plaintext"),
+    [
+        ([], {}, False),
+        (["--insecure-plaintext"], {}, True),
+        ([], {"SNET_INSECURE_PLAINTEXT": "1"}, True),
+        ([], {"SNET_INSECURE_PLAINTEXT": "0"}, False),
+    ],
+)
+def test_plaintext_is_only_by_the_explicit_option_or_its_variable(
+    args: list[str], environ: dict[str, str], plaintext: bool
+) -> None:
+    assert parse(["--mysql", MYSQL, *args], environ)["insecure-plaintext"] is plaintext
+
+
+def test_plaintext_logs_a_warning_at_start() -> None:
+    with capturedLogs() as events:
+        service = make_service(["--insecure-plaintext"], MemoryReactorClock())
+    assert service.prerequisites == []
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert any("--insecure-plaintext" in w for w in warnings)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 
 from snet.config import ConsulConfig
 from snet.connect import (
@@ -273,3 +273,22 @@ def test_any_error_denies_and_is_not_cached(
     assert authorizer.errors == 1
     agent.error = None
     assert result_of(authorizer.authorize(server, "01")).allowed
+
+
+def test_while_consul_cannot_answer_a_known_caller_keeps_its_last_answer_for_a_while(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent, clock: Clock, ca: TestCA
+) -> None:
+    """An agent restart must not cut the monolith off; a caller never seen is still denied."""
+    server = ca.spiffe_id("snet-server").uri
+    agent.authorized[server] = True
+    assert result_of(authorizer.authorize(server, "01")).allowed
+    agent.error = (500, b"no leader")
+    clock.advance(authorizer.ttl + 1)
+    with capturedLogs() as events:
+        assert result_of(authorizer.authorize(server, "01")).allowed
+        assert not result_of(authorizer.authorize(ca.spiffe_id("other").uri, "02")).allowed
+    assert (authorizer.errors, authorizer.stale) == (2, 1)
+    assert "stands" in formatEvent(events[0])
+    clock.advance(authorizer.stale_if_error)
+    with capturedLogs():
+        assert not result_of(authorizer.authorize(server, "01")).allowed

@@ -259,3 +259,69 @@ def test_an_instance_that_cannot_listen_logs_why_and_stops_its_reactor() -> None
         instance.startService()
     assert reactor.hasStopped
     assert [formatEvent(e) for e in events if "log_failure" in e] == ["could not start"]
+
+
+class Identity(Service):
+    """A prerequisite (like the Connect certificate watcher): ready once ``ready_now``."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.waiting: list[Deferred[str]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self.recorder.events.append("start identity")
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.recorder.events.append("stop identity")
+
+    def ready(self) -> Deferred[str]:
+        d: Deferred[str] = Deferred(self.waiting.remove)
+        self.waiting.append(d)
+        return d
+
+    def ready_now(self) -> None:
+        self.recorder.events.append("identity ready")
+        for d in self.waiting:
+            d.callback("identity")
+
+
+def with_identity(recorder: Recorder, clock: Clock) -> tuple[ServingInstance, Identity]:
+    identity = Identity(recorder)
+    instance = make_instance(recorder, clock, InFlight())
+    instance.prerequisites = [identity]
+    return instance, identity
+
+
+def test_it_listens_only_once_its_prerequisites_are_ready() -> None:
+    recorder, clock = Recorder(), Clock()
+    instance, identity = with_identity(recorder, clock)
+    instance.startService()
+    assert recorder.events == ["start identity"]
+    identity.ready_now()
+    recorder.schema_results[0].callback(None)
+    assert recorder.events == [
+        "start identity",
+        "identity ready",
+        "listen",
+        "apply schema",
+        "start worker",
+        "register",
+    ]
+    recorder.deregistered.callback(None)
+    stopped = instance.stopService()
+    clock.advance(0.5)
+    result_of(stopped)
+    assert recorder.events[-4:] == ["stop listening", "stop worker", "stop identity", "close"]
+
+
+def test_stop_while_waiting_for_a_prerequisite_never_listens_and_stops_it() -> None:
+    recorder, clock = Recorder(), Clock()
+    instance, identity = with_identity(recorder, clock)
+    with capturedLogs() as events:
+        instance.startService()
+        result_of(instance.stopService())
+    assert recorder.events == ["start identity", "stop identity", "close"]
+    assert identity.waiting == []
+    assert not [e for e in events if e.get("log_failure") is not None]

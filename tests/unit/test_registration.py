@@ -350,3 +350,13 @@ def test_check_durations_are_consul_strings() -> None:
     assert (check["interval"], check["timeout"]) == ("500ms", "2s")
     assert check["DeregisterCriticalServiceAfter"] == "90s"
     assert consul_duration(60.0) == "60s"
+
+
+def test_a_connect_native_instance_registers_so_and_checks_health_over_tls() -> None:
+    instance = ServiceInstance("snet-chat", "chat-4", "10.0.0.5", 8081, "1", connect_native=True)
+    registration = instance.registration()
+    assert registration["connect"] == {"Native": True}
+    assert registration["check"]["http"] == "https://10.0.0.5:8081/health"
+    assert registration["check"]["TLSSkipVerify"] is True
+    assert "connect" not in INSTANCE.registration()
+    assert "TLSSkipVerify" not in INSTANCE.registration()["check"]

@@ -720,14 +720,18 @@ def test_health_reports_mysql_and_draining(h: Harness) -> None:
     assert status == 503 and body["code"] == ErrorCode.DRAINING
 
 
-def test_metrics_count_requests_by_route_template(h: Harness) -> None:
-    """/metrics serves Prometheus text with requests counted by route template."""
+def test_metrics_count_requests_by_route_template_on_the_admin_listener_only(h: Harness) -> None:
+    """/metrics serves Prometheus text with requests counted by route template, on the
+    admin listener; the public port does not have it."""
     h.call("GET", "/user/get/5")
     status, _, _ = h.call("GET", "/health")
-    response = result_of(h.treq.get(BASE + "/metrics"))
+    assert h.call("GET", "/metrics")[0] == 404
+    admin = StubTreq(h.api.admin_resource())
+    response = result_of(admin.get(BASE + "/metrics"))
     text = result_of(response.text())
     assert response.code == 200 and status == 200
     assert 'route="/user/get/<user_id>"' in text and 'status="404"' in text
+    assert result_of(admin.get(BASE + "/health")).code == 200
 
 
 # --- parsers --------------------------------------------------------------------------------

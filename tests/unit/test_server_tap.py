@@ -3,13 +3,18 @@ given (a memory reactor here: nothing listens or connects for real)."""
 
 from __future__ import annotations
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from snet.connect import ConnectPolicyForHTTPS
+from snet.consul import TreqConsul
 from snet.lifecycle import ServingInstance
 from snet.server.discovery import HealthyInstances, StaticInstances
 from snet.server.feed import FeedFanout
-from snet.server.tap import Options, makeService
+from snet.server.tap import Options, makeService, monolith_connect
 from snet.testing import result_of
+from snet.testing.connect import TestCA, identified_before_listening
 
 ENVIRON = {
     "SNET_MYSQL": "mysql://server:secret@127.0.0.1:3307/snet",
@@ -34,7 +39,8 @@ def test_the_monolith_discovers_chat_in_consul_and_closes_consul_http_redis_then
     reactor = MemoryReactorClock()
     service = make_service([], reactor)
     assert service.clock is reactor
-    discovery, fanout = service.workers
+    discovery, fanout, admin = service.workers
+    assert isinstance(admin, StreamServerEndpointService)
     assert isinstance(discovery, HealthyInstances)
     assert isinstance(fanout, FeedFanout)
     assert fanout.clock is reactor
@@ -50,7 +56,7 @@ def test_with_a_chat_url_the_monolith_sends_every_dialog_call_there_and_needs_no
 
 def test_the_monolith_listens_and_connects_only_through_the_reactor_it_is_given() -> None:
     reactor = MemoryReactorClock()
-    service = make_service([], reactor)
+    service = make_service(["--insecure-plaintext"], reactor)
     service.startService()
     [(port, site, _, interface)] = reactor.tcpServers
     assert (port, site, interface) == (0, service.site, "127.0.0.1")
@@ -65,3 +71,52 @@ def test_the_monolith_listens_and_connects_only_through_the_reactor_it_is_given(
     assert result_of(stopped) is None
     assert not any(r.running for r in service.resources)
     assert reactor.getDelayedCalls() == []
+
+
+def test_by_default_it_calls_chat_over_connect_tls_with_an_identity_it_has_before_listening() -> (
+    None
+):
+    reactor = MemoryReactorClock()
+    service = make_service(["--chat-service", "dialogs"], reactor)
+    watcher = identified_before_listening(service, reactor, TestCA(), 8501)
+    assert watcher.service == "snet-server"
+    assert len(reactor.tcpServers) == 1
+    result_of(service.stopService())
+    assert not watcher.running
+
+
+def test_the_chat_client_accepts_only_the_chat_service_s_identity() -> None:
+    options = Options(environ=ENVIRON)
+    options.parseOptions(["--chat-service", "dialogs"])
+    reactor = MemoryReactorClock()
+    consul = TreqConsul(options["consul-config"], reactor=reactor)
+    connect = monolith_connect(options, consul, reactor)
+    assert isinstance(connect.policy, ConnectPolicyForHTTPS)
+    assert connect.watcher is not None
+    ca = TestCA()
+    connect.watcher._apply_leaf(ca.consul_leaf("snet-server"))
+    connect.watcher._apply_roots(ca.consul_roots())
+    assert connect.policy.expected_id() == ca.spiffe_id("dialogs").uri
+
+
+def test_plaintext_or_a_chat_url_needs_no_identity_and_says_so() -> None:
+    for args in (["--insecure-plaintext"], ["--chat-url", "http://chat.example:9001"]):
+        with capturedLogs() as events:
+            service = make_service(args, MemoryReactorClock())
+        assert service.prerequisites == []
+        warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+        assert any("--insecure-plaintext" in w for w in warnings), args
+
+
+def test_plaintext_can_come_from_the_environment() -> None:
+    options = Options(environ={**ENVIRON, "SNET_INSECURE_PLAINTEXT": "true"})
+    options.parseOptions([])
+    assert options["insecure-plaintext"] is True
+
+
+def test_the_admin_listener_is_on_127_0_0_1_unless_the_operator_says_otherwise() -> None:
+    default, given = Options(environ=ENVIRON), Options(environ=ENVIRON)
+    default.parseOptions([])
+    given.parseOptions(["--admin-listen", "tcp:9090"])
+    assert default["admin-listen"] == "tcp:8081:interface=127.0.0.1"
+    assert given["admin-listen"] == "tcp:9090"
