@@ -43,6 +43,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from snet.retry import exponential_backoff
@@ -258,11 +259,13 @@ class ServingInstance(Service):
         log.info("stopped")
 
 
-def admin_listener(options: Any, app: ServiceApp, reactor: Any) -> IService:
+def admin_listener(
+    options: Any, app: ServiceApp, reactor: Any, fleet: IResource | None = None
+) -> IService:
     """The admin listener (``--admin-listen``) serving *app*'s operator routes: a worker of
     the ServingInstance, so it is up before the instance registers and answers (``/metrics``
     during the drain included) until the public listener has drained."""
     return StreamServerEndpointService(
         serverFromString(reactor, options["admin-listen"]),
-        LimitedSite(app.admin_resource(), options["http-limits"], reactor=reactor),
+        LimitedSite(app.admin_resource(fleet), options["http-limits"], reactor=reactor),
     )

@@ -29,6 +29,7 @@ from snet.server.chat_client import ChatClient, chat_http_client
 from snet.server.discovery import HealthyInstances, StaticInstances, endpoint_from_url
 from snet.server.ejection import PassiveHealth
 from snet.server.feed import FeedCache, FeedFanout, FeedMetrics
+from snet.server.fleetview import FleetHistory, FleetView
 from snet.server.ratelimit import (
     LoginLimits,
     LoginThrottle,
@@ -189,8 +190,9 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         consecutive_failures=options["eject-after"],
         registry=metrics.registry,
     )
+    balancer = RoundRobin(instances, health=health)
     chat = ChatClient(
-        balancer=RoundRobin(instances, health=health),
+        balancer=balancer,
         http=http,
         clock=reactor,
         timeout=options["chat-timeout"],
@@ -230,6 +232,15 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         ClosedOnStop("redis", redis.disconnect),
         ClosedOnStop("mysql", pool.close),
     ]
+    history = FleetHistory(registry=metrics.registry, clock=reactor)
+    fleet = FleetView(
+        instances=instances,
+        balancer=balancer,
+        health=health,
+        history=history,
+        clock=reactor,
+        consul_ui=None if options["chat-url"] else f"{options['consul-config'].url}/ui/",
+    )
     return ServingInstance(
         endpoint=serverFromString(reactor, options["listen"]),
         site=LimitedSite(api.resource(), options["http-limits"], reactor=reactor),
@@ -239,7 +250,12 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         clock=reactor,
         drain_timeout=options["drain-timeout"],
         reactor=reactor,
-        workers=[instances, FeedFanout(feed, clock=reactor), admin_listener(options, api, reactor)],
+        workers=[
+            instances,
+            FeedFanout(feed, clock=reactor),
+            history,
+            admin_listener(options, api, reactor, fleet=fleet.resource()),
+        ],
         prerequisites=[connect.watcher] if connect.watcher is not None else [],
         resources=resources,
     )

@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
 from snet.web.draining import InFlight
-from snet.web.errors import ErrorCode, error_body
+from snet.web.errors import ErrorCode, NotFound, error_body
 from snet.web.metrics import HTTPMetrics
 from snet.web.requests import json_response, notify_finish, request_id, set_header
 
@@ -172,11 +172,12 @@ class ServiceApp:
             self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
         )
 
-    def admin_resource(self) -> IResource:
-        """The operator's routes (``/metrics``, ``/health``) as a resource for the admin
-        listener, which is bound to 127.0.0.1 unless the operator says otherwise."""
+    def admin_resource(self, fleet: IResource | None = None) -> IResource:
+        """The operator's routes (``/metrics``, ``/health``, and the *fleet* view at
+        ``/fleet/`` when given) as a resource for the admin listener, which is bound to
+        127.0.0.1 unless the operator says otherwise."""
         return ObservedResource(
-            AdminAPI(self).app.resource(),
+            AdminAPI(self, fleet).app.resource(),
             in_flight=InFlight(),
             metrics=self.metrics,
             clock=self.clock,
@@ -192,8 +193,9 @@ class AdminAPI:
 
     app = Klein()
 
-    def __init__(self, service: ServiceApp) -> None:
+    def __init__(self, service: ServiceApp, fleet: IResource | None = None) -> None:
         self.service = service
+        self.fleet = fleet
 
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: IRequest) -> bytes:
@@ -202,6 +204,12 @@ class AdminAPI:
     @app.route("/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:
         return await self.service.health(request)
+
+    @app.route("/fleet/", branch=True)
+    def fleet_view(self, request: IRequest) -> IResource:
+        if self.fleet is None:
+            raise NotFound("this service has no fleet view")
+        return self.fleet
 
 
 async def health_response(

@@ -223,3 +223,21 @@ def test_registrations_from_one_address_are_limited(
         register(url, "192.0.2.250")
     finally:
         process.stop()
+
+
+def test_operator_routes_are_on_the_admin_listener_only(
+    consul_agent: ConsulAgent, database: str, redis_server: Redis
+) -> None:
+    """/metrics and the fleet view answer on the admin listener (127.0.0.1), not on the
+    public port."""
+    process = start(consul_agent, database, redis_server)
+    try:
+        admin, public = process.admin_url, base(process)
+        assert admin is not None
+        for path in ("/metrics", "/fleet/", "/fleet/fleet.json"):
+            assert http_get(f"{admin}{path}")[0] == 200, path
+            assert http_get(f"{public}{path}")[0] == 404, path
+        status, _, fleet = http_json("GET", f"{admin}/fleet/fleet.json")
+        assert status == 200 and isinstance(fleet, dict), fleet
+    finally:
+        process.stop()

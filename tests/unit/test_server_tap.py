@@ -12,6 +12,7 @@ from snet.consul import TreqConsul
 from snet.lifecycle import ServingInstance
 from snet.server.discovery import HealthyInstances, StaticInstances
 from snet.server.feed import FeedFanout
+from snet.server.fleetview import FleetHistory
 from snet.server.tap import Options, makeService, monolith_connect
 from snet.testing import result_of
 from snet.testing.connect import TestCA, identified_before_listening
@@ -39,7 +40,8 @@ def test_the_monolith_discovers_chat_in_consul_and_closes_consul_http_redis_then
     reactor = MemoryReactorClock()
     service = make_service([], reactor)
     assert service.clock is reactor
-    discovery, fanout, admin = service.workers
+    discovery, fanout, history, admin = service.workers
+    assert isinstance(history, FleetHistory) and history.clock is reactor
     assert isinstance(admin, StreamServerEndpointService)
     assert isinstance(discovery, HealthyInstances)
     assert isinstance(fanout, FeedFanout)
