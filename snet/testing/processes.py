@@ -143,9 +143,13 @@ class TwistdProcess:
         return self
 
     def wait_healthy(self, timeout: float) -> None:
-        """Wait until the health URL answers 200, or fail with the log's tail."""
-        health_url = self.health_url
-        assert health_url is not None
+        """Wait until the health URL answers 200, and the admin listener's too when the test
+        knows it (the admin listener starts with the workers, after the schema is applied,
+        so it comes up after the public port), or fail with the log's tail."""
+        assert self.health_url is not None
+        urls = [self.health_url]
+        if self.admin_url is not None:
+            urls.append(f"{self.admin_url}/health")
 
         def healthy() -> bool:
             if self.process is not None and self.process.poll() is not None:
@@ -153,7 +157,7 @@ class TwistdProcess:
                     f"{self} exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
             try:
-                return http_get(health_url, timeout=1.0)[0] == 200
+                return all(http_get(url, timeout=1.0)[0] == 200 for url in urls)
             except OSError:
                 return False
 
