@@ -32,7 +32,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from snet.blocking_query import BlockingQuery, Fetch
+from snet.blocking_query import Answer, BlockingQuery, Fetch
 from snet.connect.identity import ConnectAnswerError, ConnectIdentity, Leaf, Roots
 from snet.consul import TreqConsul
 from snet.retry import exponential_backoff
@@ -137,21 +137,21 @@ class CertificateWatcher(Service):
     def _fetcher(self, path: str) -> Fetch:
         wait = f"{max(1, round(self._wait * 1000))}ms"
 
-        def fetch(index: int) -> Deferred[tuple[int, object]]:
+        def fetch(index: int) -> Deferred[tuple[object, object]]:
             params = [("index", str(index)), ("wait", wait)] if index > 0 else []
-            d: Deferred[tuple[int, object]] = self._consul.http.get(
+            d: Deferred[tuple[object, object]] = self._consul.http.get(
                 CB.json(index=True, allow_404=False), path, params=params
             )
             return d
 
         return fetch
 
-    def _apply_leaf(self, answer: object) -> None:
-        self._leaf = Leaf.from_consul(answer, self.service)
+    def _apply_leaf(self, answer: Answer) -> None:
+        self._leaf = Leaf.from_consul(answer.body, self.service)
         self._combine()
 
-    def _apply_roots(self, answer: object) -> None:
-        self._roots = Roots.from_consul(answer)
+    def _apply_roots(self, answer: Answer) -> None:
+        self._roots = Roots.from_consul(answer.body)
         self._combine()
 
     def _combine(self) -> None:

@@ -3,13 +3,9 @@
 :class:`HealthyInstances` follows the list of instances of a service that Consul reports as
 passing (``/v1/health/service/<name>?passing=true``), by two paths at once:
 
-- a *blocking-query loop* (index + wait) that learns of every change within milliseconds of
-  Consul knowing it, following Consul's rules for blocking clients: the first call (and the
-  first after a failure or a reset) does not block, an index that goes backwards starts the
-  loop afresh, an index below 1 is never waited on, calls are at least ``min_interval``
-  seconds apart (a rate limit, so that an index that changes all the time cannot make the
-  loop spin), every call has a timeout (``TreqConsul`` gives a blocking call ``wait +
-  wait/16`` on top of its own), and failures are retried after the ``retry_delay`` policy;
+- a *blocking-query loop* (:class:`snet.blocking_query.BlockingQuery`: index + wait) that
+  learns of every change within milliseconds of Consul knowing it, following Consul's rules
+  for blocking clients (see that module);
 - a *periodic refresh* (a ``TimerService`` on the injected clock) that reads the list every
   ``refresh_interval`` seconds whatever the loop does, so that a stuck or broken loop can
   never leave the list stale for longer than that. A ``TimerService`` calls at once when it
@@ -34,21 +30,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-import consul
 from attrs import frozen
 from prometheus_client import CollectorRegistry, Gauge
 from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from snet.blocking_query import Answer, BlockingQuery, ConsulReach, consul_index, log_went_back
 from snet.config import parse_http_address
-from snet.consul import ConsulUnavailable, TreqConsul, consul_duration
-from snet.httpcall import describe
+from snet.consul import TreqConsul, consul_duration
 from snet.retry import exponential_backoff
 
 __all__ = [
@@ -176,15 +171,6 @@ def endpoints_from_health(nodes: object) -> tuple[Instances, list[str]]:
     return tuple(unique.values()), problems
 
 
-def _parse_answer(answer: tuple[object, object]) -> tuple[int, object]:
-    """py-consul's ``(index, nodes)`` with the index as a number."""
-    raw_index, nodes = answer
-    try:
-        return int(str(raw_index)), nodes
-    except ValueError:
-        raise consul.ConsulException(f"invalid X-Consul-Index {raw_index!r}") from None
-
-
 class _Subscribers:
     def __init__(self) -> None:
         self._callbacks: list[Subscriber] = []
@@ -214,7 +200,8 @@ class HealthyInstances(Service):
 
     ``instances`` is sorted by ``instance_id`` and is the same tuple object until the list
     changes. ``last_success`` is the clock time of the last answer from Consul (any answer, even
-    one that changed nothing), ``consul_reachable`` whether the last call got one.
+    one that changed nothing), ``consul_reachable`` whether the last call got one,
+    ``consul_index`` the ``X-Consul-Index`` of the last answer applied.
 
     With a *registry*, exports ``snet_chat_instances_healthy`` (instances in the list),
     ``snet_consul_staleness_seconds`` (seconds since the last answer, computed when scraped;
@@ -244,27 +231,28 @@ class HealthyInstances(Service):
         self.service_name = service_name
         self._clock = clock
         self._wait = wait
-        self._retry_delay = retry_delay or exponential_backoff(initial=0.2, maximum=5.0)
-        self._min_interval = min_interval
         self._instances: Instances = ()
         self._empty_logged = False
         self._subscribers = _Subscribers()
-        self.last_success: float | None = None
-        self.consul_reachable = False
         self._started_at: float | None = None
-        self._outage_logged = False
         self._problems: frozenset[str] = frozenset()
         # Ordering of answers: the index of the last applied one, and a count of applied
         # answers (a call that saw none applied while it ran can trust a lower index).
         self._applied_index = 0
         self._generation = 0
-        # The blocking-query loop.
-        self._wait_index = 0
-        self._failures = 0
-        self._watch_sent_at: float | None = None
-        self._watch_timer: IDelayedCall | None = None
-        self._watch_call: Deferred[None] | None = None
-        # The periodic refresh.
+        # Both paths tell one ConsulReach of their answers and failures.
+        self._reach = ConsulReach(
+            service_name, clock, kept=lambda: f"{len(self._instances)} instances"
+        )
+        self._loop = BlockingQuery(
+            service_name,
+            self._fetch,
+            self._watched,
+            clock=clock,
+            retry_delay=retry_delay or exponential_backoff(initial=0.2, maximum=5.0),
+            min_interval=min_interval,
+            reach=self._reach,
+        )
         self._refresher = TimerService(refresh_interval, self._periodic_refresh)
         self._refresher.clock = clock
         self._refresh_skip = False
@@ -278,6 +266,19 @@ class HealthyInstances(Service):
     def instances(self) -> Instances:
         """The instances Consul last reported as passing, sorted by ``instance_id``."""
         return self._instances
+
+    @property
+    def last_success(self) -> float | None:
+        return self._reach.last_success
+
+    @property
+    def consul_reachable(self) -> bool:
+        return self._reach.reachable
+
+    @property
+    def consul_index(self) -> int | None:
+        """The ``X-Consul-Index`` of the last answer applied (None before the first)."""
+        return self._applied_index if self._generation else None
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Call *callback(instances)* after every change of the list; returns an unsubscribe."""
@@ -313,49 +314,28 @@ class HealthyInstances(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self._started_at = self._clock.seconds()
-        self._wait_index = 0
-        self._failures = 0
-        self._watch_sent_at = None
-        self._schedule_watch(0.0)
+        self._loop.start()
         self._refresh_skip = True  # the call TimerService makes as it starts
         self._refresher.startService()
 
     def stopService(self) -> Deferred[None]:
         """Stop both paths; fires once no call to Consul is in flight and no timer is left."""
         super().stopService()  # type: ignore[no-untyped-call]
-        waits: list[Deferred[Any]] = []
-        if self._watch_timer is not None and self._watch_timer.active():
-            self._watch_timer.cancel()
-        self._watch_timer = None
+        waits: list[Deferred[Any]] = [self._loop.stop()]
         if self._refresher.running:
             waits.append(self._refresher.stopService())
-        for call in (self._watch_call, self._refresh_call):
-            if call is not None:
-                call.cancel()
-                waits.append(call)
+        call = self._refresh_call
+        if call is not None:
+            call.cancel()
+            waits.append(call)
         done: Deferred[None] = DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
         return done
 
     # The blocking-query loop.
 
-    def _schedule_watch(self, delay: float) -> None:
-        if self._watch_timer is not None and self._watch_timer.active():
-            self._watch_timer.cancel()
-        self._watch_timer = self._clock.callLater(max(0.0, delay), self._watch)
-
-    def _rate_limited(self) -> float:
-        """Seconds to wait before the next blocking call may start."""
-        if self._watch_sent_at is None:
-            return 0.0
-        return self._watch_sent_at + self._min_interval - self._clock.seconds()
-
-    def _watch(self) -> None:
-        self._watch_timer = None
-        if not self.running:
-            return
-        index = self._wait_index
-        generation = self._generation
-        self._watch_sent_at = self._clock.seconds()
+    def _read(self, index: int = 0) -> Deferred[Any]:
+        """``(index, nodes)`` of the passing instances; a blocking read after *index* > 0.
+        Never blocks on index 0: that read answers at once with the current index."""
         d: Deferred[Any]
         if index > 0:
             d = self._consul.health.service(
@@ -365,68 +345,20 @@ class HealthyInstances(Service):
                 passing=True,
             )
         else:
-            # Never block on index 0: this read answers at once with the current index.
             d = self._consul.health.service(self.service_name, passing=True)
-        self._watch_call = d
+        return d
 
-        def settled(result: object) -> object:
-            if self._watch_call is d:  # not a call _restart_watch already let go of
-                self._watch_call = None
-            return result
-
-        d.addBoth(settled)
-        d.addCallback(_parse_answer).addCallbacks(
-            self._watched,
-            self._watch_failed,
-            callbackArgs=(index, generation),
-        ).addErrback(self._watch_bug)
-
-    def _watched(self, answer: tuple[int, object], sent_index: int, generation: int) -> None:
-        if not self.running:
-            return
-        index, nodes = answer
-        went_back = index < sent_index
-        if went_back:
-            log.info(
-                "consul index went backwards ({old} -> {new}): reading {service} afresh",
-                old=sent_index,
-                new=index,
-                service=self.service_name,
-            )
-            self._wait_index = 0
-        else:
-            self._wait_index = max(index, 1)
-        self._failures = 0
-        self._succeeded()
-        self._consider(index, nodes, generation, force=went_back)
-        self._schedule_watch(self._rate_limited())
-
-    def _watch_failed(self, failure: Failure) -> None:
-        if not self.running or failure.check(CancelledError):  # type: ignore[no-untyped-call]
-            return  # stopped, or cancelled by _restart_watch, which schedules the next call
-        self._failures += 1
-        # After a failure, read afresh: the agent may have restarted (its index is new).
-        self._wait_index = 0
-        delay = max(self._retry_delay(self._failures), self._rate_limited())
-        self._failed(failure, delay)
-        self._schedule_watch(delay)
-
-    def _watch_bug(self, failure: Failure) -> None:
-        log.failure(
-            "bug in the blocking query loop of {service}", failure, service=self.service_name
+    def _fetch(self, index: int) -> Deferred[tuple[object, object]]:
+        """The loop's call; the body carries the generation it was sent in."""
+        generation = self._generation
+        d: Deferred[tuple[object, object]] = self._read(index).addCallback(
+            lambda answer: (answer[0], (answer[1], generation))
         )
-        if self.running:
-            self._failures += 1
-            self._wait_index = 0
-            self._schedule_watch(self._retry_delay(self._failures))
+        return d
 
-    def _restart_watch(self) -> None:
-        """Make the loop's next call a fresh read, cancelling a blocking call in flight."""
-        self._wait_index = 0
-        call, self._watch_call = self._watch_call, None
-        if call is not None:
-            call.cancel()
-            self._schedule_watch(self._rate_limited())
+    def _watched(self, answer: Answer) -> None:
+        nodes, generation = cast(tuple[object, int], answer.body)
+        self._consider(answer.index, nodes, generation, force=answer.went_back)
 
     # The periodic refresh.
 
@@ -439,7 +371,7 @@ class HealthyInstances(Service):
 
     def _refresh(self) -> Deferred[None]:
         generation = self._generation
-        d: Deferred[Any] = self._consul.health.service(self.service_name, passing=True)
+        d: Deferred[Any] = self._read()
         self._refresh_call = d
 
         def settled(result: object) -> object:
@@ -448,29 +380,29 @@ class HealthyInstances(Service):
             return result
 
         d.addBoth(settled)
-        d.addCallback(_parse_answer).addCallbacks(
+        d.addCallbacks(
             self._refreshed, self._refresh_failed, callbackArgs=(generation,)
         ).addErrback(self._refresh_bug)
         return d
 
-    def _refreshed(self, answer: tuple[int, object], generation: int) -> None:
+    def _refreshed(self, answer: tuple[object, object], generation: int) -> None:
         if not self.running:
             return
-        index, nodes = answer
-        self._succeeded()
-        if self._consider(index, nodes, generation, force=False) and index < self._wait_index:
-            log.info(
-                "consul index went backwards ({old} -> {new}): reading {service} afresh",
-                old=self._wait_index,
-                new=index,
-                service=self.service_name,
-            )
-            self._restart_watch()
+        raw_index, nodes = answer
+        index = consul_index(raw_index)
+        self._reach.succeeded()
+        self._loop.wake()  # the loop may be waiting out a back-off: Consul answers again
+        if self._consider(index, nodes, generation, force=False) and index < self._loop.index:
+            log_went_back(self.service_name, self._loop.index, index)
+            self._loop.restart()
 
     def _refresh_failed(self, failure: Failure) -> None:
         if not self.running or failure.check(CancelledError):  # type: ignore[no-untyped-call]
             return
-        self._failed(failure, None)
+        self._reach.failed(failure, None)
+
+    def _refresh_bug(self, failure: Failure) -> None:
+        log.failure("bug in the periodic refresh of {service}", failure, service=self.service_name)
 
     # Applying answers.
 
@@ -516,44 +448,6 @@ class HealthyInstances(Service):
             )
             self._subscribers.notify(endpoints)
         return True
-
-    def _succeeded(self) -> None:
-        self.last_success = self._clock.seconds()
-        if self.consul_reachable:
-            return
-        self.consul_reachable = True
-        if self._outage_logged:
-            self._outage_logged = False
-            log.info(
-                "consul reachable again, reading {service}",
-                service=self.service_name,
-            )
-        # The loop may be waiting out a back-off: Consul answers again, so go on now.
-        if self._failures and self._watch_timer is not None and self._watch_call is None:
-            self._schedule_watch(self._rate_limited())
-
-    def _failed(self, failure: Failure, retry_in: float | None) -> None:
-        self.consul_reachable = False
-        expected = failure.check(ConsulUnavailable, consul.ConsulException)  # type: ignore[no-untyped-call]
-        if not expected:
-            log.failure(
-                "unexpected error reading {service} from consul",
-                failure,
-                service=self.service_name,
-            )
-        if self._outage_logged:
-            return
-        self._outage_logged = True
-        log.warn(
-            "consul unreachable, keeping {count} instances: {error}",
-            count=len(self._instances),
-            error=failure.getErrorMessage() if failure.value is None else describe(failure.value),
-            service=self.service_name,
-            retry_in=retry_in,
-        )
-
-    def _refresh_bug(self, failure: Failure) -> None:
-        log.failure("bug in the periodic refresh of {service}", failure, service=self.service_name)
 
 
 # --- one fixed address ------------------------------------------------------------------------

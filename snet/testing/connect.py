@@ -23,6 +23,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from snet.blocking_query import Answer
 from snet.connect.identity import ConnectIdentity, Leaf, Roots, SpiffeServiceId
 from snet.connect.watcher import CertificateWatcher
 from snet.lifecycle import ServingInstance
@@ -32,6 +33,7 @@ __all__ = [
     "ROOTS",
     "FakeConnectAgent",
     "TestCA",
+    "give_identity",
     "identified_before_listening",
     "leaf_path",
     "new_ca_private_key",
@@ -313,6 +315,11 @@ def identified_before_listening(
     assert reactor.tcpServers == [], "listening before having an identity"
     asked = sum(1 for _, port, *_ in reactor.tcpClients if port == consul_port)
     assert asked == 2, f"{asked} calls to the agent, not 2 (the leaf, the roots)"
-    watcher._apply_leaf(ca.consul_leaf(watcher.service))
-    watcher._apply_roots(ca.consul_roots())
+    give_identity(watcher, ca)
     return watcher
+
+
+def give_identity(watcher: CertificateWatcher, ca: TestCA) -> None:
+    """Hand *watcher* a leaf and roots from *ca*, as the agent's first answers would."""
+    watcher._apply_leaf(Answer(1, ca.consul_leaf(watcher.service), 0))
+    watcher._apply_roots(Answer(1, ca.consul_roots(), 0))

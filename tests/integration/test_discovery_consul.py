@@ -184,11 +184,13 @@ def test_an_agent_outage_keeps_the_last_list_and_the_recovery_follows_consul(
         yield setup.register(first, 18101)
         yield eventually(lambda: ids_of(instances) == [first], 2, "the re-registered instance")
     said = [
-        str(formatEvent(e)) for e in events if e.get("log_namespace") == "snet.server.discovery"
+        str(formatEvent(e))
+        for e in events
+        if e.get("log_namespace") in {"snet.server.discovery", "snet.blocking_query"}
     ]
-    outages = [m for m in said if m.startswith("consul unreachable")]
+    outages = [m for m in said if m.startswith("cannot read")]
     assert len(outages) == 1, said
-    assert outages[0].startswith("consul unreachable, keeping 2 instances: ")
+    assert f"{setup.name} from consul, keeping 2 instances: " in outages[0], outages
     assert len([m for m in said if "reachable again" in m]) == 1, said
     assert len([m for m in said if "keeping the last 2" in m]) == 1, said
 

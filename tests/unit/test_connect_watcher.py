@@ -145,7 +145,7 @@ def test_while_the_agent_is_away_the_last_identity_stays_and_calls_back_off(
             assert len(agent.queries(LEAF)) == before
     assert watcher.identity is identity
     assert not watcher.healthy
-    warnings = [e for e in events if "keeping the last one" in e.get("log_format", "")]
+    warnings = [e for e in events if "keeping the last one" in str(formatEvent(e))]
     assert len(warnings) == 1
     agent.error = None
     with capturedLogs() as events:
@@ -155,7 +155,7 @@ def test_while_the_agent_is_away_the_last_identity_stays_and_calls_back_off(
     assert watcher.identity is identity  # the same leaf: nothing to replace
     # The first call after a failure does not block; the next one does.
     assert agent.queries(LEAF)[-2:] == [{}, {"index": "11", "wait": "60000ms"}]
-    assert any("answers again" in e.get("log_format", "") for e in events)
+    assert any("consul reachable again" in str(formatEvent(e)) for e in events)
 
 
 def test_an_unusable_answer_keeps_the_last_identity_and_is_retried(

@@ -207,7 +207,7 @@ def messages(events: Sequence[LogEvent], level: LogLevel | None = None) -> list[
     return [
         str(formatEvent(e))
         for e in events
-        if e.get("log_namespace") == "snet.server.discovery"
+        if e.get("log_namespace") in {"snet.server.discovery", "snet.blocking_query"}
         and (level is None or e.get("log_level") == level)
     ]
 
@@ -223,6 +223,16 @@ def test_the_first_read_does_not_block_and_the_next_one_waits_on_its_index(h: Ha
     h.clock.advance(0.05)
     assert h.agent.requests[1][1] == {"passing": "1", "index": "10", "wait": "30s"}
     assert len(h.agent.held) == 1
+
+
+def test_consul_index_is_the_index_of_the_last_answer_applied(h: Harness) -> None:
+    assert h.instances.consul_index is None
+    h.agent.entries = [entry("chat-a")]
+    h.start()
+    assert h.instances.consul_index == 10
+    h.clock.advance(0.05)
+    h.agent.change([entry("chat-a"), entry("chat-b")])
+    assert h.instances.consul_index == 11
 
 
 def test_a_change_reaches_the_list_as_soon_as_consul_answers(h: Harness) -> None:
@@ -402,7 +412,9 @@ def test_an_outage_keeps_the_last_list_and_is_logged_once(
     assert h.delays_asked[:3] == [1, 2, 3]
     warnings = messages(logs, LogLevel.warn)
     assert len(warnings) == 1
-    assert warnings[0].startswith("consul unreachable, keeping 2 instances: ConsulUnavailable")
+    assert warnings[0].startswith(
+        "cannot read snet-chat from consul, keeping 2 instances: ConsulUnavailable"
+    )
     assert h.seen == [h.instances.instances]
 
 
@@ -428,7 +440,7 @@ def test_recovery_is_logged_once_and_the_loop_reads_afresh(
     assert infos == ["consul reachable again, reading snet-chat"]
     for _ in range(20):
         h.clock.advance(1.0)
-    assert [m for m in messages(logs) if "reachable" in m] == [
+    assert [m for m in messages(logs) if "reachable" in m or "cannot read" in m] == [
         messages(logs, LogLevel.warn)[0],
         "consul reachable again, reading snet-chat",
     ]
@@ -444,7 +456,7 @@ def test_each_outage_is_logged_once_again(h: Harness, logs: Sequence[LogEvent]) 
         h.clock.advance(3.0)
         h.http.down = False
         h.clock.advance(3.0)
-    assert len([m for m in messages(logs) if "unreachable" in m]) == 2
+    assert len([m for m in messages(logs) if "cannot read" in m]) == 2
     assert len([m for m in messages(logs) if "reachable again" in m]) == 2
 
 

@@ -15,7 +15,7 @@ from snet.server.feed import FeedFanout
 from snet.server.fleetview import FleetHistory
 from snet.server.tap import Options, makeService, monolith_connect
 from snet.testing import result_of
-from snet.testing.connect import TestCA, identified_before_listening
+from snet.testing.connect import TestCA, give_identity, identified_before_listening
 
 ENVIRON = {
     "SNET_MYSQL": "mysql://server:secret@127.0.0.1:3307/snet",
@@ -96,8 +96,7 @@ def test_the_chat_client_accepts_only_the_chat_service_s_identity() -> None:
     assert isinstance(connect.policy, ConnectPolicyForHTTPS)
     assert connect.watcher is not None
     ca = TestCA()
-    connect.watcher._apply_leaf(ca.consul_leaf("snet-server"))
-    connect.watcher._apply_roots(ca.consul_roots())
+    give_identity(connect.watcher, ca)
     assert connect.policy.expected_id() == ca.spiffe_id("dialogs").uri
 
 
