@@ -42,6 +42,10 @@ class Viewer:
     user: User | None
     csrf: str
     unread: int | None = None
+    session: bool = False
+    """The browser has a session cookie that was not looked up (an error page: the error
+    may be the database itself): the navigation of a signed-in person, without the parts
+    that need the user."""
 
 
 def full_name(user: User) -> str:
@@ -106,6 +110,16 @@ def problem(message: str | None) -> Tag | str:
 
 def navigation(viewer: Viewer) -> Tag:
     brand = tags.a("snet", href=url("/"), class_="brand")
+    if viewer.user is None and viewer.session:
+        return tags.nav(**{"aria-label": "Main"})(
+            brand,
+            tags.ul(
+                tags.li(tags.a("Feed", href=url("/feed"))),
+                tags.li(tags.a("Search", href=url("/search"))),
+                tags.li(tags.a("Friends", href=url("/friends"))),
+                tags.li(tags.a("Dialogs", href=url("/dialogs"))),
+            ),
+        )
     if viewer.user is None:
         return tags.nav(**{"aria-label": "Main"})(
             brand,

@@ -25,7 +25,7 @@ from snet.server import page_views as views
 from snet.server.accounts import Profile, User
 from snet.server.actions import DOMAIN_ERRORS, Actions, chat_unavailable
 from snet.server.page_views import PAGES_PREFIX, Viewer, url
-from snet.server.ratelimit import Network, client_address
+from snet.server.ratelimit import Network, client_address, served_over_tls
 from snet.server.social import Post
 from snet.server.validation import (
     DEFAULT_FEED_LIMIT,
@@ -134,7 +134,8 @@ class Pages:
         """Who looks at the page (a visitor gets a visitor cookie for their forms)."""
         session = await self._signed_in(request)
         if session is None:
-            return Viewer(user=None, csrf=csrf_token(visitor_secret(request)))
+            secret = visitor_secret(request, secure=self._over_tls(request))
+            return Viewer(user=None, csrf=csrf_token(secret))
         user, token = session
         count = None
         if unread:
@@ -183,7 +184,12 @@ class Pages:
         return Viewer(user=None, csrf=csrf_token(secret)), form
 
     def _start_session(self, request: IRequest, token: str) -> None:
-        set_cookie(request, SESSION_COOKIE, token, max_age=SESSION_SECONDS)
+        set_cookie(
+            request, SESSION_COOKIE, token, max_age=SESSION_SECONDS, secure=self._over_tls(request)
+        )
+
+    def _over_tls(self, request: IRequest) -> bool:
+        return served_over_tls(request, self.trusted_proxies)
 
     def _refused(self, request: IRequest, exc: Exception) -> ApiError:
         """The 4xx error a form is refused with (its headers set), to show on the form;
@@ -216,7 +222,7 @@ class Pages:
             message = "There is no such page."
         elif error.status == 500:
             message = "Something went wrong on our side; it has been logged. Try again later."
-        viewer = Viewer(user=None, csrf="")
+        viewer = Viewer(user=None, csrf="", session=cookie(request, SESSION_COOKIE) is not None)
         return _html(request, views.error_page(viewer, error.status, message), error.status)
 
     # --- visitors -----------------------------------------------------------------------
@@ -293,7 +299,7 @@ class Pages:
         if session is not None:  # else the session is over already
             check_csrf(request, session[1], form.get(CSRF_FIELD))
             await self.actions.log_out(session[1])
-        set_cookie(request, SESSION_COOKIE, "", max_age=0)
+        set_cookie(request, SESSION_COOKIE, "", max_age=0, secure=self._over_tls(request))
         return redirect_response(request, url("/"))
 
     # --- people -------------------------------------------------------------------------

@@ -149,6 +149,22 @@ def client_address(request: IRequest, trusted_proxies: Sequence[Network] = ()) -
     return forwarded_client(host, texts, trusted_proxies)
 
 
+def served_over_tls(request: IRequest, trusted_proxies: Sequence[Network] = ()) -> bool:
+    """Whether the browser reached *request* over TLS: this process's own TLS listener, or a
+    trusted proxy (the socket peer is one of *trusted_proxies*) that says
+    ``X-Forwarded-Proto: https`` (the left-most value: the proto the client used)."""
+    if request.isSecure():  # type: ignore[no-untyped-call]
+        return True
+    if not trusted_proxies:
+        return False
+    peer = parse_address(str(getattr(request.getClientAddress(), "host", "") or ""))  # type: ignore[no-untyped-call]
+    if peer is None or not _trusted(peer, trusted_proxies):
+        return False
+    values = request.requestHeaders.getRawHeaders(b"X-Forwarded-Proto") or []
+    first = b",".join(values).split(b",")[0].strip().lower()
+    return first == b"https"
+
+
 def address_key(address: str) -> str:
     """The key a limit counts *address* under: IPv4 as is, IPv6 by its /64."""
     parsed = parse_address(address)

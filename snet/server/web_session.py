@@ -2,7 +2,9 @@
 
 A signed-in browser holds the user's bearer token (the same revocable token the JSON API
 gives, from ``Accounts.login``) in the cookie ``snet_session``: HttpOnly, SameSite=Lax,
-Path=/web, Secure when the page was served over TLS. Logging out revokes the token.
+Path=/web, Secure when the page was served over TLS (by this process, or by a trusted proxy
+in front of it that says so with ``X-Forwarded-Proto: https``). Logging out revokes the
+token.
 
 Every form carries a CSRF token: the HMAC-SHA256 of the browser's secret (the session
 token, or before sign-in the random ``snet_visitor`` cookie) under a fixed label. Another
@@ -44,9 +46,11 @@ def cookie(request: IRequest, name: bytes) -> str | None:
         return None
 
 
-def set_cookie(request: IRequest, name: bytes, value: str, *, max_age: int | None) -> None:
-    """Set cookie *name* (HttpOnly, SameSite=Lax, Secure over TLS); *max_age* 0 deletes it,
-    None makes it last as long as the browser session."""
+def set_cookie(
+    request: IRequest, name: bytes, value: str, *, max_age: int | None, secure: bool
+) -> None:
+    """Set cookie *name* (HttpOnly, SameSite=Lax, Secure if *secure*: the page was served
+    over TLS); *max_age* 0 deletes it, None makes it last as long as the browser session."""
     # IRequest.addCookie does not list httpOnly and sameSite; twisted.web's Request has them.
     request.addCookie(  # type: ignore[no-untyped-call,call-arg]
         name,
@@ -54,7 +58,7 @@ def set_cookie(request: IRequest, name: bytes, value: str, *, max_age: int | Non
         path=COOKIE_PATH,
         httpOnly=True,
         sameSite="lax",
-        secure=bool(request.isSecure()),  # type: ignore[no-untyped-call]
+        secure=secure,
         max_age=None if max_age is None else str(max_age).encode("ascii"),
     )
 
@@ -64,13 +68,13 @@ def csrf_token(secret: str) -> str:
     return hmac.new(secret.encode("ascii"), _CSRF_LABEL, hashlib.sha256).hexdigest()
 
 
-def visitor_secret(request: IRequest) -> str:
+def visitor_secret(request: IRequest, *, secure: bool) -> str:
     """The browser's ``snet_visitor`` secret, made and set as a cookie if it has none."""
     known = cookie(request, VISITOR_COOKIE)
     if known is not None and len(known) >= 32:
         return known
     made = secrets.token_urlsafe(32)
-    set_cookie(request, VISITOR_COOKIE, made, max_age=None)
+    set_cookie(request, VISITOR_COOKIE, made, max_age=None, secure=secure)
     return made
 
 

@@ -14,6 +14,7 @@ from test_server_api import BASE, Harness
 from twisted.web.test.requesthelper import DummyRequest
 
 from snet.server.gateway import ChatReply, NoChatInstance
+from snet.server.ratelimit import parse_networks
 from snet.testing import result_of
 from snet.web.errors import BadRequest
 from snet.web.inputs import read_form
@@ -27,9 +28,13 @@ class Visitor:
         self.cookies: dict[str, str] = {}
         self.set_cookies: list[str] = []
         self.csrf = ""
+        self.headers: dict[str, str] = {}
 
     def _send(self, method: str, path: str, form: dict[str, str] | None) -> tuple[int, str, Any]:
-        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items())}
+        headers = {
+            **self.headers,
+            "Cookie": "; ".join(f"{k}={v}" for k, v in self.cookies.items()),
+        }
         data = None
         if form is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
@@ -102,6 +107,17 @@ def test_signing_up_starts_a_session_in_an_http_only_same_site_cookie(h: Harness
     assert h.accounts.authenticate(browser.cookies["snet_session"]).result == user_id
     status, body, _ = browser.get(f"/web/users/{user_id}?welcome=1")
     assert status == 200 and "Welcome! Your user id is" in body and "Ada Lovelace" in body
+
+
+def test_cookies_are_secure_behind_a_trusted_proxy_that_terminates_tls() -> None:
+    h = Harness(trusted_proxies=parse_networks("127.0.0.1"))
+    browser = Visitor(h)
+    browser.get("/web/signup")  # StubTreq's peer is 127.0.0.1, a trusted proxy here
+    assert browser.set_cookies and all("Secure" not in c for c in browser.set_cookies)
+    browser.headers = {"X-Forwarded-Proto": "https"}
+    browser.sign_up()
+    session = [c for c in browser.set_cookies if c.startswith("snet_session=")]
+    assert session and "Secure" in session[0]
 
 
 def test_a_form_without_the_csrf_token_is_refused_in_words_and_changes_nothing(
@@ -216,9 +232,12 @@ def test_unknown_pages_and_posts_are_explained_in_words(h: Harness) -> None:
     browser = Visitor(h)
     status, body, _ = browser.get("/web/nowhere")
     assert status == 404 and "There is no such page." in body
+    assert "Log in" in body and 'href="/web/feed"' not in body
     browser.sign_up()
     status, body, _ = browser.get("/web/posts/12345")
     assert status == 404 and "no such post" in body
+    status, body, _ = browser.get("/web/nowhere")
+    assert status == 404 and 'href="/web/feed"' in body and "Log in" not in body
 
 
 def test_unread_counts_are_served_for_the_pages_script(h: Harness) -> None:

@@ -27,6 +27,7 @@ from snet.server.ratelimit import (
     parse_address,
     parse_networks,
     seconds_until_allowed,
+    served_over_tls,
 )
 from snet.storage import RedisPool
 from snet.testing import failure_of, result_of
@@ -70,6 +71,32 @@ def test_garbage_stops_the_walk_at_the_last_trusted_hop() -> None:
 
 def test_a_trusted_peer_without_the_header_is_the_client() -> None:
     assert client_address(request_from("10.0.0.1"), PROXIES) == "10.0.0.1"
+
+
+def proto_request(peer: str, *protos: str, secure: bool = False) -> DummyRequest:
+    request = request_from(peer)
+    request.isSecure = lambda: secure  # type: ignore[method-assign]
+    for value in protos:
+        request.requestHeaders.addRawHeader(b"X-Forwarded-Proto", value.encode())
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "proxies", "over_tls"),
+    [
+        (proto_request("203.0.113.5", secure=True), (), True),  # our own TLS listener
+        (proto_request("203.0.113.5", "https"), (), False),  # no proxy is trusted
+        (proto_request("203.0.113.5", "https"), PROXIES, False),  # an untrusted peer says so
+        (proto_request("10.0.0.1", "https"), PROXIES, True),
+        (proto_request("10.0.0.1", "HTTPS, http"), PROXIES, True),  # the client's hop first
+        (proto_request("10.0.0.1", "http"), PROXIES, False),
+        (proto_request("10.0.0.1"), PROXIES, False),
+    ],
+)
+def test_served_over_tls_believes_only_a_trusted_proxy(
+    request_: DummyRequest, proxies: Any, over_tls: bool
+) -> None:
+    assert served_over_tls(request_, proxies) is over_tls
 
 
 def test_only_trusted_entries_give_the_left_most() -> None:

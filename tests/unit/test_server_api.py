@@ -6,6 +6,7 @@ MySQL, Redis and the chat service in route and validation logic only: the integr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -20,6 +21,7 @@ from snet.server.accounts import NoSuchUser, Profile, User, WrongPassword
 from snet.server.actions import MAX_DIALOG_PAGES
 from snet.server.app import ServerAPI
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
+from snet.server.ratelimit import Network
 from snet.server.social import NoSuchFriend, NoSuchPost, NotAuthor, Post, SelfFriendship
 from snet.server.validation import parse_feed_limit, parse_offset
 from snet.testing import result_of
@@ -222,7 +224,7 @@ class FakeChat:
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, trusted_proxies: Sequence[Network] = ()) -> None:
         self.accounts = FakeAccounts()
         self.social = FakeSocial(self.accounts)
         self.feed = FakeFeed(self.social)
@@ -238,6 +240,7 @@ class Harness:
             metrics=HTTPMetrics(),
             version="1.2.3",
             clock=self.clock,
+            trusted_proxies=trusted_proxies,
         )
         self.treq = StubTreq(self.api.resource())
 
