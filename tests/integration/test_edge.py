@@ -105,23 +105,21 @@ def test_wrong_passwords_from_one_address_get_429_on_every_process_and_the_owner
     assert status == 200 and body["token"], "the owner, elsewhere, is not locked out"
 
 
-def test_a_revoked_token_is_refused_by_every_process_within_a_second(
-    servers: tuple[str, str],
-) -> None:
+def test_a_revoked_token_is_refused_by_every_process(servers: tuple[str, str]) -> None:
+    """The other process refuses it once its memo of the token runs out
+    (``TOKEN_MEMO_SECONDS``, 0.5 s; the bound itself is a unit test of RecentAnswers)."""
     first, second = servers
     user = register(first)
     token = login(first, user, PASSWORD, "192.0.2.9")[2]["token"]
     auth = {"Authorization": f"Bearer {token}"}
     assert http_json("GET", f"{second}/post/feed", headers=auth)[0] == 200
     assert http_json("POST", f"{first}/logout", headers=auth)[0] == 200
-    revoked_at = time.monotonic()
     assert http_json("GET", f"{first}/post/feed", headers=auth)[0] == 401
     wait_until(
         lambda: http_json("GET", f"{second}/post/feed", headers=auth)[0] == 401,
         timeout=5,
         what="the other process to refuse the revoked token",
     )
-    assert time.monotonic() - revoked_at < 1.5
 
 
 def test_logout_everywhere_and_the_cap_on_live_tokens(servers: tuple[str, str]) -> None:
