@@ -122,19 +122,23 @@ async def stack(
         await threads.deferToThread(fleet.stop)
 
 
+# Read in one script run: the page replaces its table every refresh, so elements found one
+# call earlier may be gone by the next (a stale element).
+READ_TABLE = """
+const text = (cell) => cell.innerText.trim();
+return {
+  head: Array.from(document.querySelectorAll("thead th"), text),
+  rows: Array.from(document.querySelectorAll("tbody tr"),
+                   (tr) => Array.from(tr.querySelectorAll("th, td"), text)),
+};
+"""
+
+
 def rows(browser: Browser) -> dict[str, dict[str, str]]:
     """The fleet table as the browser shows it: instance -> column -> text."""
-    from selenium.webdriver.common.by import By
-
     driver: Any = browser.driver
-    head = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "thead th")]
-    table = {}
-    for tr in driver.find_elements(By.CSS_SELECTOR, "tbody tr"):
-        cells = [tr.find_element(By.TAG_NAME, "th").text] + [
-            td.text for td in tr.find_elements(By.TAG_NAME, "td")
-        ]
-        table[cells[0]] = dict(zip(head, cells, strict=True))
-    return table
+    read = driver.execute_script(READ_TABLE)
+    return {cells[0]: dict(zip(read["head"], cells, strict=True)) for cells in read["rows"]}
 
 
 @pytest_twisted.ensureDeferred
