@@ -22,6 +22,7 @@ Standard library only: it runs on the plain base image (python3).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -40,7 +41,19 @@ REDIS = Path("/secrets/redis")  # -> the redis container
 SERVER = Path("/secrets/server")  # -> the monolith
 CHAT = Path("/secrets/chat")  # -> every chat instance
 OPERATOR = Path("/secrets/operator")  # -> nobody but these init steps (and the operator)
-GROUPS = {MYSQL: 10901, REDIS: 10902, SERVER: 10001, CHAT: 10001, OPERATOR: 0}
+# Mounted by compose.cluster.yml only: the gossip key and the client agents' token, both read
+# by the Consul agents (the consul group, 1000).
+GOSSIP = Path("/secrets/gossip")
+AGENT = Path("/secrets/agent")
+GROUPS = {
+    MYSQL: 10901,
+    REDIS: 10902,
+    SERVER: 10001,
+    CHAT: 10001,
+    OPERATOR: 0,
+    GOSSIP: 1000,
+    AGENT: 1000,
+}
 
 CONSUL = os.environ.get("CONSUL_HTTP_ADDR", "http://consul:8500")
 if "://" not in CONSUL:
@@ -48,6 +61,15 @@ if "://" not in CONSUL:
 CHAT_SERVICE = os.environ.get("SNET_CHAT_SERVICE", "snet-chat")
 SERVER_SERVICE = os.environ.get("SNET_SERVER_SERVICE", "snet-server")
 CONSUL_NODE = os.environ.get("SNET_CONSUL_NODE", "consul")
+# A cluster: the node name prefixes its agents may write (their own catalogue entries), and
+# the agents whose own token this step sets through their API (the servers; client agents
+# read theirs from the agent-secrets volume as they start).
+CONSUL_NODE_PREFIXES = [p for p in os.environ.get("SNET_CONSUL_NODE_PREFIXES", "").split(",") if p]
+CONSUL_AGENTS = [
+    a if "://" in a else "http://" + a
+    for a in os.environ.get("SNET_CONSUL_AGENTS", CONSUL).split(",")
+    if a
+]
 GLOBAL_MANAGEMENT = "00000000-0000-0000-0000-000000000001"
 
 
@@ -148,6 +170,13 @@ def ensure_secrets(rotate: str | None = None) -> None:
         for directory, file in places:
             write_secret(directory, file, values[name])
         say(f"{name}: {'rotated' if rotate == name else 'generated'}")
+    if GOSSIP.is_dir():
+        prepare(GOSSIP)
+        if read_secret(GOSSIP, "key") is None:
+            # Consul's gossip encryption key: 32 random bytes, base64 (what `consul keygen`
+            # makes).
+            write_secret(GOSSIP, "key", base64.b64encode(secrets.token_bytes(32)).decode())
+            say("consul gossip key: generated")
     acl = redis_acl(values)
     if (REDIS / "users.acl").exists() and (REDIS / "users.acl").read_text() == acl:
         say("secrets present: kept; redis users.acl unchanged")
@@ -160,10 +189,16 @@ def ensure_secrets(rotate: str | None = None) -> None:
 
 
 def consul(
-    method: str, path: str, token: str | None = None, body: Any = None, timeout: float = 10.0
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: Any = None,
+    timeout: float = 10.0,
+    at: str = CONSUL,
 ) -> tuple[int, Any]:
+    """Call the agent at *at*; OSError if it cannot be reached."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{CONSUL}{path}", data=data, method=method)  # noqa: S310
+    request = urllib.request.Request(f"{at}{path}", data=data, method=method)  # noqa: S310
     if token:
         request.add_header("X-Consul-Token", token)
     try:
@@ -243,9 +278,10 @@ def policies() -> dict[str, str]:
         # The Consul agent's own token: its node's catalogue entry, and reading services
         # for anti-entropy.
         "snet-consul-agent": (
-            f'node "{CONSUL_NODE}" {{ policy = "write" }}\n'
-            'service_prefix "" { policy = "read" }\n'
-        ),
+            "".join(f'node_prefix "{p}" {{ policy = "write" }}\n' for p in CONSUL_NODE_PREFIXES)
+            or f'node "{CONSUL_NODE}" {{ policy = "write" }}\n'
+        )
+        + 'service_prefix "" { policy = "read" }\n',
     }
 
 
@@ -327,7 +363,7 @@ ROLES = {
     "consul-server": ((SERVER, "consul-token"), "snet monolith", [{"Name": "snet-server"}]),
     "consul-operator": ((OPERATOR, "consul-token"), "snet operator", [{"ID": GLOBAL_MANAGEMENT}]),
     "consul-agent": (
-        (OPERATOR, "consul-agent-token"),
+        (AGENT if AGENT.is_dir() else OPERATOR, "consul-agent-token"),
         "consul agent",
         [{"Name": "snet-consul-agent"}],
     ),
@@ -335,8 +371,9 @@ ROLES = {
 
 
 def ensure_consul_acl(rotate: str | None = None) -> None:
-    for directory in (SERVER, CHAT, OPERATOR):
-        prepare(directory)
+    for directory in (SERVER, CHAT, OPERATOR, AGENT):
+        if directory.is_dir() or directory is not AGENT:
+            prepare(directory)
 
     def leader() -> str | None:
         status, answer = consul("GET", "/v1/status/leader")
@@ -347,10 +384,18 @@ def ensure_consul_acl(rotate: str | None = None) -> None:
     ensure_policies(management)
     tokens = {role: ensure_token(management, *ROLES[role], rotate=role == rotate) for role in ROLES}
     agent = tokens["consul-agent"]
-    # Persisted by the agent (acl.enable_token_persistence), so a restart keeps it.
-    status, answer = consul("PUT", "/v1/agent/token/agent", management, {"Token": agent})
-    if status != 200:
-        raise InitError(f"setting the agent token: {status} {answer}")
+    # Persisted by each agent (acl.enable_token_persistence), so a restart keeps it.
+    for address in CONSUL_AGENTS:
+
+        def set_token(address: str = address) -> bool | None:
+            status, answer = consul(
+                "PUT", "/v1/agent/token/agent", management, {"Token": agent}, at=address
+            )
+            if status == 200:
+                return True
+            raise InitError(f"setting the agent token of {address}: {status} {answer}")
+
+        retrying(f"setting the agent token of {address}", set_token)
     ensure_intention(management, SERVER_SERVICE, "allow")
     ensure_intention(management, "*", "deny")
     say("Consul ACLs and intentions in place")
