@@ -15,4 +15,17 @@ performance {
   raft_multiplier = 1
 }
 
-# Connect and ACLs: docker/consul-acl.hcl (shared with compose.cluster.yml's agents).
+# Connect's built-in CA: leaf certificates for snet-server and snet-chat, and intentions.
+connect {
+  enabled = true
+}
+
+# No token, no access: every request needs a token whose policy allows it. The tokens are
+# made on first start by `snet-init consul-acl` (compose.yml's consul-acl-init), which also
+# sets the agent's own token; enable_token_persistence keeps that one across restarts.
+acl {
+  enabled                  = true
+  default_policy           = "deny"
+  down_policy              = "extend-cache"
+  enable_token_persistence = true
+}

@@ -8,5 +8,15 @@ retry_join           = ["consul-1", "consul-2", "consul-3"]
 client_addr          = "127.0.0.1"
 disable_update_check = true
 
-# Connect (leaf certificates and authorizations for this host's services; the CA is on
-# the servers) and ACLs: docker/consul-acl.hcl.
+# Leaf certificates and authorizations for the services of this host (the CA is on the
+# servers).
+connect {
+  enabled = true
+}
+
+acl {
+  enabled                  = true
+  default_policy           = "deny"
+  down_policy              = "extend-cache"
+  enable_token_persistence = true
+}

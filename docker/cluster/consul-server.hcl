@@ -13,5 +13,15 @@ performance {
   raft_multiplier = 1
 }
 
-# Connect and ACLs: docker/consul-acl.hcl. `snet-init consul-acl` bootstraps the ACLs and
-# sets each server's own agent token through its API.
+connect {
+  enabled = true
+}
+
+# The same ACLs as compose.yml's server (docker/consul.hcl): default deny, tokens made by
+# `snet-init consul-acl`, which also sets each server's own agent token through its API.
+acl {
+  enabled                  = true
+  default_policy           = "deny"
+  down_policy              = "extend-cache"
+  enable_token_persistence = true
+}

@@ -16,7 +16,8 @@ steady stream of dialog sends (several concurrent senders), and while it flows:
   4. cuts a chat host off the network (docker network disconnect) and reconnects it;
   5. adds a new chat host: the time from its check passing to its first call is measured;
   6. rolls the chat service to a new image, one host at a time, each instance draining
-     before it stops.
+     before it stops;
+  7. saves a Consul snapshot and restores it (docs/deploying.md's backup commands).
 
 Each step prints its figures (times, calls during it, failed calls); at the end every
 acknowledged send must be stored exactly once (the dialogs as MySQL holds them, read through
@@ -131,6 +132,18 @@ def until(what: str, condition: Callable[[], Any], timeout: float = 90.0) -> flo
     raise traffic.CheckFailed(f"{what}: not within {timeout:.0f} s")
 
 
+def until_value(what: str, value: Callable[[], Any], timeout: float = 90.0) -> Any:
+    """Poll *value* every 200 ms until it returns something truthy; that. Fails after
+    *timeout*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = value()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise traffic.CheckFailed(f"{what}: not within {timeout:.0f} s")
+
+
 # The stream of sends
 
 
@@ -214,16 +227,23 @@ class Cluster:
         compose("rm", "--stop", "--force", name)
         run("docker", "volume", "rm", f"{PROJECT}_{name}-data")
         run(
-            "docker", "exec", "-e", f"CONSUL_HTTP_TOKEN={os.environ['CONSUL_HTTP_TOKEN']}",
+            # The token from this process's environment: not on a command line.
+            "docker", "exec", "-e", "CONSUL_HTTP_TOKEN",
             container("host-ops"), "consul", "force-leave", "-prune", name,
         )  # fmt: skip
         until(f"{name} out of Raft", lambda: name not in raft_members(), timeout=30)
         started = time.monotonic()
         compose("up", "-d", "--no-deps", "--wait", name)
+        healthy = time.monotonic() - started
         # The new server's own ACL token, as on the first start.
         compose("run", "--rm", "--no-deps", "-T", "consul-acl-init")
+        token = time.monotonic() - started
+        say(f"   {name} healthy after {healthy:.1f} s, its agent token set after {token:.1f} s")
         until("three voters with the new server", lambda: len(voters()) == 3 and bool(leader()))
-        return {"fresh server a voter after": f"{time.monotonic() - started:.1f} s"}
+        return {
+            "fresh server healthy after": f"{healthy:.1f} s",
+            "a healthy voter after": f"{time.monotonic() - started:.1f} s",
+        }
 
     def stop_chat_host(self, host: int) -> dict[str, str]:
         addr = address(container(f"host-chat-{host}"))
@@ -302,6 +322,30 @@ class Cluster:
             say(f"   chat-{host} on {NEW_IMAGE} and in the list after {times[-1]:.1f} s")
         return {"hosts": str(len(hosts)), "per host": "/".join(f"{t:.1f}" for t in times) + " s"}
 
+    def snapshot(self) -> dict[str, str]:
+        """docs/deploying.md's backup and restore, through the operator's agent."""
+        before = set(traffic.consul_instances(passing=True))
+        ops = ["exec", "-T", "-e", "CONSUL_HTTP_TOKEN", "host-ops", "consul"]
+        started = time.monotonic()
+        compose(*ops, "snapshot", "save", "/tmp/consul.snap")
+        saved = time.monotonic() - started
+        inspect = compose(*ops[:-1], "consul", "snapshot", "inspect", "/tmp/consul.snap")
+        size = next((line.split()[-1] for line in inspect.splitlines() if "Size" in line), "?")
+        started = time.monotonic()
+        compose(*ops, "snapshot", "restore", "/tmp/consul.snap")
+        restored = time.monotonic() - started
+        until("three voters and a leader after the restore", lambda: len(voters()) == 3)
+        until(
+            "the same passing instances after the restore",
+            lambda: set(traffic.consul_instances(passing=True)) == before,
+            timeout=60,
+        )
+        return {
+            "snapshot": f"{size} bytes",
+            "save": f"{saved:.2f} s",
+            "restore": f"{restored:.2f} s",
+        }
+
     def server_at(self, server_address: str) -> str:
         ip = server_address.partition(":")[0]
         for name in ("consul-1", "consul-2", "consul-3"):
@@ -311,6 +355,15 @@ class Cluster:
             except traffic.CheckFailed:
                 continue
         return f"? ({server_address})"
+
+
+def print_table(steps: list[Step], show: Callable[[str], None]) -> None:
+    """The steps' figures as a Markdown table (docs/cluster.md keeps one)."""
+    show("| step | figures | calls | failed |")
+    show("|---|---|---|---|")
+    for step in steps:
+        shown = "; ".join(f"{k} {v}" for k, v in step.figures.items())
+        show(f"| {step.name} | {shown} | {step.calls} | {step.failed} |")
 
 
 def operator_token() -> str:
@@ -351,6 +404,7 @@ def main(argv: list[str]) -> int:
             ("4. a chat host cut off and reconnected", lambda: cluster.cut_chat_host(2)),
             ("5. a new chat host added", lambda: cluster.add_chat_host(4)),
             ("6. a rolling update of chat", lambda: cluster.rolling_update([1, 2, 4])),
+            ("7. a Consul snapshot saved and restored", cluster.snapshot),
         ]
         for name, action in steps:
             try:
@@ -373,11 +427,7 @@ def main(argv: list[str]) -> int:
         except traffic.CheckFailed as e:
             say(f"FAILED: {e}")
             failed += 1
-        say("| step | figures | calls | failed |")
-        say("|---|---|---|---|")
-        for step in cluster.steps:
-            shown = "; ".join(f"{k} {v}" for k, v in step.figures.items())
-            say(f"| {step.name} | {shown} | {step.calls} | {step.failed} |")
+        print_table(cluster.steps, say)
     except (traffic.CheckFailed, OSError, KeyError, json.JSONDecodeError) as e:
         say(f"FAILED: {e}")
         failed += 1

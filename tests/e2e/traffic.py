@@ -216,6 +216,7 @@ class Sender:
         with self.lock:
             sent = self.state.setdefault("acknowledged", {})
             sent[peer["id"]] = sent.get(peer["id"], 0) + 1
+            self.state.setdefault("keys", {}).setdefault(str(peer["id"]), []).append(key)
         return True, instance, ""
 
 
@@ -356,7 +357,7 @@ def cmd_stop_during_stream(args: argparse.Namespace) -> None:
 def cmd_verify(args: argparse.Namespace) -> None:
     state = load_state(args.state)
     users = state["users"]
-    total = 0
+    total = checked = 0
     for peer_id, acknowledged in sorted(state.get("acknowledged", {}).items()):
         status, _, body = call(
             "GET",
@@ -369,8 +370,25 @@ def cmd_verify(args: argparse.Namespace) -> None:
             raise CheckFailed(
                 f"dialog with {peer_id}: {len(body)} messages stored, {acknowledged} acknowledged"
             )
+        keys = state.get("keys", {}).get(str(peer_id))
+        if keys is not None:
+            # Each acknowledged send by its key: stored once, none lost, none twice.
+            stored = collections.Counter(
+                str(m.get("text", "")).removeprefix("hello ") for m in body
+            )
+            lost = [k for k in keys if stored[k] == 0]
+            twice = [k for k, n in stored.items() if n > 1]
+            if lost or twice:
+                raise CheckFailed(
+                    f"dialog with {peer_id}: {len(lost)} acknowledged sends not stored"
+                    f" ({lost[:3]}), {len(twice)} stored more than once ({twice[:3]})"
+                )
+            checked += len(keys)
         total += acknowledged
-    say(f"all {total} acknowledged messages are stored, in {len(users) - 1} dialogs")
+    say(
+        f"all {total} acknowledged messages are stored, in {len(users) - 1} dialogs"
+        + (f"; {checked} checked by key: 0 lost, 0 stored twice" if checked else "")
+    )
 
 
 def cmd_consul_acl(args: argparse.Namespace) -> None:
