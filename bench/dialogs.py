@@ -1,65 +1,142 @@
-"""Dialog sends through the monolith against the same sends made straight to one chat instance.
+"""Dialog sends through the monolith, straight to one chat instance, and through HAProxy, with
+the CPU each process spends per send.
 
-Starts its own Consul dev agent, MariaDB, Redis, three ``twistd snet-chat`` instances and one
-``twistd snet-server`` on free 127.0.0.1 ports, then in one run measures, with the same
+Starts its own Consul dev agent, MariaDB, Redis, three ``twistd snet-chat`` instances and
+``--monoliths`` ``twistd snet-server`` processes (more than one share the public port with
+``--reuse-port``) on free 127.0.0.1 ports, then in one run measures, with the same
 closed-loop load (N requests from C keep-alive clients):
 
 - A: ``POST /dialog/{id}/send`` through the monolith (bearer auth, discovery, round-robin,
   one forwarded call per send);
-- B: ``POST /v1/dialogs/{id}/messages`` straight to one chat instance.
+- B: ``POST /v1/dialogs/{id}/messages`` straight to one chat instance;
+- H: the same chat calls to HAProxy (Debian's package, fed by Consul's DNS as in
+  ``bench/faults.py``, ``bench/haproxy-consul.cfg``), which makes the hop to the instances
+  in the monolith's place: plaintext only (HAProxy checks and forwards plain HTTP), and only
+  where ``haproxy`` is installed.
 
-It does so twice, on the same servers: over Consul Connect (the default: mutual TLS between
-the monolith and the instances, B with a ``snet-server`` client certificate) and with
-``--insecure-plaintext`` on both ends, and prints requests per second, latency percentiles,
-the ratio A/B of each, the cost of TLS (Connect over plaintext, for A and for B) and how the
-monolith's sends spread over the instances. Figures only: nothing here passes or fails on a
-time. ``--only connect`` (or ``plaintext``) measures one of the two.
+For each set-up it prints requests per second, latency percentiles, the CPU milliseconds per
+request of every process (each monolith, each chat instance, HAProxy, MariaDB, Redis,
+Consul, the load generator; user + system from /proc/<pid>/stat, read before and after the
+phase), MariaDB statements per request (its ``Questions`` counter) and the machine's CPU
+steal during the phase. It does so over Consul Connect (mutual TLS between the monolith and
+the instances; B with a ``snet-server`` client certificate) and with ``--insecure-plaintext``
+on both ends, unless ``--only`` names one. Figures only: nothing here passes or fails on a
+time.
 
     python bench/dialogs.py --requests 3000 --concurrency 8
+    python bench/dialogs.py --only plaintext --monoliths 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu import CPUMeter
 from load import LoadResult, json_body, run_load
 
 from snet.testing.fleet import ChatFleet, monolith
-from snet.testing.servers import ConsulAgent, MariaDB, Redis
+from snet.testing.processes import TwistdProcess, http_get
+from snet.testing.servers import ConsulAgent, MariaDB, Redis, free_port
 from snet.testing.traffic import register_user
+from snet.testing.waiting import wait_until
 
 MODES = ("connect", "plaintext")
 
 
-def line(name: str, result: LoadResult) -> str:
-    return (
-        f"{name:<34} {result.rate:>8.0f} req/s   p50 {result.percentile(0.5) * 1000:6.1f} ms   "
-        f"p99 {result.percentile(0.99) * 1000:6.1f} ms   failed {result.failures}"
-    )
+@dataclass
+class Phase:
+    """One measured set-up: its load result, CPU per request and statements per request."""
+
+    name: str
+    load: LoadResult
+    cpu_ms: dict[str, float]
+    statements: float
+    steal: float
+
+    def line(self) -> str:
+        r = self.load
+        return (
+            f"{self.name:<34} {r.rate:>7.0f} req/s   p50 {r.percentile(0.5) * 1000:6.1f} ms   "
+            f"p99 {r.percentile(0.99) * 1000:6.1f} ms   failed {r.failures}"
+        )
 
 
 @dataclass
 class Measured:
     mode: str
-    through: LoadResult
-    straight: LoadResult
+    phases: list[Phase] = field(default_factory=list)
 
-    @property
-    def ratio(self) -> float:
-        return self.through.rate / self.straight.rate if self.straight.rate else 0.0
+
+class MariaDBStatements:
+    """MariaDB's ``Questions`` counter (every statement a client sent), minus its own reads."""
+
+    def __init__(self, mariadb: MariaDB) -> None:
+        self.connection = mariadb.connect()
+
+    def count(self) -> int:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SHOW GLOBAL STATUS LIKE 'Questions'")
+            row = cursor.fetchone()
+        return int(row[1]) if row else 0
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+
+
+def start_monoliths(
+    count: int, *, consul: ConsulAgent, mysql_url: str, redis: Redis, fleet: ChatFleet
+) -> list[TwistdProcess]:
+    """*count* monolith processes on one public port (``--reuse-port`` when more than one),
+    each with its own admin port; returns once every one answers its admin ``/health``."""
+    port = free_port()
+    extra = ("--reuse-port",) if count > 1 else ()
+    servers = [
+        monolith(
+            consul_url=consul.url,
+            mysql_url=mysql_url,
+            redis_url=redis.url.replace("/0", "/1"),
+            chat_service=fleet.service,
+            port=port,
+            extra_args=extra,
+            plaintext=fleet.plaintext,
+        )
+        for _ in range(count)
+    ]
+    for server in servers:
+        server.start(ready_timeout=None)
+    for server in servers:
+        admin = server.admin_url
+        wait_until(
+            lambda admin=admin: _answers(f"{admin}/health"), 30, f"{server} healthy", interval=0.1
+        )
+    return servers
+
+
+def _answers(url: str) -> bool:
+    try:
+        return http_get(url, timeout=1)[0] == 200
+    except OSError:
+        return False
 
 
 def measure(
     consul: ConsulAgent, mariadb: MariaDB, redis: Redis, args: argparse.Namespace, mode: str
 ) -> Measured:
-    """A fresh fleet and monolith in *mode* (``connect`` or ``plaintext``), A then B."""
+    """A fresh fleet and monoliths in *mode* (``connect`` or ``plaintext``): A, B (and H)."""
     plaintext = mode == "plaintext"
     print(f"starting the fleet ({mode}) ...", file=sys.stderr)
     fleet = ChatFleet(
@@ -69,18 +146,20 @@ def measure(
         count=args.instances,
         plaintext=plaintext,
     )
-    server = monolith(
-        consul_url=consul.url,
-        mysql_url=mariadb.create_database(f"bench_server_{mode}"),
-        redis_url=redis.url.replace("/0", "/1"),
-        chat_service=fleet.service,
-        plaintext=plaintext,
-    )
+    servers: list[TwistdProcess] = []
+    haproxy = None
+    statements = MariaDBStatements(mariadb)
+    measured = Measured(mode)
     try:
         fleet.wait_all_passing()
-        server.start()
-        assert server.health_url is not None
-        base = server.health_url.removesuffix("/health")
+        servers = start_monoliths(
+            args.monoliths,
+            consul=consul,
+            mysql_url=mariadb.create_database(f"bench_server_{mode}"),
+            redis=redis,
+            fleet=fleet,
+        )
+        base = servers[0].base_url
         sender_user = register_user(base, "Sender")
         sender, token = sender_user.id, sender_user.token
         recipient = register_user(base, "Recipient").id
@@ -107,28 +186,110 @@ def measure(
                 },
             )
 
+        pids: dict[str, int | None] = {
+            **{
+                f"monolith-{i}" if len(servers) > 1 else "monolith": s.pid
+                for i, s in enumerate(servers)
+            },
+            **{f"chat-{i}": p.pid for i, p in enumerate(fleet.instances)},
+            "mariadb": mariadb.pid,
+            "redis": redis.pid,
+            "consul": consul.pid,
+            "load generator": os.getpid(),
+        }
+        binary = haproxy_binary() if plaintext and not args.no_haproxy else None
+        if binary is not None:
+            from faults import HAProxy
+
+            haproxy = HAProxy(binary, dns_port=consul.dns_port, service=fleet.service)
+            wait_until(lambda: haproxy.servers_up() == args.instances, 20, "HAProxy", interval=0.05)
+            pids["haproxy"] = haproxy.process.pid
+
         chat_base, tls = fleet.url(0), fleet.caller_tls
         load = {"concurrency": args.concurrency}
-        run_load(base, via_monolith, total=warmup, label="warm-up", **load)
-        run_load(chat_base, direct, total=warmup, label="warm-up", tls=tls, **load)
-        through = run_load(base, via_monolith, total=args.requests, label=f"{mode} A", **load)
-        straight = run_load(
-            chat_base, direct, total=args.requests, label=f"{mode} B", tls=tls, **load
-        )
+        setups = [
+            ("A  through the monolith", base, via_monolith, None),
+            ("B  straight to one chat instance", chat_base, direct, tls),
+        ]
+        if haproxy is not None:
+            setups.append(("H  HAProxy -> the chat instances", haproxy.url, direct, None))
+        for name, url, make, context in setups:
+            run_load(url, make, total=warmup, label=f"warm-up {name[:1]}", tls=context, **load)
+        for name, url, make, context in setups:
+            time.sleep(0.5)
+            questions = statements.count()
+            meter = CPUMeter(pids)
+            result = run_load(
+                url, make, total=args.requests, label=f"{mode} {name[:1]}", tls=context, **load
+            )
+            meter.stop()
+            sent = statements.count() - questions - 1  # the count itself is a statement
+            measured.phases.append(
+                Phase(
+                    name,
+                    result,
+                    meter.per_request(result.requests),
+                    sent / result.requests if result.requests else 0.0,
+                    meter.steal,
+                )
+            )
     finally:
-        server.stop()
+        statements.close()
+        for server in servers:
+            server.stop()
+        if haproxy is not None:
+            haproxy.stop()
         fleet.stop()
-    return Measured(mode, through, straight)
+    return measured
+
+
+def report(result: Measured, args: argparse.Namespace) -> None:
+    print(f"-- {result.mode}")
+    for phase in result.phases:
+        print(phase.line())
+    names: list[str] = []
+    for phase in result.phases:
+        names += [n for n in phase.cpu_ms if n not in names]
+    heads = [p.name[:1] for p in result.phases]
+    print(f"{'CPU ms per request':<20}" + "".join(f"{h:>9}" for h in heads))
+    for name in names:
+        print(f"{name:<20}" + "".join(f"{p.cpu_ms.get(name, 0.0):9.2f}" for p in result.phases))
+    chats = [n for n in names if n.startswith("chat-")]
+    monoliths = [n for n in names if n.startswith("monolith")]
+    rows = [("chat instances (sum)", chats)]
+    if len(monoliths) > 1:
+        rows.append(("monoliths (sum)", monoliths))
+    rows.append(("all processes", names))
+    for label, members in rows:
+        print(
+            f"{label:<20}"
+            + "".join(f"{sum(p.cpu_ms.get(n, 0.0) for n in members):9.2f}" for p in result.phases)
+        )
+    print(f"{'statements/request':<20}" + "".join(f"{p.statements:9.2f}" for p in result.phases))
+    print(
+        f"{'CPU steal (s)':<20}" + "".join(f"{p.steal:9.2f}" for p in result.phases)
+    )  # fmt: skip
+    through = result.phases[0].load
+    counts = dict(sorted(through.instances.items()))
+    spread = max(counts.values()) - min(counts.values()) if counts else 0
+    print(f"monolith sends per instance: {json.dumps(counts)}  (max - min = {spread})")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument(
+        "--monoliths",
+        type=int,
+        default=1,
+        help="monolith processes sharing the public port (--reuse-port when more than one)",
+    )
+    parser.add_argument(
         "--only", choices=MODES, help="measure one mode only (default: both, for the TLS cost)"
     )
+    parser.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy set-up")
     args = parser.parse_args()
 
     with ConsulAgent() as consul, MariaDB() as mariadb, Redis() as redis:
@@ -138,34 +299,18 @@ def main() -> int:
 
     print()
     print(f"dialog sends: {args.requests} requests from {args.concurrency} keep-alive clients, "
-          f"{args.instances} chat instances")  # fmt: skip
+          f"{args.instances} chat instances, {args.monoliths} monolith process(es)")  # fmt: skip
     for result in results:
-        print(f"-- {result.mode}")
-        print(line("A  through the monolith", result.through))
-        print(line("B  straight to one chat instance", result.straight))
-        print(f"A/B throughput ratio: {result.ratio:.2f}")
-        counts = dict(sorted(result.through.instances.items()))
-        spread = max(counts.values()) - min(counts.values()) if counts else 0
-        print(f"monolith sends per instance: {json.dumps(counts)}  (max - min = {spread})")
+        report(result, args)
     if len(results) == 2:
         connect, plain = results
         print("-- the cost of TLS (Connect / plaintext)")
-        for name, c, p in (
-            ("A  throughput", connect.through.rate, plain.through.rate),
-            ("B  throughput", connect.straight.rate, plain.straight.rate),
-            (
-                "A  p50 latency",
-                connect.through.percentile(0.5),
-                plain.through.percentile(0.5),
-            ),
-            (
-                "B  p50 latency",
-                connect.straight.percentile(0.5),
-                plain.straight.percentile(0.5),
-            ),
-        ):
-            print(f"{name:<16} {c / p if p else 0.0:5.2f}")
-    failed = sum(r.through.failures + r.straight.failures for r in results)
+        for index, name in ((0, "A"), (1, "B")):
+            c, p = connect.phases[index].load, plain.phases[index].load
+            print(f"{name}  throughput      {c.rate / p.rate if p.rate else 0.0:5.2f}")
+            p50 = p.percentile(0.5)
+            print(f"{name}  p50 latency     {c.percentile(0.5) / p50 if p50 else 0.0:5.2f}")
+    failed = sum(p.load.failures for r in results for p in r.phases)
     return 0 if failed == 0 else 1
 
 

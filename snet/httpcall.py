@@ -5,7 +5,9 @@ The Consul client (:mod:`snet.consul`) and the monolith's chat client
 
 - **The client.** :func:`pooled_http_client` makes a treq client over a persistent connection
   pool of its own whose connection attempts give up after a timeout; its ``close()`` closes
-  the pool (call it on shutdown, or tests see a dirty reactor).
+  the pool (call it on shutdown, or tests see a dirty reactor). Its ``request`` is treq's,
+  with the plain case taken straight to Twisted's agent (:meth:`PooledHTTPClient.request`):
+  the chat client's calls, made many times a second, skip the machinery they never use.
 - **The body.** :func:`read_body` reads a response body, up to a size limit when given one
   (:class:`BodyTooLarge` past it, and the connection is dropped); cancelling it drops the
   connection too.
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import treq.client
+from treq.response import _Response
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
@@ -41,11 +44,14 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 __all__ = [
     "WRAPPED",
     "BodyTooLarge",
+    "BytesProducer",
     "PooledHTTPClient",
     "TimedOut",
     "cancelled",
@@ -65,15 +71,81 @@ WRAPPED = (ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed)
 # --- the client -------------------------------------------------------------------------------
 
 
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body already in memory, written whole as soon as the request is sent (treq's
+    default producer for bytes hands them to a cooperator task, a reactor turn later)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+_PLAIN_OPTIONS = frozenset({"headers", "data", "unbuffered", "allow_redirects"})
+
+
+def _plain_url(url: object) -> bool:
+    return isinstance(url, str) and url.isascii() and url.isprintable() and " " not in url
+
+
 class PooledHTTPClient(treq.client.HTTPClient):
     """A treq client over its own persistent connection pool; ``close()`` closes the pool."""
 
-    def __init__(self, agent: Agent, pool: HTTPConnectionPool) -> None:
+    def __init__(self, agent: Any, pool: HTTPConnectionPool | None) -> None:
         super().__init__(agent)
         self.pool = pool
+        self.agent = agent
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:
+        """treq's ``request``; the plain case goes straight to the agent.
+
+        Plain: an ASCII ``str`` URL (already encoded: no IRI to turn into a URI), ``headers``
+        as ``Headers`` or None, ``data`` as bytes or None, ``unbuffered=True`` and
+        ``allow_redirects=False``, and nothing else. It answers what treq answers (treq's
+        response over Twisted's) without treq's per-call URL parsing, cookie jar, gzip
+        agent, and cooperator-driven body producer; anything else is treq's own path.
+        """
+        headers, data = kwargs.get("headers"), kwargs.get("data")
+        if (
+            kwargs.keys() <= _PLAIN_OPTIONS
+            and kwargs.get("unbuffered") is True
+            and kwargs.get("allow_redirects") is False
+            and (headers is None or isinstance(headers, Headers))
+            and (data is None or isinstance(data, bytes))
+            and _plain_url(url)
+        ):
+            return self._direct(method, url, headers, data)
+        d: Deferred[Any] = super().request(method, url, **kwargs)
+        return d
+
+    def _direct(
+        self, method: str, url: str, headers: Headers | None, data: bytes | None
+    ) -> Deferred[Any]:
+        d: Deferred[IResponse] = self.agent.request(
+            method.encode("ascii").upper(),
+            url.encode("ascii"),
+            headers,
+            BytesProducer(data) if data is not None else None,
+        )
+        return d.addCallback(_Response, self._cookiejar)
 
     def close(self) -> Deferred[None]:
         """Close the pool's idle connections; fires when they are closed."""
+        if self.pool is None:
+            return succeed(None)
         closed: Deferred[None] = self.pool.closeCachedConnections()  # type: ignore[no-untyped-call]
         return closed
 

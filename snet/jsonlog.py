@@ -5,6 +5,10 @@ becomes one JSON object on one line: ``time`` (ISO 8601, UTC), ``level``,
 ``namespace``, ``message`` (the event's format filled in), ``traceback`` for failures, and
 the event's own named fields (``service_id``, ``count``, ...), so that a log collector can
 filter on them. Installed into the image's site-packages by docker/Dockerfile.
+
+:class:`LevelFilteredLogger` applies the same ``SNET_LOG_LEVEL`` where the events are made,
+for whatever observer twistd runs: its default text observer has no level filter and would
+format and write every event (a debug line for each health probe included).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     InvalidLogLevelError,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -86,9 +91,32 @@ def log_level(name: str) -> LogLevel:
     return level
 
 
+def configured_level(environ: Any = None) -> LogLevel:
+    """The level of ``SNET_LOG_LEVEL`` in *environ* (default: the process's environment)."""
+    return log_level((os.environ if environ is None else environ).get("SNET_LOG_LEVEL", "info"))
+
+
+class LevelFilteredLogger(Logger):
+    """A ``Logger`` that drops events below *level* (default: ``SNET_LOG_LEVEL``, read when
+    the logger is made) before it builds them, so that no observer formats or writes them."""
+
+    def __init__(
+        self,
+        namespace: str | None = None,
+        source: object | None = None,
+        observer: ILogObserver | None = None,
+        level: LogLevel | None = None,
+    ) -> None:
+        super().__init__(namespace, source, observer)
+        self.level = level if level is not None else configured_level()
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if level < self.level:
+            return
+        super().emit(level, format, **kwargs)
+
+
 def observer() -> ILogObserver:
     """The observer factory twistd's ``--logger`` calls: JSON lines on the real stdout."""
-    predicate = LogLevelFilterPredicate(
-        defaultLogLevel=log_level(os.environ.get("SNET_LOG_LEVEL", "info"))
-    )
+    predicate = LogLevelFilterPredicate(defaultLogLevel=configured_level())
     return FilteringLogObserver(JSONLinesObserver(sys.__stdout__ or sys.stdout), [predicate])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run the monolith and the chat instances without Connect (plain HTTP)",
     )
     args = parser.parse_args(argv)
+    if args.verbose:  # the services drop debug events unless asked (snet.jsonlog)
+        os.environ.setdefault("SNET_LOG_LEVEL", "debug")
     out = sys.stdout
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 

@@ -63,15 +63,30 @@ def _dialog(a: int, b: int) -> tuple[int, int]:
     return (a, b) if a <= b else (b, a)
 
 
+_INSERT = (
+    "INSERT INTO chat_messages (sender_id, recipient_id, dialog_low, dialog_high,"
+    " text, idempotency_key, created_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"
+)
+_INSERT_RETURNING = _INSERT + " RETURNING id, sender_id, recipient_id, text, created_at"
+_SELECT = "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages"
+
+
+def _returning(txn: adbapi.Transaction) -> bool:
+    """Whether the server can answer an INSERT with its row (MariaDB 10.5+; MySQL cannot)."""
+    return "MariaDB" in str(getattr(txn.connection, "server_version", ""))
+
+
 def _send(
     txn: adbapi.Transaction, sender_id: int, recipient_id: int, text: str, key: str
 ) -> tuple[Message, bool]:
+    """Store a message: on MariaDB ``INSERT ... RETURNING`` and the COMMIT, two statements a
+    send; on MySQL the INSERT, a SELECT of the new row, and the COMMIT."""
     low, high = _dialog(sender_id, recipient_id)
+    returning = _returning(txn)
     try:
         txn.execute(
-            "INSERT INTO chat_messages (sender_id, recipient_id, dialog_low, dialog_high,"
-            " text, idempotency_key, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
+            _INSERT_RETURNING if returning else _INSERT,
             (sender_id, recipient_id, low, high, text, key),
         )
     except pymysql.err.IntegrityError as e:
@@ -80,19 +95,15 @@ def _send(
         # A locking read sees the latest committed row, whatever our snapshot. Messages are
         # never deleted, so the row that holds the key is there.
         txn.execute(
-            "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages"
-            " WHERE sender_id = %s AND idempotency_key = %s LOCK IN SHARE MODE",
+            _SELECT + " WHERE sender_id = %s AND idempotency_key = %s LOCK IN SHARE MODE",
             (sender_id, key),
         )
         stored = _message(txn.fetchone())
         if stored.recipient_id != recipient_id or stored.text != text:
             raise IdempotencyKeyReused("idempotency key reused with a different message") from None
         return stored, False
-    message_id = txn.lastrowid
-    txn.execute(
-        "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages WHERE id = %s",
-        (message_id,),
-    )
+    if not returning:
+        txn.execute(_SELECT + " WHERE id = %s", (txn.lastrowid,))
     return _message(txn.fetchone()), True
 
 

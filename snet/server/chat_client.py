@@ -179,6 +179,10 @@ class _Answer:
 
 # --- metrics ----------------------------------------------------------------------------------
 
+_MAX_CACHED_INSTANCES = 1024
+"""Instances whose per-instance pieces (metric children, base URL) are kept; past that many
+(instances that came and went) the caches start again."""
+
 
 class ChatCallMetrics:
     """What the chat client counts (the names are in :class:`ChatClient`'s docstring).
@@ -224,10 +228,24 @@ class ChatCallMetrics:
             "Retries of dialog calls the retry budget allows now",
             registry=registry,
         ).set_function(budget.available)
+        self._per_instance: dict[str, tuple[Any, Any]] = {}
+        """Each instance's children of the attempt counter and the answer histogram, looked
+        up once (``labels()`` takes a lock and builds a key on every call)."""
+
+    def _children(self, instance: str) -> tuple[Any, Any]:
+        children = self._per_instance.get(instance)
+        if children is None:
+            if len(self._per_instance) >= _MAX_CACHED_INSTANCES:
+                self._per_instance.clear()
+            children = self._per_instance[instance] = (
+                self._requests.labels(instance=instance),
+                self._seconds.labels(instance=instance),
+            )
+        return children
 
     def attempted(self, instance: str) -> None:
         """An attempt was sent to *instance*."""
-        self._requests.labels(instance=instance).inc()
+        self._children(instance)[0].inc()
 
     def failed(self, instance: str, reason: str) -> None:
         """An attempt on *instance* failed for *reason*."""
@@ -235,7 +253,7 @@ class ChatCallMetrics:
 
     def answered(self, instance: str, seconds: float) -> None:
         """*instance* answered an attempt after *seconds*."""
-        self._seconds.labels(instance=instance).observe(max(0.0, seconds))
+        self._children(instance)[1].observe(max(0.0, seconds))
 
     def retried(self, reason: str) -> None:
         """A call goes on to another instance after an attempt that failed for *reason*."""
@@ -302,6 +320,8 @@ class ChatClient:
         self._timeout = timeout
         self.budget = self._retries.budget
         self._metrics = ChatCallMetrics(budget=self.budget, registry=registry)
+        self._bases: dict[ChatEndpoint, str] = {}
+        """Each instance's ``scheme://host:port``, made once."""
 
     def close(self) -> Deferred[None]:
         """Close the connection pool if this client made it (else the caller owns *http*)."""
@@ -450,10 +470,18 @@ class ChatClient:
         )
         return failure
 
+    def _base(self, endpoint: ChatEndpoint) -> str:
+        base = self._bases.get(endpoint)
+        if base is None:
+            if len(self._bases) >= _MAX_CACHED_INSTANCES:
+                self._bases.clear()
+            base = self._bases[endpoint] = endpoint.https_url if self._tls else endpoint.url
+        return base
+
     async def _exchange(self, endpoint: ChatEndpoint, request: _Request) -> _Answer:
         response: IResponse = await self._http.request(
             request.method,
-            (endpoint.https_url if self._tls else endpoint.url) + request.path,
+            self._base(endpoint) + request.path,
             headers=request.headers,
             data=request.data,
             unbuffered=True,

@@ -17,12 +17,16 @@ the ejections and goes round all of them, since sending to instances that may ha
 beats failing every call. Every new list from the source is handed to the health's
 ``retain`` (through the source's subscription, and when a pick finds a new list), so an
 instance Consul removes is forgotten and one Consul lists again starts clean.
+
+Where the rotation begins is the caller's choice (``start``): the monolith starts at a random
+position, so that several monolith processes do not go round the instances in step.
 """
 
 from __future__ import annotations
 
+import random
 from bisect import bisect_right
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from twisted.logger import Logger
 
@@ -30,9 +34,14 @@ from snet.server.discovery import ChatEndpoint, Instances, InstanceSource
 from snet.server.ejection import PassiveHealth
 from snet.server.gateway import NoChatInstance
 
-__all__ = ["RoundRobin"]
+__all__ = ["RoundRobin", "random_start"]
 
 log = Logger()
+
+
+def random_start(count: int) -> int:
+    """A random index below *count*: where a monolith process starts its rotation."""
+    return random.SystemRandom().randrange(count)
 
 
 class RoundRobin:
@@ -41,11 +50,25 @@ class RoundRobin:
     Instance ids must be unique in the list (``HealthyInstances`` and ``StaticInstances``
     guarantee it); the list need not be sorted. Without *health*, every listed instance is
     in good standing.
+
+    *start* picks where the rotation begins: given the number of instances in the rotation
+    at the first pick, the index of the first one to use (None: the first by id). Monolith
+    processes each pass a random one (``random_start``), so that a fleet of them does not
+    send its first calls, and every round after, to the same instance in step: each one
+    goes round exactly, and the counts of all of them together differ by at most the number
+    of monoliths.
     """
 
-    def __init__(self, source: InstanceSource, *, health: PassiveHealth | None = None) -> None:
+    def __init__(
+        self,
+        source: InstanceSource,
+        *,
+        health: PassiveHealth | None = None,
+        start: Callable[[int], int] | None = None,
+    ) -> None:
         self._source = source
         self.health = health
+        self._start = start
         self._last_id: str | None = None
         self._seen: Instances | None = None
         self._ordered: list[ChatEndpoint] = []
@@ -95,10 +118,9 @@ class RoundRobin:
         """Whether every listed instance was ejected at the last look (see ``rotation``)."""
         return self._panic
 
-    @staticmethod
-    def _position_after(rotation: list[ChatEndpoint], last_id: str | None) -> int:
+    def _position_after(self, rotation: list[ChatEndpoint], last_id: str | None) -> int:
         if last_id is None:
-            return 0
+            return self._start(len(rotation)) % len(rotation) if self._start else 0
         position = bisect_right([e.instance_id for e in rotation], last_id)
         return 0 if position == len(rotation) else position
 

@@ -38,13 +38,14 @@ from snet.server.ratelimit import (
     SlidingWindow,
     parse_networks,
 )
-from snet.server.roundrobin import RoundRobin
+from snet.server.roundrobin import RoundRobin, random_start
 from snet.server.schema import apply_server_schema
 from snet.server.social import Social
 from snet.storage import mysql_pool, redis_pool
 from snet.web.draining import InFlight
 from snet.web.limits import LimitedSite
 from snet.web.metrics import HTTPMetrics
+from snet.web.reuseport import reuse_port_endpoint
 
 
 class Options(ServiceOptions):
@@ -60,7 +61,16 @@ class Options(ServiceOptions):
         "Connect TLS with the snet-server identity (--insecure-plaintext, or --chat-url, "
         "calls them in plain HTTP)."
     )
-    optFlags = [PLAINTEXT_FLAG]
+    optFlags = [
+        PLAINTEXT_FLAG,
+        [
+            "reuse-port",
+            None,
+            "Listen with SO_REUSEPORT, so that several monolith processes "
+            "on this host share --listen (a tcp: endpoint), each with its own --admin-listen "
+            "(env SNET_REUSE_PORT=1).",
+        ],
+    ]
     optParameters = [
         ["chat-service", None, None, "Consul service name of the chat instances "
          "(default snet-chat).", str],
@@ -122,6 +132,14 @@ class Options(ServiceOptions):
     def postOptions(self) -> None:
         super().postOptions()
         self["insecure-plaintext"] = insecure_plaintext(self["insecure-plaintext"], self.environ)
+        self["reuse-port"] = bool(self["reuse-port"]) or self.environ.get(
+            "SNET_REUSE_PORT", ""
+        ).strip().lower() in ("1", "true", "yes", "on")
+        if self["reuse-port"]:
+            try:
+                reuse_port_endpoint(None, self["listen"])
+            except ValueError as e:
+                raise usage.UsageError(f"--reuse-port: {e}") from None
         if self["chat-url"]:
             try:
                 endpoint_from_url(self["chat-url"])
@@ -190,7 +208,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         consecutive_failures=options["eject-after"],
         registry=metrics.registry,
     )
-    balancer = RoundRobin(instances, health=health)
+    balancer = RoundRobin(instances, health=health, start=random_start)
     chat = ChatClient(
         balancer=balancer,
         http=http,
@@ -242,7 +260,11 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         consul_ui=None if options["chat-url"] else f"{options['consul-config'].url}/ui/",
     )
     return ServingInstance(
-        endpoint=serverFromString(reactor, options["listen"]),
+        endpoint=(
+            reuse_port_endpoint(reactor, options["listen"])
+            if options["reuse-port"]
+            else serverFromString(reactor, options["listen"])
+        ),
         site=LimitedSite(api.resource(), options["http-limits"], reactor=reactor),
         listen_description=options["listen"],
         apply_schema=partial(apply_server_schema, pool),

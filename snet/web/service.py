@@ -15,13 +15,13 @@ from klein.interfaces import IKleinRequest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
+from snet.jsonlog import LevelFilteredLogger
 from snet.web.draining import InFlight
 from snet.web.errors import ErrorCode, NotFound, error_body
 from snet.web.metrics import HTTPMetrics
@@ -29,7 +29,9 @@ from snet.web.requests import json_response, notify_finish, request_id, set_head
 
 T = TypeVar("T")
 
-log = Logger(namespace="snet.web")
+log = LevelFilteredLogger(namespace="snet.web")
+"""Below ``SNET_LOG_LEVEL`` (default info) events are dropped before they are formatted: the
+probes' debug lines cost nothing unless asked for."""
 
 UNMATCHED_ROUTE = "<unmatched>"
 

@@ -98,6 +98,34 @@ async def test_a_send_is_stored_once_under_a_repeated_key(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_send_costs_mariadb_two_statements_insert_returning_and_commit(
+    mysql_config: MySQLConfig,
+) -> None:
+    """On one connection, the statements MariaDB counts for a new send (its session's
+    ``Questions``, less what reading that counter costs) are the INSERT ... RETURNING and the
+    COMMIT; a replayed send still answers with the stored message."""
+    pool = mysql_pool(mysql_config, min=1, max=1)
+    try:
+        store = MessageStore(pool)
+
+        async def questions() -> int:
+            rows = await pool.runQuery("SHOW SESSION STATUS LIKE 'Questions'")
+            return int(rows[0][1])
+
+        await store.send(ALICE, BOB, "warm the connection", "key-warm")
+        first = await questions()
+        reading = await questions() - first
+        before = await questions()
+        message, created = await store.send(ALICE, BOB, "counted", "key-counted")
+        statements = await questions() - before - reading
+        assert (created, statements) == (True, 2)
+        again, created_again = await store.send(ALICE, BOB, "counted", "key-counted")
+        assert (again, created_again) == (message, False)
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_two_racing_sends_with_the_same_key_store_one_message_counted_once(
     dialogs: Dialogs, counters: UnreadIndex, pool: adbapi.ConnectionPool
 ) -> None:

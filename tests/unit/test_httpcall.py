@@ -5,18 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from snet.httpcall import (
     BodyTooLarge,
+    BytesProducer,
+    PooledHTTPClient,
     TimedOut,
     cancelled,
     describe,
@@ -187,3 +190,71 @@ def test_the_pooled_client_keeps_connections_alive_and_bounds_connecting() -> No
 def test_the_pooled_client_keeps_twisteds_idle_connections_per_host_by_default() -> None:
     http = pooled_http_client(MemoryReactorClock(), connect_timeout=1.0)
     assert http.pool.maxPersistentPerHost == 2
+
+
+# --- the plain path of the pooled client ------------------------------------------------------
+
+
+class Echo(Resource):
+    """Answers with what it got: method, path, the headers asked about, and the body."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        assert request.content is not None
+        request.setResponseCode(201)
+        seen = {
+            "method": request.method.decode(),
+            "uri": request.uri.decode(),
+            "key": (request.getHeader(b"Idempotency-Key") or b"").decode(),
+            "type": (request.getHeader(b"Content-Type") or b"").decode(),
+            "body": request.content.read().decode(),
+        }
+        return repr(seen).encode()
+
+
+def test_a_plain_request_goes_straight_to_the_agent_with_its_headers_and_body() -> None:
+    client = PooledHTTPClient(RequestTraversalAgent(Echo()), None)
+    headers = Headers({b"Idempotency-Key": [b"k-1"], b"Content-Type": [b"application/json"]})
+    response = result_of(
+        client.request(
+            "POST",
+            "http://chat.invalid:9001/v1/dialogs/2/messages",
+            headers=headers,
+            data=b'{"text": "hi"}',
+            unbuffered=True,
+            allow_redirects=False,
+        )
+    )
+    assert response.code == 201
+    assert result_of(read_body(response)).decode() == repr(
+        {
+            "method": "POST",
+            "uri": "/v1/dialogs/2/messages",
+            "key": "k-1",
+            "type": "application/json",
+            "body": '{"text": "hi"}',
+        }
+    )
+    assert headers.getRawHeaders(b"Host") is None, "the caller's headers are left as they were"
+    assert callable(response.json), "treq's response API is kept"
+
+
+def test_a_request_with_treqs_other_options_takes_treqs_own_path() -> None:
+    client = PooledHTTPClient(RequestTraversalAgent(Echo()), None)
+    response = result_of(
+        client.request("GET", "http://chat.invalid/v1/unread", params={"a": "1"}, unbuffered=True)
+    )
+    assert "'uri': '/v1/unread?a=1'" in result_of(read_body(response)).decode()
+
+
+def test_a_bytes_producer_writes_the_whole_body_at_once() -> None:
+    written: list[bytes] = []
+
+    class Consumer:
+        def write(self, data: bytes) -> None:
+            written.append(data)
+
+    producer = BytesProducer(b"abc")
+    done = producer.startProducing(Consumer())
+    assert (producer.length, written, result_of(done)) == (3, [b"abc"], None)

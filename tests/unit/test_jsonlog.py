@@ -9,7 +9,7 @@ import pytest
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from snet.jsonlog import JSONLinesObserver, log_level
+from snet.jsonlog import JSONLinesObserver, LevelFilteredLogger, configured_level, log_level
 
 
 def lines_of(emit: object) -> list[dict[str, object]]:
@@ -48,3 +48,25 @@ def test_log_levels_are_read_from_their_names() -> None:
     assert log_level("") is LogLevel.info
     with pytest.raises(SystemExit, match="SNET_LOG_LEVEL"):
         log_level("loud")
+
+
+def test_a_level_filtered_logger_drops_events_below_its_level_before_any_observer() -> None:
+    seen: list[dict[str, object]] = []
+    log = LevelFilteredLogger(namespace="snet.test", observer=seen.append, level=LogLevel.info)
+    log.debug("probe {n}", n=1)
+    log.info("request {n}", n=2)
+    log.warn("problem {n}", n=3)
+    assert [event["n"] for event in seen] == [2, 3]
+
+
+def test_a_level_filtered_logger_keeps_debug_events_at_debug_level() -> None:
+    seen: list[dict[str, object]] = []
+    log = LevelFilteredLogger(observer=seen.append, level=LogLevel.debug)
+    log.debug("probe")
+    assert len(seen) == 1
+
+
+def test_the_configured_level_comes_from_snet_log_level_and_defaults_to_info() -> None:
+    assert configured_level({}) == LogLevel.info
+    assert configured_level({"SNET_LOG_LEVEL": "debug"}) == LogLevel.debug
+    assert configured_level({"SNET_LOG_LEVEL": "warning"}) == LogLevel.warn

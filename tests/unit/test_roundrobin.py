@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from snet.server.discovery import ChatEndpoint, StaticInstances
 from snet.server.gateway import NoChatInstance
-from snet.server.roundrobin import RoundRobin
+from snet.server.roundrobin import RoundRobin, random_start
 
 
 class ListSource:
@@ -217,3 +217,32 @@ def test_without_a_passive_health_failures_eject_nobody() -> None:
     balancer.succeeded(endpoint("b"))
     assert ids([balancer.next() for _ in range(4)]) == ["a", "b", "a", "b"]
     assert not balancer.panic
+
+
+def test_a_start_function_picks_where_the_rotation_begins() -> None:
+    balancer = RoundRobin(ListSource(["c", "a", "b"]), start=lambda count: count - 1)
+    assert ids([balancer.next() for _ in range(4)]) == ["c", "a", "b", "c"]
+
+
+def test_random_start_is_an_index_below_the_count() -> None:
+    assert {random_start(3) for _ in range(200)} == {0, 1, 2}
+    assert random_start(1) == 0
+
+
+@given(
+    ids_=instance_ids.filter(bool),
+    starts=st.lists(st.integers(0, 1000), min_size=1, max_size=6),
+    order=st.lists(st.integers(0, 5), max_size=200),
+)
+def test_monoliths_that_start_anywhere_spread_within_their_number(
+    ids_: list[str], starts: list[int], order: list[int]
+) -> None:
+    """Several monoliths, each with its own balancer starting at its own position, whose
+    picks interleave in any order: over all their picks together, the instances' counts
+    differ by at most the number of monoliths."""
+    source = ListSource(ids_)
+    balancers = [RoundRobin(source, start=lambda count, s=s: s) for s in starts]
+    counts = Counter({i: 0 for i in ids_})
+    for turn in order:
+        counts[balancers[turn % len(balancers)].next().instance_id] += 1
+    assert max(counts.values()) - min(counts.values()) <= len(balancers)

@@ -3,9 +3,11 @@ given (a memory reactor here: nothing listens or connects for real)."""
 
 from __future__ import annotations
 
+import pytest
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.usage import UsageError
 
 from snet.connect import ConnectPolicyForHTTPS
 from snet.consul import TreqConsul
@@ -16,6 +18,7 @@ from snet.server.fleetview import FleetHistory
 from snet.server.tap import Options, makeService, monolith_connect
 from snet.testing import result_of
 from snet.testing.connect import TestCA, give_identity, identified_before_listening
+from snet.web.reuseport import ReusePortEndpoint
 
 ENVIRON = {
     "SNET_MYSQL": "mysql://server:secret@127.0.0.1:3307/snet",
@@ -121,3 +124,22 @@ def test_the_admin_listener_is_on_127_0_0_1_unless_the_operator_says_otherwise()
     given.parseOptions(["--admin-listen", "tcp:9090"])
     assert default["admin-listen"] == "tcp:8081:interface=127.0.0.1"
     assert given["admin-listen"] == "tcp:9090"
+
+
+def test_with_reuse_port_the_monolith_listens_on_a_shared_tcp_port() -> None:
+    service = make_service(["--reuse-port"], MemoryReactorClock())
+    assert isinstance(service.endpoint, ReusePortEndpoint)
+    assert (service.endpoint.interface, service.endpoint.port) == ("127.0.0.1", 0)
+
+
+def test_reuse_port_comes_from_the_environment_too_and_needs_a_tcp_endpoint() -> None:
+    options = Options(environ={**ENVIRON, "SNET_REUSE_PORT": "1"})
+    options.parseOptions(["--listen", "tcp:8080"])
+    assert options["reuse-port"] is True
+    with pytest.raises(UsageError, match="--reuse-port"):
+        Options(environ=ENVIRON).parseOptions(["--reuse-port", "--listen", "unix:/tmp/s"])
+
+
+def test_without_reuse_port_the_listener_is_twisteds_own_endpoint() -> None:
+    service = make_service([], MemoryReactorClock())
+    assert not isinstance(service.endpoint, ReusePortEndpoint)
