@@ -21,44 +21,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-export SNET_BASE_IMAGE="${SNET_BASE_IMAGE:-snet-base:bookworm}"
-export SNET_CONSUL_IMAGE="${SNET_CONSUL_IMAGE:-snet-consul:local}"
-export SNET_MYSQL_IMAGE="${SNET_MYSQL_IMAGE:-snet-mariadb:local}"
-export SNET_REDIS_IMAGE="${SNET_REDIS_IMAGE:-snet-redis:local}"
-export SNET_SERVER_IMAGE="${SNET_SERVER_IMAGE:-snet-server:e2e}"
-export SNET_CHAT_IMAGE="${SNET_CHAT_IMAGE:-snet-chat:e2e}"
+readonly E2E_NAME=cluster
+readonly E2E_COMPOSE=1
 export SNET_HTTP_PORT="${SNET_CLUSTER_HTTP_PORT:-8090}"
 export SNET_ADMIN_PORT="${SNET_CLUSTER_ADMIN_PORT:-8091}"
 export SNET_CONSUL_PORT="${SNET_CLUSTER_CONSUL_PORT:-8590}"
-export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
-
-readonly STARTED_AT=${SECONDS}
-dockerd_pid=""
-work="$(mktemp -d)"
-
-say() { printf '== cluster e2e [%3ds] %s\n' "$((SECONDS - STARTED_AT))" "$*"; }
-die() {
-    printf '== cluster e2e: error: %s\n' "$*" >&2
-    printf 'cluster: 0 passed, 1 failed\n'
-    exit 1
-}
-
-finish() {
-    local status=$?
-    if [[ -n ${dockerd_pid} && ${KEEP_DOCKERD:-0} != 1 ]]; then
-        say "stopping the dockerd this run started (pid ${dockerd_pid})"
-        kill -TERM "${dockerd_pid}" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "${dockerd_pid}" 2>/dev/null || break; sleep 0.2; done
-    fi
-    rm -rf "${work}"
-    say "finished in $((SECONDS - STARTED_AT)) s (exit ${status})"
-    exit "${status}"
-}
-trap finish EXIT
-
-[[ ${EUID} -eq 0 ]] || die "run this as root (dockerd, debootstrap)"
-command -v docker >/dev/null || die "no docker CLI: run tests/e2e/compose.sh first (it installs Docker and Compose)"
-docker compose version >/dev/null 2>&1 || die "no Docker Compose v2: run tests/e2e/compose.sh first"
 
 # shellcheck source=tests/e2e/engine.sh
 source tests/e2e/engine.sh
