@@ -31,6 +31,7 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.expected_conditions import staleness_of
@@ -119,7 +120,12 @@ class Browser:
     def _navigate(self, xpath: str) -> None:
         page = self.driver.find_element(By.TAG_NAME, "html")
         self.driver.find_element(By.XPATH, xpath).click()
-        WebDriverWait(self.driver, WAIT).until(staleness_of(page), f"{xpath} led nowhere")
+        # While the old document goes, chromedriver may answer a look at its element with a
+        # generic error ("Node ... does not belong to the document") instead of a stale
+        # element: ask again.
+        WebDriverWait(self.driver, WAIT, ignored_exceptions=[WebDriverException]).until(
+            staleness_of(page), f"{xpath} led nowhere"
+        )
 
     @property
     def heading(self) -> str:
