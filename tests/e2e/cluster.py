@@ -204,6 +204,21 @@ class Cluster:
         for r in failed[:5]:
             say(f"   failed: {r.instance or '-'} {r.detail}")
 
+    def run(self, steps: list[tuple[str, Callable[[], dict[str, str]]]]) -> tuple[int, int]:
+        """Run each step under the stream; a step passes when it raised nothing and no call
+        failed during it. Returns (passed, failed)."""
+        passed = failed = 0
+        for name, action in steps:
+            try:
+                self.step(name, action)
+                if self.steps[-1].failed:
+                    raise traffic.CheckFailed(f"{self.steps[-1].failed} calls failed")
+                passed += 1
+            except (traffic.CheckFailed, OSError, ValueError) as e:
+                say(f"FAILED: {name}: {e}")
+                failed += 1
+        return passed, failed
+
     # The steps
 
     def kill_leader(self) -> dict[str, str]:
@@ -406,15 +421,8 @@ def main(argv: list[str]) -> int:
             ("6. a rolling update of chat", lambda: cluster.rolling_update([1, 2, 4])),
             ("7. a Consul snapshot saved and restored", cluster.snapshot),
         ]
-        for name, action in steps:
-            try:
-                cluster.step(name, action)
-                if cluster.steps[-1].failed:
-                    raise traffic.CheckFailed(f"{cluster.steps[-1].failed} calls failed")
-                passed += 1
-            except (traffic.CheckFailed, OSError, ValueError) as e:
-                say(f"FAILED: {name}: {e}")
-                failed += 1
+        ran = cluster.run(steps)
+        passed, failed = passed + ran[0], failed + ran[1]
         time.sleep(2.0)
         stream.end()
         total = len(stream.records)

@@ -174,22 +174,17 @@ def main(argv: list[str]) -> int:
         stream.start()
         time.sleep(2.0)
         steps = cluster.Cluster(stream)
-        for name, action in [
-            ("1. docker service update --image (start-first)", lambda: update_image(stream)),
-            ("2. docker service scale chat=5", lambda: scale(stream, 5)),
-            (
-                "3. an update whose tasks fail their health check",
-                lambda: failed_update_rolls_back(stream),
-            ),
-        ]:
-            try:
-                steps.step(name, action)
-                if steps.steps[-1].failed:
-                    raise traffic.CheckFailed(f"{steps.steps[-1].failed} calls failed")
-                passed += 1
-            except (traffic.CheckFailed, OSError, ValueError) as e:
-                say(f"FAILED: {name}: {e}")
-                failed += 1
+        ran = steps.run(
+            [
+                ("1. docker service update --image (start-first)", lambda: update_image(stream)),
+                ("2. docker service scale chat=5", lambda: scale(stream, 5)),
+                (
+                    "3. an update whose tasks fail their health check",
+                    lambda: failed_update_rolls_back(stream),
+                ),
+            ]
+        )
+        passed, failed = passed + ran[0], failed + ran[1]
         time.sleep(2.0)
         stream.end()
         bad = [r for r in stream.records if not r.ok]
