@@ -34,8 +34,10 @@ same behaviour:
   before any byte of the next answer came (the server closed it while idle: keep-alive
   timeout, restart), a call that is safe to repeat (``retry_safe``: a read, or a write with
   an idempotency key) is made once more on a fresh connection, as Twisted's pool does with
-  ``retryAutomatically`` for bodiless idempotent requests. Otherwise, or if the fresh
-  connection fails too, the call fails as above.
+  ``retryAutomatically`` for bodiless idempotent requests. Otherwise the call fails as above;
+  if the new connection fails as well, the call fails with ``ResponseNeverReceived`` wrapping
+  both reasons (a refused or cancelled new connection included: the request went out on the
+  stale one and may have landed, so the call is not "never reached").
 
 With a TLS policy (:class:`~snet.connect.ConnectPolicyForHTTPS`), each new connection is
 made with ``wrapClientTLS(policy.creatorForNetloc(host, port), ...)``, as ``Agent`` makes
@@ -51,6 +53,7 @@ from typing import Any
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -371,7 +374,8 @@ class _Exchange:
         self.instance = instance
         self.data = data
         self.retry_safe = call.retry_safe
-        self.retried = False
+        self.stale: Failure | None = None
+        """Why the pooled connection was lost under the request, once it is made again."""
         self.connecting: Deferred[Any] | None = None
         self.connection: _Connection | None = None
         self.result: Deferred[ChatAnswer] = Deferred(self._cancel)
@@ -393,7 +397,14 @@ class _Exchange:
 
     def _not_connected(self, failure: Failure) -> None:
         self.connecting = None
-        self.result.errback(failure)
+        if self.stale is None:
+            self.result.errback(failure)
+            return
+        # The request went out on the stale connection and may have landed: whatever the new
+        # one does, the call is not "never reached", nor cancelled "while connecting".
+        if isinstance(failure.value, ConnectingCancelledError):
+            failure = Failure(CancelledError())  # type: ignore[no-untyped-call]
+        self.result.errback(ResponseNeverReceived([self.stale, failure]))  # type: ignore[no-untyped-call]
 
     def _on(self, connection: _Connection) -> None:
         self.connection = connection
@@ -410,14 +421,15 @@ class _Exchange:
 
     def lost(self, connection: _Connection, reason: Failure) -> None:
         self.connection = None
-        if not connection.received:
-            if connection.served and self.retry_safe and not self.retried:
-                self.retried = True  # a stale pooled connection: once more, on a new one
-                self._connect()
-                return
-            self.result.errback(ResponseNeverReceived([reason]))  # type: ignore[no-untyped-call]
+        if not connection.received and connection.served and self.retry_safe and not self.stale:
+            self.stale = reason  # a stale pooled connection: once more, on a new one
+            self._connect()
+            return
+        reasons = [reason] if self.stale is None else [self.stale, reason]
+        if connection.received:
+            self.result.errback(ResponseFailed(reasons))  # type: ignore[no-untyped-call]
         else:
-            self.result.errback(ResponseFailed([reason]))  # type: ignore[no-untyped-call]
+            self.result.errback(ResponseNeverReceived(reasons))  # type: ignore[no-untyped-call]
 
     def failed(self, error: Exception) -> None:
         self.connection = None
@@ -536,6 +548,11 @@ class ChatWire:
         exchange = _Exchange(self, instance, call, b"".join(head))
         exchange.start()
         return exchange.result
+
+    def idle(self, endpoint: ChatEndpoint) -> int:
+        """How many idle connections to *endpoint* are kept now."""
+        instance = self._instances.get(endpoint)
+        return 0 if instance is None else sum(not c.lost for c in instance.idle)
 
     def _instance(self, endpoint: ChatEndpoint) -> _Instance:
         if len(self._instances) >= _MAX_INSTANCES:

@@ -385,14 +385,29 @@ def test_the_retry_on_a_new_connection_is_made_once() -> None:
     assert len(reactor.tcpClients) == 2
 
 
-def test_the_retry_on_a_new_connection_can_be_refused() -> None:
+def test_a_refused_retry_still_says_lost_since_the_request_may_have_landed() -> None:
     reactor = MemoryReactorClock()
     client = wire(reactor)
     stale = pooled(reactor, client)
     d = client.exchange(A, SEND)
     stale.close()
     refuse(reactor)
-    assert reason_of(failure_of(d).value) == "refused"
+    error = failure_of(d).value
+    assert isinstance(error, ResponseNeverReceived)
+    assert [r.type for r in error.reasons] == [ConnectionDone, ConnectionRefusedError]
+    assert reason_of(error) == "lost"
+
+
+def test_a_retry_cut_short_while_connecting_is_a_timeout_not_a_connect_timeout() -> None:
+    reactor = MemoryReactorClock()
+    client = wire(reactor)
+    stale = pooled(reactor, client)
+    d = within(client.exchange(A, SEND), 2.0, reactor)
+    stale.close()
+    reactor.advance(2.0)
+    error = failure_of(d).value
+    assert isinstance(error, TimedOut)
+    assert cancelled(error.cause) and not while_connecting(error.cause)
 
 
 def test_a_call_not_safe_to_repeat_is_not_retried_on_a_stale_connection() -> None:
