@@ -361,9 +361,9 @@ class ChatClient:
         if isinstance(http, ChatWire):
             if http.tls != tls:
                 raise ValueError(
-                    "tls=True needs a ChatWire with the Connect policy, and only then"
+                    "tls=True needs http=chat_http_client(..., tls=<the Connect policy>)"
                     if tls
-                    else "a ChatWire with a TLS policy needs tls=True"
+                    else "http calls over TLS (it has a policy): pass tls=True"
                 )
             self._wire = http
         else:

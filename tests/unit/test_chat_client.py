@@ -627,12 +627,12 @@ def test_the_http_client_keeps_connections_alive_and_bounds_connecting() -> None
 def test_a_chat_wire_must_agree_with_the_client_on_tls() -> None:
     """The wire's TLS policy decides the scheme: a client told otherwise refuses to start."""
     plain = chat_http_client(MemoryReactorClock())
-    with pytest.raises(ValueError, match="tls=True"):
+    with pytest.raises(ValueError, match="tls=True needs"):
         ChatClient(balancer=RoundRobin(Instances(A)), http=plain, clock=Clock(), tls=True)
     policy = ConnectPolicyForHTTPS(FixedIdentity(None))
     secure = chat_http_client(MemoryReactorClock(), tls=policy)
     assert secure.tls
-    with pytest.raises(ValueError, match="needs tls=True"):
+    with pytest.raises(ValueError, match="pass tls=True"):
         ChatClient(balancer=RoundRobin(Instances(A)), http=secure, clock=Clock())
 
 
