@@ -1,13 +1,15 @@
 """A bounded, timed HTTP call with treq: the plumbing every HTTP client of snet shares.
 
 The Consul client (:mod:`snet.consul`) and the monolith's chat client
-(:mod:`snet.server.chat_client`) make their calls the same way, and this module owns that way:
+(:mod:`snet.server.chat_client`) share the timeout, body and failure helpers, and the Consul
+client the pooled treq client:
 
 - **The client.** :func:`pooled_http_client` makes a treq client over a persistent connection
   pool of its own whose connection attempts give up after a timeout; its ``close()`` closes
   the pool (call it on shutdown, or tests see a dirty reactor). Its ``request`` is treq's,
   with the plain case taken straight to Twisted's agent (:meth:`PooledHTTPClient.request`):
-  the chat client's calls, made many times a second, skip the machinery they never use.
+  the Consul client's calls skip the machinery they never use. (The monolith's chat calls,
+  made many times a second, have a client of their own: :mod:`snet.server.chatwire`.)
 - **The body.** :func:`read_body` reads a response body, up to a size limit when given one
   (:class:`BodyTooLarge` past it, and the connection is dropped); cancelling it drops the
   connection too.

@@ -12,12 +12,13 @@ Who checks what:
   Sessions are neither cached nor resumed: every connection is verified in full against the
   roots of the moment.
 - **Client** (the monolith), :class:`ConnectPolicyForHTTPS`: an ``IPolicyForHTTPS`` for
-  ``twisted.web.client.Agent`` that presents its current leaf and accepts a server only if
-  the server's chain verifies against the current roots *and* its leaf's URI SAN is the
-  expected service's SPIFFE id. Host names play no part: anyone may register any address in
-  Consul; only the CA vouches for a name. Anything else fails the handshake with a
-  :class:`PeerIdentityError`, raised from the certificate check itself, so the request
-  (buffered by Twisted until the handshake is done) never leaves the process.
+  ``twisted.web.client.Agent`` and the monolith's ``ChatWire`` that presents its current
+  leaf and accepts a server only if the server's chain verifies against the current roots
+  *and* its leaf's URI SAN is the expected service's SPIFFE id. Host names play no part:
+  anyone may register any address in Consul; only the CA vouches for a name. Anything else
+  fails the handshake with a :class:`PeerIdentityError`, raised from the certificate check
+  itself, so the request (buffered by Twisted until the handshake is done) never leaves the
+  process.
 
 Both read the identity from an :class:`~snet.connect.identity.IdentitySource` for every new
 connection, building an SSL context once per identity version: a renewed leaf or rotated

@@ -66,16 +66,15 @@ from snet.connect import NoConnectIdentity, PeerIdentityError, identity_failure
 from snet.httpcall import (
     WRAPPED,
     BodyTooLarge,
-    PooledHTTPClient,
     TimedOut,
     cancelled,
     describe,
-    pooled_http_client,
     read_body,
     while_connecting,
     within,
 )
 from snet.retry import RetryBudget, RetryLimits
+from snet.server.chatwire import DEFAULT_MAX_BODY, ChatAnswer, ChatCall, ChatWire
 from snet.server.discovery import ChatEndpoint
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable
 from snet.server.roundrobin import RoundRobin
@@ -90,7 +89,7 @@ __all__ = [
 
 log = Logger()
 
-MAX_BODY = 16 * 1024 * 1024
+MAX_BODY = DEFAULT_MAX_BODY
 """The largest answer body read from a chat instance, in bytes (a full page of 500 messages
 of 4096 characters is well under it)."""
 
@@ -132,6 +131,11 @@ class _NotReached(Exception):
         self.error = error
 
 
+_MAX_CACHED_INSTANCES = 1024
+"""Instances whose per-instance pieces (metric children, base URL) are kept; past that many
+(instances that came and went) the caches start again."""
+
+
 # --- HTTP plumbing ----------------------------------------------------------------------------
 
 
@@ -141,47 +145,84 @@ def chat_http_client(
     connect_timeout: float = 1.0,
     max_per_host: int = 16,
     tls: IPolicyForHTTPS | None = None,
-) -> PooledHTTPClient:
-    """The treq client the monolith calls the chat instances with.
+) -> ChatWire:
+    """The HTTP client the monolith calls the chat instances with
+    (:class:`~snet.server.chatwire.ChatWire`).
 
-    Connections are kept alive (a persistent pool, at most *max_per_host* idle connections per
-    instance) and a connection attempt gives up after *connect_timeout* seconds, so that an
-    instance that cannot be reached is skipped quickly. *reactor* provides ``IReactorTCP`` and
-    ``IReactorTime`` (the reactor). Close the client's pool with ``close()`` on shutdown.
-    *tls* is the Connect policy (:class:`~snet.connect.ConnectPolicyForHTTPS`) for instances
-    called over ``https://``.
+    Connections are kept alive (at most *max_per_host* idle connections per instance) and a
+    connection attempt gives up after *connect_timeout* seconds, so that an instance that
+    cannot be reached is skipped quickly. *reactor* provides ``IReactorTCP`` and
+    ``IReactorTime`` (the reactor). Close the client's connections with ``close()`` on
+    shutdown. *tls* is the Connect policy (:class:`~snet.connect.ConnectPolicyForHTTPS`):
+    instances are then called over TLS, their identity checked.
     """
-    return pooled_http_client(
-        reactor, connect_timeout=connect_timeout, max_per_host=max_per_host, tls=tls
-    )
+    return ChatWire(reactor, connect_timeout=connect_timeout, max_idle=max_per_host, tls=tls)
 
 
 @frozen
 class _Request:
     method: str
     path: str
-    headers: Headers
-    data: bytes | None
+    call: ChatCall
     request_id: str
 
     @property
     def retry_safe(self) -> bool:
         """Whether the request may be sent again after it reached an instance: a read, or a
         write with an idempotency key (the chat service stores it once)."""
-        return self.method == "GET" or self.headers.hasHeader(b"Idempotency-Key")
+        return self.call.retry_safe
 
 
-@frozen
-class _Answer:
-    status: int
-    body: bytes
+def _request(
+    method: str,
+    path: str,
+    headers: tuple[tuple[bytes, bytes], ...],
+    data: bytes | None,
+    request_id: str,
+) -> _Request:
+    retry_safe = method == "GET" or any(name == b"Idempotency-Key" for name, _ in headers)
+    call = ChatCall(method.encode("ascii"), path.encode("ascii"), headers, data, retry_safe)
+    return _Request(method, path, call, request_id)
+
+
+class _TreqExchange:
+    """Chat calls through a treq client (an injected ``StubTreq`` in the unit tests), with
+    ``http://`` or, with *tls*, ``https://`` URLs."""
+
+    def __init__(self, http: treq.client.HTTPClient, tls: bool) -> None:
+        self._http = http
+        self._tls = tls
+        self._bases: dict[ChatEndpoint, str] = {}
+        """Each instance's ``scheme://host:port``, made once."""
+
+    def _base(self, endpoint: ChatEndpoint) -> str:
+        base = self._bases.get(endpoint)
+        if base is None:
+            if len(self._bases) >= _MAX_CACHED_INSTANCES:
+                self._bases.clear()
+            base = self._bases[endpoint] = endpoint.https_url if self._tls else endpoint.url
+        return base
+
+    def exchange(self, endpoint: ChatEndpoint, call: ChatCall) -> Deferred[ChatAnswer]:
+        return Deferred.fromCoroutine(self._exchange(endpoint, call))
+
+    async def _exchange(self, endpoint: ChatEndpoint, call: ChatCall) -> ChatAnswer:
+        headers = Headers()
+        for name, value in call.headers:
+            headers.addRawHeader(name, value)
+        response: IResponse = await self._http.request(
+            call.method.decode("ascii"),
+            self._base(endpoint) + call.target.decode("ascii"),
+            headers=headers,
+            data=call.body,
+            unbuffered=True,
+            allow_redirects=False,
+        )
+        body = await read_body(response, MAX_BODY)
+        return ChatAnswer(response.code, body)
 
 
 # --- metrics ----------------------------------------------------------------------------------
-
-_MAX_CACHED_INSTANCES = 1024
-"""Instances whose per-instance pieces (metric children, base URL) are kept; past that many
-(instances that came and went) the caches start again."""
 
 
 class ChatCallMetrics:
@@ -277,8 +318,10 @@ class ChatClient:
     call that reached an instance; *budget* (by default a :class:`~snet.retry.RetryBudget` on
     *clock*) bounds the retries of all calls together.
 
-    With *tls*, instances are called at ``https://`` (*http* then carries the Connect policy:
-    ``chat_http_client(..., tls=ConnectPolicyForHTTPS(...))``).
+    *http* is the :class:`~snet.server.chatwire.ChatWire` of :func:`chat_http_client`, or a
+    treq client (``StubTreq`` in tests). With *tls*, instances are called over TLS: a
+    ``ChatWire`` then carries the Connect policy (``chat_http_client(...,
+    tls=ConnectPolicyForHTTPS(...))``), a treq client is given ``https://`` URLs.
 
     *connect_timeout* is used only when *http* is not given: the client then makes its own
     with :func:`chat_http_client` (and *clock* must be the reactor), which ``close()``
@@ -297,7 +340,7 @@ class ChatClient:
         self,
         *,
         balancer: RoundRobin,
-        http: treq.client.HTTPClient | None = None,
+        http: ChatWire | treq.client.HTTPClient | None = None,
         clock: IReactorTime,
         timeout: float = 2.0,
         deadline: float = 10.0,
@@ -307,21 +350,28 @@ class ChatClient:
         registry: CollectorRegistry | None = None,
         tls: bool = False,
     ) -> None:
-        self._tls = tls
         self._retries = RetryLimits(
             clock=clock, max_attempts=max_attempts, deadline=deadline, budget=budget
         )
         self._balancer = balancer
-        self._own_http: PooledHTTPClient | None = None
+        self._own_http: ChatWire | None = None
         if http is None:
             http = self._own_http = chat_http_client(clock, connect_timeout=connect_timeout)
-        self._http = http
+        self._wire: ChatWire | _TreqExchange
+        if isinstance(http, ChatWire):
+            if http.tls != tls:
+                raise ValueError(
+                    "tls=True needs http=chat_http_client(..., tls=<the Connect policy>)"
+                    if tls
+                    else "http calls over TLS (it has a policy): pass tls=True"
+                )
+            self._wire = http
+        else:
+            self._wire = _TreqExchange(http, tls)
         self._clock = clock
         self._timeout = timeout
         self.budget = self._retries.budget
         self._metrics = ChatCallMetrics(budget=self.budget, registry=registry)
-        self._bases: dict[ChatEndpoint, str] = {}
-        """Each instance's ``scheme://host:port``, made once."""
 
     def close(self) -> Deferred[None]:
         """Close the connection pool if this client made it (else the caller owns *http*)."""
@@ -336,11 +386,13 @@ class ChatClient:
     ) -> Deferred[ChatReply]:
         """POST /v1/dialogs/{peer_id}/messages as *user_id*."""
         headers = self._headers(request_id, user_id)
-        headers.setRawHeaders(b"Idempotency-Key", [idempotency_key.encode("utf-8")])
-        headers.setRawHeaders(b"Content-Type", [b"application/json"])
+        headers += (
+            (b"Idempotency-Key", idempotency_key.encode("utf-8")),
+            (b"Content-Type", b"application/json"),
+        )
         data = json.dumps({"text": text}, ensure_ascii=False).encode("utf-8")
         path = f"/v1/dialogs/{int(peer_id)}/messages"
-        return self._call(_Request("POST", path, headers, data, request_id))
+        return self._call(_request("POST", path, headers, data, request_id))
 
     def list(
         self, *, request_id: str, user_id: int, peer_id: int, after_id: int | None, limit: int
@@ -350,25 +402,22 @@ class ChatClient:
         if after_id is not None:
             query += f"&after_id={int(after_id)}"
         path = f"/v1/dialogs/{int(peer_id)}/messages?{query}"
-        return self._call(
-            _Request("GET", path, self._headers(request_id, user_id), None, request_id)
-        )
+        headers = self._headers(request_id, user_id)
+        return self._call(_request("GET", path, headers, None, request_id))
 
     def unread(self, *, request_id: str, user_id: int) -> Deferred[ChatReply]:
         """GET /v1/unread as *user_id*."""
         headers = self._headers(request_id, user_id)
-        return self._call(_Request("GET", "/v1/unread", headers, None, request_id))
+        return self._call(_request("GET", "/v1/unread", headers, None, request_id))
 
     # The work.
 
     @staticmethod
-    def _headers(request_id: str, user_id: int) -> Headers:
-        return Headers(
-            {
-                b"X-Snet-User-Id": [str(int(user_id)).encode("ascii")],
-                b"X-Request-ID": [request_id.encode("utf-8")],
-                b"Accept": [b"application/json"],
-            }
+    def _headers(request_id: str, user_id: int) -> tuple[tuple[bytes, bytes], ...]:
+        return (
+            (b"X-Snet-User-Id", str(int(user_id)).encode("ascii")),
+            (b"X-Request-ID", request_id.encode("utf-8")),
+            (b"Accept", b"application/json"),
         )
 
     def _call(self, request: _Request) -> Deferred[ChatReply]:
@@ -470,35 +519,13 @@ class ChatClient:
         )
         return failure
 
-    def _base(self, endpoint: ChatEndpoint) -> str:
-        base = self._bases.get(endpoint)
-        if base is None:
-            if len(self._bases) >= _MAX_CACHED_INSTANCES:
-                self._bases.clear()
-            base = self._bases[endpoint] = endpoint.https_url if self._tls else endpoint.url
-        return base
-
-    async def _exchange(self, endpoint: ChatEndpoint, request: _Request) -> _Answer:
-        response: IResponse = await self._http.request(
-            request.method,
-            self._base(endpoint) + request.path,
-            headers=request.headers,
-            data=request.data,
-            unbuffered=True,
-            allow_redirects=False,
-        )
-        body = await read_body(response, MAX_BODY)
-        return _Answer(response.code, body)
-
     async def _attempt(self, endpoint: ChatEndpoint, request: _Request, left: float) -> ChatReply:
         """One attempt on *endpoint*, given at most *left* seconds (the call's deadline)."""
         instance = endpoint.instance_id
         self._metrics.attempted(instance)
         started = self._clock.seconds()
         timeout = min(self._timeout, left)
-        exchange = within(
-            Deferred.fromCoroutine(self._exchange(endpoint, request)), timeout, self._clock
-        )
+        exchange = within(self._wire.exchange(endpoint, request.call), timeout, self._clock)
         try:
             answer = await exchange
         except TimedOut as timed_out:
@@ -570,7 +597,7 @@ class ChatClient:
             return "bad_response"
         return None
 
-    def _reply(self, endpoint: ChatEndpoint, request: _Request, answer: _Answer) -> ChatReply:
+    def _reply(self, endpoint: ChatEndpoint, request: _Request, answer: ChatAnswer) -> ChatReply:
         instance = endpoint.instance_id
         try:
             body = json.loads(answer.body.decode("utf-8"))

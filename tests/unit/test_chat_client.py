@@ -21,7 +21,7 @@ from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from snet.connect import NoConnectIdentity, PeerIdentityError
+from snet.connect import ConnectPolicyForHTTPS, FixedIdentity, NoConnectIdentity, PeerIdentityError
 from snet.retry import RetryBudget
 from snet.server import chat_client
 from snet.server.chat_client import (
@@ -29,6 +29,7 @@ from snet.server.chat_client import (
     ChatInstanceFailed,
     chat_http_client,
 )
+from snet.server.chatwire import ChatWire
 from snet.server.discovery import ChatEndpoint
 from snet.server.ejection import PassiveHealth
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
@@ -614,12 +615,25 @@ def test_metrics_count_attempts_failures_and_answer_times() -> None:
 def test_the_http_client_keeps_connections_alive_and_bounds_connecting() -> None:
     reactor = MemoryReactorClock()
     http = chat_http_client(reactor, connect_timeout=0.5, max_per_host=7)
-    assert http.pool.persistent
-    assert http.pool.maxPersistentPerHost == 7
-    http.request("GET", "http://10.0.0.1:8081/v1/unread")
+    assert isinstance(http, ChatWire) and not http.tls
+    assert http.max_idle == 7
+    client = ChatClient(balancer=RoundRobin(Instances(A)), http=http, clock=reactor)
+    client.unread(request_id="r", user_id=1)
     _host, port, _factory, timeout, _bind = reactor.tcpClients[0]
     assert (port, timeout) == (8081, 0.5)
     assert result_of(http.close()) is None
+
+
+def test_a_chat_wire_must_agree_with_the_client_on_tls() -> None:
+    """The wire's TLS policy decides the scheme: a client told otherwise refuses to start."""
+    plain = chat_http_client(MemoryReactorClock())
+    with pytest.raises(ValueError, match="tls=True needs"):
+        ChatClient(balancer=RoundRobin(Instances(A)), http=plain, clock=Clock(), tls=True)
+    policy = ConnectPolicyForHTTPS(FixedIdentity(None))
+    secure = chat_http_client(MemoryReactorClock(), tls=policy)
+    assert secure.tls
+    with pytest.raises(ValueError, match="pass tls=True"):
+        ChatClient(balancer=RoundRobin(Instances(A)), http=secure, clock=Clock())
 
 
 def test_a_client_without_an_http_client_makes_and_closes_its_own() -> None:
