@@ -32,7 +32,7 @@ instance is used (the new one after passing its check; the frozen one after SIGC
 evenly the steady instances were loaded, and throughput; then a markdown table of all. Figures
 only: nothing here passes or fails on a time.
 
-    python bench/faults.py                      # everything, about 5 minutes
+    python bench/faults.py                      # everything, about 6-9 minutes
     python bench/faults.py --scenarios sigkill,new --modes snet --after 5
 
 HAProxy must be installed (``apt-get install haproxy``, 2.6 on Debian 12).
