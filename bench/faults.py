@@ -202,21 +202,17 @@ class Servers:
     mariadb: MariaDB
     redis: Redis
     haproxy_binary: str | None
+    later: contextlib.ExitStack
+    """Closes what is started on demand (the persistent agent) at the end of the bench."""
     persistent_consul: ConsulAgent | None = None
-    """Started for the first scenario that needs it; closed by ``close``."""
 
     def consul_for(self, scenario: str) -> ConsulAgent:
         """The agent a scenario runs on: a persistent one for ``consul``, else the dev one."""
         if not CONSUL_RESTARTS.get(scenario, False):
             return self.consul
         if self.persistent_consul is None:
-            self.persistent_consul = ConsulAgent(persistent=True)
-            self.persistent_consul.__enter__()
+            self.persistent_consul = self.later.enter_context(ConsulAgent(persistent=True))
         return self.persistent_consul
-
-    def close(self) -> None:
-        if self.persistent_consul is not None:
-            self.persistent_consul.close()
 
 
 @contextlib.contextmanager
@@ -422,18 +418,20 @@ def main() -> int:
 
     results: list[Result] = []
     started = time.monotonic()
-    with ConsulAgent() as consul, MariaDB() as mariadb, Redis() as redis:
-        servers = Servers(consul, mariadb, redis, binary)
-        try:
-            for scenario in scenarios:
-                for mode in modes:
-                    runs = []
-                    for _ in range(args.repeat):
-                        runs.append(run(servers, scenario, mode, args))
-                        print(format_result(runs[-1]), flush=True)
-                    results.append(merge(runs))
-        finally:
-            servers.close()
+    with (
+        ConsulAgent() as consul,
+        MariaDB() as mariadb,
+        Redis() as redis,
+        contextlib.ExitStack() as later,
+    ):
+        servers = Servers(consul, mariadb, redis, binary, later)
+        for scenario in scenarios:
+            for mode in modes:
+                runs = []
+                for _ in range(args.repeat):
+                    runs.append(run(servers, scenario, mode, args))
+                    print(format_result(runs[-1]), flush=True)
+                results.append(merge(runs))
     print()
     print(
         f"{args.clients} clients, {args.before:g}s of load before each fault and"
