@@ -32,6 +32,7 @@ from snet.testing.traffic import (
     metric_value,
     register_user,
     served_sends,
+    stored_texts,
 )
 from snet.testing.waiting import timed, wait_until
 
@@ -342,6 +343,48 @@ def test_a_real_consul_restart_over_connect_fails_no_call_and_stores_every_send_
             tls=intruder,
         )
         assert status == 403, body
+
+
+def test_a_dev_consul_restart_over_connect_is_a_new_ca_that_every_process_moves_to(
+    mariadb: MariaDB, redis_server: Redis
+) -> None:
+    """A restarted *dev* agent is a new cluster: a new CA and trust domain. Every process
+    moves to it and the calls succeed again. An instance refuses a call on a connection
+    opened under the old trust domain once, and closes it: at most one 403 per connection
+    the monolith had open to it (its 4 clients make at most 4 calls at a time), where such
+    connections used to be refused for as long as the monolith kept them. Nothing refused
+    was stored."""
+    clients = 4
+    with (
+        ConsulAgent() as consul,
+        deployment(
+            consul_url=consul.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis_server
+        ) as running,
+        running.traffic(clients) as traffic,
+    ):
+        domain = consul.trust_domain()
+        traffic.wait_for(100)
+        killed = time.monotonic()
+        consul.kill()
+        traffic.wait_for(50, since=killed)
+        consul.start()
+        restarted = time.monotonic()
+        assert consul.trust_domain() != domain
+
+        def last_calls_succeed() -> bool:
+            ended = sorted(traffic.outcomes(since=restarted), key=lambda o: o.ended)[-100:]
+            return len(ended) == 100 and all(o.ok for o in ended)
+
+        wait_until(last_calls_succeed, 30, "100 calls in a row to succeed", interval=0.05)
+        traffic.wait_for(300, since=time.monotonic())
+        traffic.stop()
+        failed = traffic.failures(since=killed)
+        assert all(o.status in (403, 503) for o in failed), describe(failed, killed)
+        refused = [o for o in failed if o.status == 403]
+        assert len(refused) <= clients * len(running.fleet.instances), describe(refused, killed)
+        stored = stored_texts(running.chat_mysql_url, running.sender.id)
+        assert not [o for o in failed if o.kind == "send" and o.text in stored]
+        assert_stored_once(running, traffic)
 
 
 def test_chat_mysql_down_answers_503_with_retry_after_writes_nothing_partial_and_recovers(
