@@ -1,6 +1,7 @@
 """Faults under load, side by side: the monolith's own Consul-aware balancer against HAProxy.
 
-Starts its own Consul dev agent, MariaDB and Redis on free 127.0.0.1 ports. Then, for every
+Starts its own Consul dev agent (and, for the ``consul`` scenario, a persistent one-node
+Consul server), MariaDB and Redis on free 127.0.0.1 ports. Then, for every
 scenario and for both set-ups, a fresh fleet of three ``twistd snet-chat`` instances and one
 ``twistd snet-server``:
 
@@ -18,8 +19,11 @@ the monolith's public API while one fault happens:
 - ``sigterm``: one instance stops cleanly (deregister, drain, exit);
 - ``sigkill``: one instance dies mid-request;
 - ``sigstop``: one instance freezes (accepts connections, answers nothing), then SIGCONT;
-- ``consul``: the Consul agent is killed, stays down, and starts again (a dev agent forgets
-  every registration: the instances register again by themselves);
+- ``consul``: the Consul agent is killed, stays down, and starts again with its data
+  directory, as a real agent restarts: the same cluster, CA, intentions and registrations;
+- ``consul-dev``: the same with a dev agent, which forgets everything: a new cluster with a
+  new Connect CA and trust domain, no intentions, no registrations (the instances register
+  again by themselves, and every process must move to certificates of the new CA);
 - ``new``: a fourth instance starts.
 
 For each it prints failed calls, messages duplicated or lost (what the clients were told
@@ -28,7 +32,7 @@ instance is used (the new one after passing its check; the frozen one after SIGC
 evenly the steady instances were loaded, and throughput; then a markdown table of all. Figures
 only: nothing here passes or fails on a time.
 
-    python bench/faults.py                      # everything, about 5 minutes
+    python bench/faults.py                      # everything, about 6-9 minutes
     python bench/faults.py --scenarios sigkill,new --modes snet --after 5
 
 HAProxy must be installed (``apt-get install haproxy``, 2.6 on Debian 12).
@@ -71,7 +75,9 @@ from snet.testing.traffic import (
 )
 from snet.testing.waiting import timed, wait_until
 
-SCENARIOS = ("sigterm", "sigkill", "sigstop", "consul", "new")
+SCENARIOS = ("sigterm", "sigkill", "sigstop", "consul", "consul-dev", "new")
+CONSUL_RESTARTS = {"consul": True, "consul-dev": False}
+"""The scenarios that kill and restart Consul, and whether their agent keeps its state."""
 MODES = ("snet", "haproxy")
 CONFIG = Path(__file__).resolve().parent / "haproxy-consul.cfg"
 HAPROXY_MONOLITH_ARGS = ("--chat-timeout", "6")
@@ -196,19 +202,30 @@ class Servers:
     mariadb: MariaDB
     redis: Redis
     haproxy_binary: str | None
+    later: contextlib.ExitStack
+    """Closes what is started on demand (the persistent agent) at the end of the bench."""
+    persistent_consul: ConsulAgent | None = None
+
+    def consul_for(self, scenario: str) -> ConsulAgent:
+        """The agent a scenario runs on: a persistent one for ``consul``, else the dev one."""
+        if not CONSUL_RESTARTS.get(scenario, False):
+            return self.consul
+        if self.persistent_consul is None:
+            self.persistent_consul = self.later.enter_context(ConsulAgent(persistent=True))
+        return self.persistent_consul
 
 
 @contextlib.contextmanager
 def deployment(
-    servers: Servers, mode: str, clients: int, seconds: float
+    servers: Servers, consul: ConsulAgent, mode: str, clients: int, seconds: float
 ) -> Iterator[tuple[ChatFleet, TwistdProcess, DialogTraffic, str]]:
-    """A fresh fleet and monolith (and HAProxy), and traffic ready to start."""
+    """A fresh fleet and monolith (and HAProxy) on *consul*, and traffic ready to start."""
     tag = uuid.uuid4().hex[:8]
     chat_mysql = servers.mariadb.create_database(f"bench_chat_{tag}")
     # HAProxy checks and forwards plain HTTP: that mode runs both ends in plaintext.
     plaintext = mode == "haproxy"
     fleet = ChatFleet(
-        consul_url=servers.consul.url,
+        consul_url=consul.url,
         mysql_url=chat_mysql,
         redis_url=servers.redis.url,
         plaintext=plaintext,
@@ -221,7 +238,7 @@ def deployment(
         if mode == "haproxy":
             assert servers.haproxy_binary is not None
             haproxy = HAProxy(
-                servers.haproxy_binary, dns_port=servers.consul.dns_port, service=fleet.service
+                servers.haproxy_binary, dns_port=consul.dns_port, service=fleet.service
             )
             wait_until(
                 lambda: haproxy is not None and haproxy.servers_up() == 3,
@@ -231,7 +248,7 @@ def deployment(
             )
             extra = ("--chat-url", haproxy.url, *HAPROXY_MONOLITH_ARGS)
         server = monolith(
-            consul_url=servers.consul.url,
+            consul_url=consul.url,
             mysql_url=servers.mariadb.create_database(f"bench_server_{tag}"),
             redis_url=servers.redis.url.replace("/0", "/1"),
             chat_service=fleet.service,
@@ -267,7 +284,13 @@ def deployment(
 def run(servers: Servers, scenario: str, mode: str, args: argparse.Namespace) -> Result:
     result = Result(scenario, mode)
     budget = args.before + args.after + max(args.down, args.freeze) + 30
-    with deployment(servers, mode, args.clients, budget) as (fleet, _, traffic, chat_mysql):
+    consul = servers.consul_for(scenario)
+    with deployment(servers, consul, mode, args.clients, budget) as (
+        fleet,
+        _,
+        traffic,
+        chat_mysql,
+    ):
         urls = admin_urls(fleet)
         original = sorted(urls)
         victim = original[0]
@@ -307,10 +330,10 @@ def run(servers: Servers, scenario: str, mode: str, args: argparse.Namespace) ->
                 except TimeoutError:
                     result.note = "never served again"
                 time.sleep(max(0.0, resumed + args.after - time.monotonic()))
-            elif scenario == "consul":
-                servers.consul.kill()
+            elif scenario in CONSUL_RESTARTS:
+                consul.kill()
                 time.sleep(args.down)
-                servers.consul.start()
+                consul.start()
                 time.sleep(args.after)
             elif scenario == "new":
                 pickup = measure_pickup(fleet, timeout=30)
@@ -395,8 +418,13 @@ def main() -> int:
 
     results: list[Result] = []
     started = time.monotonic()
-    with ConsulAgent() as consul, MariaDB() as mariadb, Redis() as redis:
-        servers = Servers(consul, mariadb, redis, binary)
+    with (
+        ConsulAgent() as consul,
+        MariaDB() as mariadb,
+        Redis() as redis,
+        contextlib.ExitStack() as later,
+    ):
+        servers = Servers(consul, mariadb, redis, binary, later)
         for scenario in scenarios:
             for mode in modes:
                 runs = []

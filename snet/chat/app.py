@@ -39,7 +39,7 @@ from snet.web.errors import (
 )
 from snet.web.inputs import parse_id, query_arg, read_json_object
 from snet.web.metrics import HTTPMetrics
-from snet.web.requests import header_text, json_response, request_id, set_header
+from snet.web.requests import header_text, json_response, notify_finish, request_id, set_header
 from snet.web.service import (
     HEALTH_TIMEOUT,
     ServiceApp,
@@ -81,6 +81,15 @@ def parse_after_id(text: str | None) -> int | None:
     return parse_id(text, "after_id")
 
 
+def _close_after_answer(request: IRequest) -> None:
+    """Answer with ``Connection: close`` and close the connection once the answer is out:
+    the caller's next call opens a new one (see snet.connect.authorize)."""
+    set_header(request, b"Connection", b"close")
+    transport = getattr(request, "transport", None)
+    if transport is not None:
+        notify_finish(request).addBoth(lambda _: transport.loseConnection())
+
+
 class ChatAPI(ServiceApp):
     """The chat HTTP API; ``resource()`` is what a Site serves."""
 
@@ -115,6 +124,8 @@ class ChatAPI(ServiceApp):
         decision = await self.authorizer.check_request(request)
         if decision.allowed:
             return
+        if decision.close_connection:
+            _close_after_answer(request)
         if decision.status == 401:
             raise ClientCertificateRequired(
                 f"a Connect client certificate is required: {decision.reason}"

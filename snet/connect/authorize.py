@@ -7,11 +7,20 @@ the status to answer):
 - **401** when the request did not come over TLS with a client certificate that verified
   against the Connect roots (:func:`snet.connect.tls.peer_identity` is None), or the
   certificate's URI is not a Connect service id;
-- **403** when the id is from another trust domain, when Consul says no
+- **403** when the id is from another trust domain (see below), when Consul says no
   (``POST /v1/agent/connect/authorize`` answers ``Authorized: false``), and when Consul
   cannot be asked or answers nonsense: the rule is *denied on any error*, with one
   exception below;
 - **200** (allowed) only on Consul's explicit yes.
+
+**Another trust domain.** The TLS handshake verifies every client certificate against the
+Connect roots of the moment, so a caller of another trust domain reaches this check only on
+a connection opened before this service's identity moved to a new cluster (a restarted dev
+agent: a new CA and trust domain). Such a connection can never be allowed again, and a
+caller that keeps it alive would be refused for as long as it does: the decision says
+``close_connection``, and the HTTP layer closes the connection after its 403, so that the
+caller's next call opens a new connection with its current certificate, which the current
+roots verify (or refuse) in the handshake.
 
 **Stale if error.** When Consul cannot answer for a caller it answered less than
 ``stale_if_error`` seconds ago (60 s by default), that last answer stands, as the agent's own
@@ -63,6 +72,9 @@ class Decision:
     reason: str
     caller: str | None = None
     """The caller's SPIFFE id, when it proved one."""
+    close_connection: bool = False
+    """The connection can never be allowed (its certificate is of another trust domain):
+    close it after the answer (see the module docstring)."""
 
     @classmethod
     def allow(cls, caller: str, reason: str) -> Decision:
@@ -75,6 +87,10 @@ class Decision:
     @classmethod
     def forbidden(cls, caller: str, reason: str) -> Decision:
         return cls(False, 403, reason, caller)
+
+    @classmethod
+    def other_trust_domain(cls, caller: str) -> Decision:
+        return cls(False, 403, "not of this trust domain", caller, close_connection=True)
 
 
 _Key = tuple[str, str]
@@ -137,7 +153,7 @@ class ConnectAuthorizer:
             )
         identity = self._source.identity
         if identity is None or parsed.trust_domain != identity.trust_domain:
-            return succeed(Decision.forbidden(peer.spiffe_id, "not of this trust domain"))
+            return succeed(Decision.other_trust_domain(peer.spiffe_id))
         return self.authorize(peer.spiffe_id, peer.serial)
 
     def authorize(self, client_uri: str, serial: str) -> Deferred[Decision]:

@@ -12,6 +12,14 @@ Each loop is a :class:`snet.blocking_query.BlockingQuery` (Consul's rules for bl
 clients), retried after the ``retry_delay`` policy (:func:`snet.retry.exponential_backoff`
 by default); an answer that cannot be parsed counts as a failure of its loop.
 
+The two loops keep in step: an answer of either ends the other's back-off at once (the agent
+is back; both must be read again before the pair can change), and when the pair does not fit
+together (a leaf of one trust domain, roots of another: the agent is now a *new* cluster, as
+a restarted dev agent is, with a new CA) the other is read again at once, so that the
+identity moves to the new cluster within one round trip rather than after the other loop's
+back-off (the default back-off is capped at 2 s: the agent is local, a call every 2 s while
+it is away costs nothing).
+
 Whenever either answer changes, a new :class:`~snet.connect.identity.ConnectIdentity` is
 built from the latest pair and replaces ``identity``: TLS contexts read it for every new
 connection, so a renewal or a rotation takes effect without a restart, and connections
@@ -67,7 +75,7 @@ class CertificateWatcher(Service):
             the agent's token needs ``service:write`` on it.
         :param wait: how long the agent may hold a blocking query, in seconds.
         :param retry_delay: delay before the next call after the *n*-th failure in a row;
-            by default exponential from 0.2 s to 10 s with jitter.
+            by default exponential from 0.2 s to 2 s with jitter.
         :param min_interval: seconds between the starts of two calls of one loop, at least.
         """
         self._consul = consul
@@ -78,7 +86,9 @@ class CertificateWatcher(Service):
         self._roots: Roots | None = None
         self._waiting: list[Deferred[ConnectIdentity]] = []
         self._subscribers: list[Subscriber] = []
-        delay = retry_delay or exponential_backoff(initial=0.2, maximum=10.0)
+        self._mismatch: tuple[str, str] | None = None
+        """The versions of the last leaf and roots found not to fit together."""
+        delay = retry_delay or exponential_backoff(initial=0.2, maximum=2.0)
         self._loops = (
             BlockingQuery(
                 f"the connect leaf of {service}",
@@ -148,14 +158,19 @@ class CertificateWatcher(Service):
 
     def _apply_leaf(self, answer: Answer) -> None:
         self._leaf = Leaf.from_consul(answer.body, self.service)
-        self._combine()
+        self._combine(other=self._loops[1])
 
     def _apply_roots(self, answer: Answer) -> None:
         self._roots = Roots.from_consul(answer.body)
-        self._combine()
+        self._combine(other=self._loops[0])
 
-    def _combine(self) -> None:
-        """Make the identity from the latest leaf and roots, if both are known and new."""
+    def _combine(self, other: BlockingQuery) -> None:
+        """Make the identity from the latest leaf and roots, if both are known and new.
+
+        *other* is the loop that did not just answer: the agent answers, so it need not wait
+        out a back-off; if the pair does not fit together, it is read again at once.
+        """
+        other.wake()
         if self._leaf is None or self._roots is None:
             return
         if self.identity is not None and self.identity.version == (
@@ -166,9 +181,19 @@ class CertificateWatcher(Service):
         try:
             identity = ConnectIdentity(self._leaf, self._roots)
         except ConnectAnswerError as error:
-            # Cannot happen within one cluster (its trust domain does not change); keep the
-            # last identity and say so, rather than stop a loop that read a good answer.
-            log.error("connect answers do not fit together: {error}", error=str(error))
+            # Within one cluster the trust domain never changes: the agent is a new cluster
+            # (a restarted dev agent) and the other answer is the old one. Keep the last
+            # identity, and read the other again at once, once per pair (no loop can spin).
+            pair = (self._leaf.version, self._roots.version)
+            log.warn(
+                "connect answers do not fit together: {error}; reading {other} again",
+                error=str(error),
+                other=other.what,
+            )
+            if self._mismatch != pair:
+                self._mismatch = pair
+                other.restart()
+                other.wake()
             return
         previous, self.identity = self.identity, identity
         log.info(

@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 import pytest
 from attrs import frozen
 
-from snet.testing.fleet import ChatFleet, monolith, query
-from snet.testing.processes import TwistdProcess
+from snet.testing.fleet import ChatFleet, connect_client_tls, monolith, query
+from snet.testing.processes import TwistdProcess, http_json
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 from snet.testing.traffic import (
     ApiUser,
@@ -32,6 +32,7 @@ from snet.testing.traffic import (
     metric_value,
     register_user,
     served_sends,
+    stored_texts,
 )
 from snet.testing.waiting import timed, wait_until
 
@@ -252,9 +253,9 @@ def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recover
     """While the agent is down the monolith serves from the last list; once it is back the
     instances register again by themselves and the monolith lists and uses all three.
 
-    In plaintext: a restarted *dev* agent is a new cluster (a new Connect CA and trust
-    domain, no intentions), which a real agent restart never is; connections made under the
-    old trust domain would get 403s. test_connect_processes covers Connect itself."""
+    In plaintext, on a dev agent, which forgets every registration: a restarted dev agent is
+    also a new cluster (a new Connect CA and trust domain, no intentions), which a real agent
+    restart never is; the next test restarts a persistent agent over Connect."""
     with (
         ConsulAgent() as consul,
         deployment(
@@ -293,6 +294,97 @@ def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recover
         # the instances register again: the monolith keeps its last list meanwhile.
         after = traffic.failures(since=restarted)
         assert after == [], describe(after, restarted)
+
+
+def test_a_real_consul_restart_over_connect_fails_no_call_and_stores_every_send_once(
+    mariadb: MariaDB, redis_server: Redis
+) -> None:
+    """The agent restarts as a real one does (killed, then started with its data dir: the same
+    cluster, CA and trust domain, intentions and registrations) while sends and lists flow
+    over Connect mutual TLS: no call fails, every acknowledged send is stored once, all three
+    instances serve again, and the intentions still refuse any other caller."""
+    with (
+        ConsulAgent(persistent=True) as consul,
+        deployment(
+            consul_url=consul.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis_server
+        ) as running,
+        running.traffic() as traffic,
+    ):
+        domain = consul.trust_domain()
+        traffic.wait_for(100)
+        killed = time.monotonic()
+        consul.kill()
+        traffic.wait_for(100, since=killed)
+        time.sleep(max(0.0, killed + 2.0 - time.monotonic()))
+        assert running.metric("snet_consul_reachable") == 0
+        consul.start()
+        assert consul.trust_domain() == domain
+        served = running.sends_served()
+        wait_until(
+            lambda: (
+                running.metric("snet_chat_instances_healthy") == 3
+                and running.metric("snet_consul_reachable") == 1
+            ),
+            15,
+            "the monolith to read Consul again",
+            interval=0.02,
+        )
+        running.wait_all_serve_again(served, 10)
+        traffic.wait_for(100, since=time.monotonic())
+        traffic.stop()
+        failed = traffic.failures()
+        assert failed == [], describe(failed, killed)
+        assert_stored_once(running, traffic)
+        intruder = connect_client_tls(consul.url, "intruder")
+        status, _, body = http_json(
+            "GET",
+            f"{running.fleet.url(0)}/v1/dialogs/{running.recipient.id}/messages",
+            headers={"X-Snet-User-Id": running.sender.id},
+            tls=intruder,
+        )
+        assert status == 403, body
+
+
+def test_a_dev_consul_restart_over_connect_is_a_new_ca_that_every_process_moves_to(
+    mariadb: MariaDB, redis_server: Redis
+) -> None:
+    """A restarted *dev* agent is a new cluster: a new CA and trust domain. Every process
+    moves to it and the calls succeed again. An instance refuses a call on a connection
+    opened under the old trust domain once, and closes it: at most one 403 per connection
+    the monolith had open to it (its 4 clients make at most 4 calls at a time), where such
+    connections used to be refused for as long as the monolith kept them. Nothing refused
+    was stored."""
+    clients = 4
+    with (
+        ConsulAgent() as consul,
+        deployment(
+            consul_url=consul.url, server_mysql=mariadb, chat_mysql=mariadb, redis=redis_server
+        ) as running,
+        running.traffic(clients) as traffic,
+    ):
+        domain = consul.trust_domain()
+        traffic.wait_for(100)
+        killed = time.monotonic()
+        consul.kill()
+        traffic.wait_for(50, since=killed)
+        consul.start()
+        restarted = time.monotonic()
+        assert consul.trust_domain() != domain
+
+        def last_calls_succeed() -> bool:
+            ended = sorted(traffic.outcomes(since=restarted), key=lambda o: o.ended)[-100:]
+            return len(ended) == 100 and all(o.ok for o in ended)
+
+        wait_until(last_calls_succeed, 30, "100 calls in a row to succeed", interval=0.05)
+        traffic.wait_for(300, since=time.monotonic())
+        traffic.stop()
+        failed = traffic.failures(since=killed)
+        assert all(o.status in (403, 503) for o in failed), describe(failed, killed)
+        refused = [o for o in failed if o.status == 403]
+        assert len(refused) <= clients * len(running.fleet.instances), describe(refused, killed)
+        stored = stored_texts(running.chat_mysql_url, running.sender.id)
+        assert not [o for o in failed if o.kind == "send" and o.text in stored]
+        assert_stored_once(running, traffic)
 
 
 def test_chat_mysql_down_answers_503_with_retry_after_writes_nothing_partial_and_recovers(

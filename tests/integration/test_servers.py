@@ -112,6 +112,51 @@ def test_consul_restart_keeps_its_port_and_forgets_registrations(consul: ConsulA
     assert "harness" not in _consul(consul, "GET", "/v1/agent/services")  # type: ignore[operator]
 
 
+def test_a_dev_consul_restart_is_a_new_cluster_with_a_new_trust_domain(
+    consul: ConsulAgent,
+) -> None:
+    before = consul.trust_domain()
+    assert before is not None and before.endswith(".consul")
+    consul.kill()
+    consul.start()
+    assert consul.trust_domain() not in (None, before)
+
+
+def test_a_persistent_consul_keeps_its_ca_intentions_and_registrations_over_a_kill() -> None:
+    """kill + start of a persistent agent (what a real agent restart is): the same trust
+    domain and CA root, the intentions, and the registrations reloaded from its data dir."""
+    with ConsulAgent(persistent=True) as agent:
+        assert agent.data_dir is not None and agent.data_dir.is_dir()
+        domain = agent.trust_domain()
+        roots = _consul(agent, "GET", "/v1/agent/connect/ca/roots")
+        assert isinstance(roots, dict)
+        _consul(
+            agent,
+            "POST",
+            "/v1/connect/intentions",
+            {"SourceName": "*", "DestinationName": "harness", "Action": "deny"},
+        )
+        _consul(agent, "PUT", "/v1/agent/service/register", {"Name": "harness", "Port": 1})
+        port, old_pid = agent.http_port, agent.pid
+
+        agent.kill()
+        assert agent.leader() is None
+        agent.start()
+
+        assert (agent.http_port, agent.trust_domain()) == (port, domain)
+        assert agent.pid != old_pid
+        again = _consul(agent, "GET", "/v1/agent/connect/ca/roots")
+        assert isinstance(again, dict)
+        assert again["ActiveRootID"] == roots["ActiveRootID"]
+        intentions = _consul(agent, "GET", "/v1/connect/intentions")
+        assert isinstance(intentions, list)
+        assert [(i["SourceName"], i["DestinationName"], i["Action"]) for i in intentions] == [
+            ("*", "harness", "deny")
+        ]
+        assert "harness" in _consul(agent, "GET", "/v1/agent/services")  # type: ignore[operator]
+    assert not agent.directory.exists()
+
+
 def test_consul_comes_back_after_a_kill(consul: ConsulAgent) -> None:
     port = consul.http_port
     consul.kill()

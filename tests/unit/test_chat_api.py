@@ -14,8 +14,11 @@ import txredisapi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
 
 from snet.chat.app import ChatAPI, parse_limit
 from snet.chat.store import COUNTER_TIMEOUT, Dialogs, IdempotencyKeyReused, Message, MessageStore
@@ -27,7 +30,7 @@ from snet.consul import TreqConsul
 from snet.testing import result_of
 from snet.testing.connect import FakeConnectAgent, TestCA
 from snet.web.draining import InFlight
-from snet.web.errors import BadRequest, ErrorCode
+from snet.web.errors import BadRequest, ErrorCode, Forbidden
 from snet.web.inputs import parse_id
 from snet.web.metrics import HTTPMetrics
 
@@ -691,6 +694,48 @@ def test_a_caller_consul_does_not_allow_gets_a_403_and_no_data(
     assert body["code"] == ErrorCode.FORBIDDEN
     assert "intruder" in body["message"]
     assert "messages" not in body
+
+
+def test_a_caller_of_another_trust_domain_gets_a_403_and_its_connection_closed(
+    guarded: tuple[Chat, PresentedAuthorizer, FakeConnectAgent, TestCA],
+) -> None:
+    """Its connection dates from before a move to a new cluster: ``Connection: close`` and
+    closed once answered, so that the caller's next call comes on a new connection with its
+    current certificate. (Twisted's client keeps ``Connection`` out of the response headers
+    StubTreq shows: the request is checked where the app sets them.)"""
+    chat, authorizer, agent, _ = guarded
+    stale = TestCA().spiffe_id("snet-server").uri
+    agent.authorized[stale] = True
+    authorizer.peer = PeerIdentity(stale, "01")
+    response, body = chat.send(ALICE, BOB, {"text": "hello"})
+    assert response.code == 403
+    assert "trust domain" in body["message"]
+    assert chat.messages.rows == []
+
+    request = DummyRequest([b"v1"])
+    request.transport = StringTransport()  # type: ignore[attr-defined]
+    refused: list[Failure] = []
+    ensureDeferred(chat.api.authorized(request)).addErrback(refused.append)
+    assert [f.type for f in refused] == [Forbidden]
+    assert request.responseHeaders.getRawHeaders(b"connection") == [b"close"]
+    assert not request.transport.disconnecting  # type: ignore[attr-defined]
+    request.finish()
+    assert request.transport.disconnecting  # type: ignore[attr-defined]
+
+
+def test_a_caller_consul_refuses_keeps_its_connection(
+    guarded: tuple[Chat, PresentedAuthorizer, FakeConnectAgent, TestCA],
+) -> None:
+    chat, authorizer, _, ca = guarded
+    authorizer.peer = PeerIdentity(ca.spiffe_id("intruder").uri, "01")
+    request = DummyRequest([b"v1"])
+    request.transport = StringTransport()  # type: ignore[attr-defined]
+    refused: list[Failure] = []
+    ensureDeferred(chat.api.authorized(request)).addErrback(refused.append)
+    assert [f.type for f in refused] == [Forbidden]
+    assert request.responseHeaders.getRawHeaders(b"connection") is None
+    request.finish()
+    assert not request.transport.disconnecting  # type: ignore[attr-defined]
 
 
 def test_the_caller_consul_allows_is_served(

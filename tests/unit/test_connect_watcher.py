@@ -172,6 +172,74 @@ def test_an_unusable_answer_keeps_the_last_identity_and_is_retried(
     assert watcher.identity is not identity
 
 
+def test_a_new_cluster_ends_the_other_loops_back_off_and_the_identity_moves_at_once(
+    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    """A restarted dev agent is a new cluster. Both loops back off while it is away; the
+    first answer of the new one (the leaf, 1 s later) makes the other (the roots, backing
+    off for 100 s) be read at once, and the identity moves to the new trust domain."""
+    delays = iter([1.0, 100.0])
+    watcher = CertificateWatcher(
+        consul=consul, service=CHAT, clock=clock, retry_delay=lambda n: next(delays, 100.0)
+    )
+    started(watcher, clock, agent)
+    agent.error = (500, b"agent restarting")
+    agent.set(LEAF, ca.consul_leaf(CHAT, 11))
+    clock.advance(1)
+    agent.stub.flush()
+    assert not watcher.healthy
+    new = TestCA()
+    agent.error = None
+    agent.answers[LEAF] = (3, new.consul_leaf(CHAT, 3))
+    agent.answers[ROOTS] = (2, new.consul_roots())
+    with capturedLogs() as events:
+        for _ in range(3):
+            clock.advance(1)
+            agent.stub.flush()
+    assert watcher.identity is not None
+    assert watcher.identity.trust_domain == new.trust_domain
+    assert watcher.identity.spiffe_id == new.spiffe_id(CHAT)
+    assert watcher.healthy
+    assert any("do not fit together" in str(formatEvent(e)) for e in events)
+
+
+def test_a_leaf_of_a_new_cluster_cuts_the_blocked_roots_query_short(
+    consul: TreqConsul, clock: Clock, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    """The leaf of a new trust domain arrives while the roots query is still held on the old
+    agent's index: it is cancelled and the roots are read afresh."""
+    watcher = watcher_for(consul, clock)
+    started(watcher, clock, agent)
+    clock.advance(1)
+    agent.stub.flush()
+    assert agent.queries(ROOTS)[-1] == {"index": "5", "wait": "60000ms"}
+    new = TestCA()
+    agent.answers[ROOTS] = (5, new.consul_roots())  # the held query stays held
+    agent.set(LEAF, new.consul_leaf(CHAT, 11))
+    clock.advance(1)
+    agent.stub.flush()
+    assert agent.queries(ROOTS)[-1] == {}
+    assert watcher.identity is not None
+    assert watcher.identity.trust_domain == new.trust_domain
+
+
+def test_answers_that_never_fit_together_are_not_read_again_and_again(
+    running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent
+) -> None:
+    """An agent that answers a leaf and roots of two domains (it never should) gets one more
+    read of the other answer, not a loop of them; the last good identity stays."""
+    identity = running.identity
+    before = len(agent.queries(ROOTS))
+    agent.set(LEAF, TestCA().consul_leaf(CHAT, 11))
+    clock.advance(1)
+    agent.stub.flush()
+    assert len(agent.queries(ROOTS)) <= before + 2  # the fresh read, then a blocking one
+    clock.advance(10)
+    agent.stub.flush()
+    assert len(agent.queries(ROOTS)) <= before + 2
+    assert running.identity is identity
+
+
 def test_stopping_cancels_the_blocking_queries(
     running: CertificateWatcher, clock: Clock, agent: FakeConnectAgent
 ) -> None:
@@ -224,6 +292,17 @@ def test_a_caller_of_another_trust_domain_is_forbidden_without_asking(
     agent.authorized[peer.spiffe_id] = True
     assert result_of(authorizer.check_peer(peer)).status == 403
     assert agent.queries(AUTHORIZE) == []
+
+
+def test_a_caller_of_another_trust_domain_has_its_connection_closed_a_refused_one_not(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent, ca: TestCA
+) -> None:
+    """Another domain can only be a connection from before this service moved to a new
+    cluster: it can never be allowed, so it is to be closed. Consul's no is not final."""
+    stale = result_of(authorizer.check_peer(PeerIdentity(TestCA().spiffe_id("x").uri, "01")))
+    assert (stale.status, stale.close_connection) == (403, True)
+    refused = result_of(authorizer.check_peer(PeerIdentity(ca.spiffe_id("x").uri, "01")))
+    assert (refused.status, refused.close_connection) == (403, False)
 
 
 def test_consuls_answers_are_followed_and_cached_for_the_ttl(
