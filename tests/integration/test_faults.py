@@ -247,6 +247,34 @@ def test_sigstop_ejects_the_instance_after_bounded_failures_and_sigcont_brings_i
     assert_stored_once(shared, traffic)
 
 
+def consul_down_and_back(
+    consul: ConsulAgent, running: Deployment, traffic: DialogTraffic
+) -> tuple[float, float]:
+    """Kill the agent under *traffic*, keep it down for at least 2 s (the monolith seeing it
+    gone), start it again and wait until the monolith lists all three instances and every
+    instance serves again; returns when it was killed and when it was started."""
+    traffic.wait_for(100)
+    killed = time.monotonic()
+    consul.kill()
+    traffic.wait_for(100, since=killed)
+    time.sleep(max(0.0, killed + 2.0 - time.monotonic()))
+    assert running.metric("snet_consul_reachable") == 0
+    consul.start()
+    restarted = time.monotonic()
+    served = running.sends_served()
+    wait_until(
+        lambda: (
+            running.metric("snet_chat_instances_healthy") == 3
+            and running.metric("snet_consul_reachable") == 1
+        ),
+        15,
+        "the monolith to list three instances and read Consul again",
+        interval=0.02,
+    )
+    running.wait_all_serve_again(served, 10)
+    return killed, restarted
+
+
 def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recovers(
     mariadb: MariaDB, redis_server: Redis
 ) -> None:
@@ -267,25 +295,7 @@ def test_consul_agent_killed_and_restarted_fails_no_request_and_the_list_recover
         ) as running,
         running.traffic() as traffic,
     ):
-        traffic.wait_for(100)
-        killed = time.monotonic()
-        consul.kill()
-        traffic.wait_for(100, since=killed)
-        time.sleep(max(0.0, killed + 2.0 - time.monotonic()))
-        assert running.metric("snet_consul_reachable") == 0
-        consul.start()
-        restarted = time.monotonic()
-        served = running.sends_served()
-        wait_until(
-            lambda: (
-                running.metric("snet_chat_instances_healthy") == 3
-                and running.metric("snet_consul_reachable") == 1
-            ),
-            15,
-            "the monolith to list three instances again",
-            interval=0.02,
-        )
-        running.wait_all_serve_again(served, 10)
+        killed, restarted = consul_down_and_back(consul, running, traffic)
         traffic.stop()
         down = traffic.failures(since=killed, until=restarted)
         assert down == [], describe(down, killed)
@@ -311,25 +321,8 @@ def test_a_real_consul_restart_over_connect_fails_no_call_and_stores_every_send_
         running.traffic() as traffic,
     ):
         domain = consul.trust_domain()
-        traffic.wait_for(100)
-        killed = time.monotonic()
-        consul.kill()
-        traffic.wait_for(100, since=killed)
-        time.sleep(max(0.0, killed + 2.0 - time.monotonic()))
-        assert running.metric("snet_consul_reachable") == 0
-        consul.start()
+        killed, _ = consul_down_and_back(consul, running, traffic)
         assert consul.trust_domain() == domain
-        served = running.sends_served()
-        wait_until(
-            lambda: (
-                running.metric("snet_chat_instances_healthy") == 3
-                and running.metric("snet_consul_reachable") == 1
-            ),
-            15,
-            "the monolith to read Consul again",
-            interval=0.02,
-        )
-        running.wait_all_serve_again(served, 10)
         traffic.wait_for(100, since=time.monotonic())
         traffic.stop()
         failed = traffic.failures()
