@@ -161,11 +161,32 @@ def save_state(path: str, state: dict[str, Any]) -> None:
         json.dump(state, f, indent=1)
 
 
+def call_when_ready(
+    method: str, url: str, body: Any = None, patience: float = 60.0
+) -> tuple[int, dict[str, str], Any]:
+    """:func:`call`, asked again while the answer is a 503 with Retry-After (a back end still
+    starting: Swarm starts services in no order, and the monolith's /health checks only
+    MySQL), for at most *patience* seconds. Such a 503 changed nothing, so asking again is
+    safe; any other answer is returned as it is."""
+    deadline = time.monotonic() + patience
+    while True:
+        status, headers, answer = call(method, url, body)
+        retry_after = headers.get("Retry-After")
+        if status != 503 or retry_after is None or time.monotonic() >= deadline:
+            return status, headers, answer
+        message = answer.get("message") if isinstance(answer, dict) else answer
+        say(f"{method} {url}: 503 ({message}); asking again in {retry_after} s")
+        try:
+            time.sleep(min(max(float(retry_after), 0.1), 2.0))
+        except ValueError:  # an HTTP date: not what snet sends, but a valid Retry-After
+            time.sleep(1.0)
+
+
 def make_users(count: int) -> list[dict[str, str]]:
     users = []
     for number in range(count):
         password = uuid.uuid4().hex
-        status, _, body = call(
+        status, _, body = call_when_ready(
             "POST",
             f"{SERVER}/user/register",
             {
@@ -179,7 +200,9 @@ def make_users(count: int) -> list[dict[str, str]]:
         if status != 200:
             raise CheckFailed(f"register: {status} {body}")
         user_id = body["user_id"]
-        status, _, body = call("POST", f"{SERVER}/login", {"id": user_id, "password": password})
+        status, _, body = call_when_ready(
+            "POST", f"{SERVER}/login", {"id": user_id, "password": password}
+        )
         if status != 200:
             raise CheckFailed(f"login: {status} {body}")
         users.append({"id": user_id, "token": body["token"]})
