@@ -34,8 +34,13 @@ from zope.interface import implementer
 _LEGACY_KEYS = frozenset({"message", "format", "system", "time", "isError", "why", "failure"})
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _field(value: Any) -> Any:
     """A value as it can appear in JSON: itself if it encodes, else its repr."""
+    if type(value) in _SCALARS:  # most fields: no trial encoding
+        return value
     try:
         json.dumps(value)
     except (TypeError, ValueError):
