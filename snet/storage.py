@@ -43,28 +43,35 @@ def mysql_pool(
     connect_timeout: int = CONNECT_TIMEOUT,
     io_timeout: int = IO_TIMEOUT,
     lock_wait_timeout: int = LOCK_WAIT_TIMEOUT,
+    autocommit: bool = False,
 ) -> adbapi.ConnectionPool:
-    """An adbapi pool of pymysql connections to *config*'s database.
+    """An adbapi pool of pymysql connections (``snet.dbapi``) to *config*'s database.
 
-    utf8mb4, autocommit off (each ``runInteraction`` is one transaction), session time zone
-    UTC, connect/read/write timeouts, and a short InnoDB lock wait: a row locked by a
-    frozen peer (a SIGSTOPped instance in the middle of a transaction) fails a request in
-    *lock_wait_timeout* seconds (503) instead of holding a pool thread for 50.
+    utf8mb4, session time zone UTC, connect/read/write timeouts, and a short InnoDB lock
+    wait: a row locked by a frozen peer (a SIGSTOPped instance in the middle of a
+    transaction) fails a request in *lock_wait_timeout* seconds (503) instead of holding a
+    pool thread for 50.
     ``cp_reconnect`` replaces a connection found dead, but the call that found it still
     fails: use ``run_with_retry`` for that. The caller closes the pool (``pool.close()``).
+
+    With *autocommit* off (the default) each ``runInteraction`` is one transaction, ended by
+    adbapi's COMMIT. With it on, each statement commits by itself and no COMMIT is sent
+    unless the interaction opened a transaction (``begin_snapshot``): a one-statement write
+    costs one statement and one round trip instead of two. Interactions that read several
+    times and need one view of the data then start with ``begin_snapshot(txn)``.
     """
     extra: dict[str, Any] = {}
     if reactor is not None:
         extra["cp_reactor"] = reactor
     return adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
-        "pymysql",
+        "snet.dbapi",
         host=config.host,
         port=config.port,
         user=config.user,
         password=config.password,
         database=config.database,
         charset="utf8mb4",
-        autocommit=False,
+        autocommit=autocommit,
         connect_timeout=connect_timeout,
         read_timeout=io_timeout,
         write_timeout=io_timeout,
@@ -81,6 +88,15 @@ def mysql_pool(
 
 DEAD_CONNECTION_CODES = frozenset({2006, 2013, 2055})
 """MySQL gone away / lost connection during query / lost connection (extended)."""
+
+
+def begin_snapshot(txn: adbapi.Transaction) -> None:
+    """Open a read-only transaction with a consistent snapshot, so that the interaction's
+    reads see the data of one moment; needed on an autocommit pool, harmless on another
+    (nothing has run yet at the start of an interaction). adbapi's COMMIT ends it."""
+    txn.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+
+
 DEADLOCK = 1213
 """InnoDB rolled the whole transaction back to break a deadlock."""
 

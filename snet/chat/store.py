@@ -15,7 +15,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from snet.chat.unread import UnreadIndex, UnreadRepairs
-from snet.storage import run_with_retry
+from snet.config import MySQLConfig
+from snet.storage import mysql_pool, run_with_retry
 
 log = Logger(namespace="snet.chat.store")
 
@@ -80,8 +81,9 @@ def _returning(txn: adbapi.Transaction) -> bool:
 def _send(
     txn: adbapi.Transaction, sender_id: int, recipient_id: int, text: str, key: str
 ) -> tuple[Message, bool]:
-    """Store a message: on MariaDB ``INSERT ... RETURNING`` and the COMMIT, two statements a
-    send; on MySQL the INSERT, a SELECT of the new row, and the COMMIT."""
+    """Store a message: on MariaDB one ``INSERT ... RETURNING``; on MySQL the INSERT and a
+    SELECT of the new row (on ``chat_pool``'s autocommit connections each commits by itself;
+    on another pool adbapi's COMMIT follows)."""
     low, high = _dialog(sender_id, recipient_id)
     returning = _returning(txn)
     try:
@@ -179,9 +181,18 @@ def _ping(txn: adbapi.Transaction) -> None:
     txn.fetchall()
 
 
+def chat_pool(config: MySQLConfig, **kwargs: Any) -> adbapi.ConnectionPool:
+    """The chat service's MySQL pool (``snet.storage.mysql_pool``'s *kwargs*): in autocommit
+    mode, so that a send, one ``INSERT ... RETURNING``, commits by itself and costs MariaDB
+    one statement and the instance one round trip (a COMMIT after it was a second of each).
+    Every write of this service is one statement; the reads that need one view of several
+    tables (the counter repairs) open a snapshot (``snet.storage.begin_snapshot``)."""
+    return mysql_pool(config, autocommit=True, **kwargs)
+
+
 @define
 class MessageStore:
-    """Messages and read marks in MySQL, through an adbapi pool (see snet.storage); the tables
+    """Messages and read marks in MySQL, through the adbapi pool of ``chat_pool``; the tables
     are ``snet.chat.schema``'s."""
 
     pool: adbapi.ConnectionPool

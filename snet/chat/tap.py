@@ -16,7 +16,7 @@ from snet import __version__
 from snet.chat.app import ChatAPI
 from snet.chat.registration import ChatRegistration, ServiceInstance
 from snet.chat.schema import apply_chat_schema
-from snet.chat.store import Dialogs, MessageStore
+from snet.chat.store import Dialogs, MessageStore, chat_pool
 from snet.chat.unread import UnreadIndex, UnreadRepairs
 from snet.config import ConfigError, parse_host_port
 from snet.connect import CertificateWatcher, ConnectAuthorizer
@@ -30,7 +30,7 @@ from snet.connect.wiring import (
 from snet.consul import TreqConsul
 from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
 from snet.options import ServiceOptions, non_negative_float, positive_float
-from snet.storage import mysql_pool, redis_pool
+from snet.storage import redis_pool
 from snet.web.draining import InFlight
 from snet.web.limits import LimitedSite
 from snet.web.metrics import HTTPMetrics
@@ -154,7 +154,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     *reactor* (None: the global reactor)."""
     if reactor is None:
         from twisted.internet import reactor
-    pool = mysql_pool(options["mysql-config"], reactor=reactor)
+    pool = chat_pool(options["mysql-config"], reactor=reactor)
     redis = redis_pool(options["redis-config"], reactor=reactor)
     in_flight = InFlight()
     consul = TreqConsul(options["consul-config"], reactor=reactor)

@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from snet.storage import RedisPool, run_with_retry
+from snet.storage import RedisPool, begin_snapshot, run_with_retry
 
 log = Logger(namespace="snet.chat.unread")
 
@@ -193,7 +193,9 @@ def _forget(txn: adbapi.Transaction, ids: Sequence[int]) -> None:
 
 
 def _pair_state(txn: adbapi.Transaction, reader_id: int, peer_id: int) -> tuple[int, list[int]]:
-    """(read mark, ids of unread messages) of one pair, as MySQL has them now."""
+    """(read mark, ids of unread messages) of one pair, as MySQL has them now (one snapshot:
+    a mark that moves between the two reads cannot count a message it covers)."""
+    begin_snapshot(txn)
     txn.execute(
         "SELECT last_read_id FROM chat_reads WHERE reader_id = %s AND peer_id = %s",
         (reader_id, peer_id),
@@ -212,6 +214,7 @@ def _all_pairs(
 ) -> tuple[dict[tuple[int, int], tuple[int, list[int]]], int]:
     """Every pair MySQL knows a read mark or an unread message of, {(reader, peer): (mark,
     unread ids)}, and the newest message id it had then (the snapshot's horizon)."""
+    begin_snapshot(txn)
     txn.execute("SELECT COALESCE(MAX(id), 0) FROM chat_messages")
     (newest,) = txn.fetchone()
     state: dict[tuple[int, int], tuple[int, list[int]]] = {}

@@ -20,10 +20,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 
 from snet.chat.schema import SCHEMA_LOCK, apply_chat_schema, schema_sql
-from snet.chat.store import Dialogs, IdempotencyKeyReused, Message, MessageStore
+from snet.chat.store import Dialogs, IdempotencyKeyReused, Message, MessageStore, chat_pool
 from snet.chat.unread import UnreadIndex, UnreadRepairs, unread_key
 from snet.config import MySQLConfig, RedisConfig
-from snet.storage import RedisPool, apply_schema, mysql_pool, redis_pool, run_with_retry
+from snet.storage import (
+    RedisPool,
+    apply_schema,
+    begin_snapshot,
+    mysql_pool,
+    redis_pool,
+    run_with_retry,
+)
 from snet.testing.servers import MariaDB, Redis
 from snet.testing.waiting import eventually
 
@@ -43,7 +50,7 @@ def mysql_config(mariadb: MariaDB) -> MySQLConfig:
 
 @pytest_twisted.async_yield_fixture
 async def pool(mysql_config: MySQLConfig) -> AsyncIterator[adbapi.ConnectionPool]:
-    pool = mysql_pool(mysql_config, min=1, max=8)
+    pool = chat_pool(mysql_config, min=1, max=8)
     try:
         await apply_chat_schema(pool)
         await pool.runOperation("DELETE FROM chat_messages")
@@ -97,32 +104,75 @@ async def test_a_send_is_stored_once_under_a_repeated_key(
     assert await rows(pool) == [(first.id, ALICE, BOB, "hello 👋", "key-1")]
 
 
+async def session_counter(pool: adbapi.ConnectionPool, name: str) -> int:
+    rows = await pool.runQuery("SHOW SESSION STATUS LIKE %s", (name,))
+    return int(rows[0][1])
+
+
 @pytest_twisted.ensureDeferred
-async def test_a_send_costs_mariadb_two_statements_insert_returning_and_commit(
+async def test_a_send_costs_mariadb_one_statement_and_no_commit(
     mysql_config: MySQLConfig,
 ) -> None:
-    """On one connection, the statements MariaDB counts for a new send (its session's
-    ``Questions``, less what reading that counter costs) are the INSERT ... RETURNING and the
-    COMMIT; a replayed send still answers with the stored message."""
-    pool = mysql_pool(mysql_config, min=1, max=1)
+    """On one connection of the chat's pool, the statements MariaDB counts for a new send
+    (its session's ``Questions``, less what reading that counter costs) are the INSERT ...
+    RETURNING alone, and no COMMIT is sent; a replayed send still answers with the stored
+    message."""
+    pool = chat_pool(mysql_config, min=1, max=1)
     try:
         store = MessageStore(pool)
-
-        async def questions() -> int:
-            rows = await pool.runQuery("SHOW SESSION STATUS LIKE 'Questions'")
-            return int(rows[0][1])
-
         await store.send(ALICE, BOB, "warm the connection", "key-warm")
-        first = await questions()
-        reading = await questions() - first
-        before = await questions()
+        first = await session_counter(pool, "Questions")
+        reading = await session_counter(pool, "Questions") - first
+        before = await session_counter(pool, "Questions")
+        commits = await session_counter(pool, "Com_commit")
         message, created = await store.send(ALICE, BOB, "counted", "key-counted")
-        statements = await questions() - before - reading
-        assert (created, statements) == (True, 2)
+        statements = await session_counter(pool, "Questions") - before - 2 * reading
+        assert (created, statements) == (True, 1)
+        assert await session_counter(pool, "Com_commit") == commits
         again, created_again = await store.send(ALICE, BOB, "counted", "key-counted")
         assert (again, created_again) == (message, False)
     finally:
         pool.close()
+
+
+def _insert_in_a_transaction(txn: adbapi.Transaction, text: str) -> None:
+    txn.execute("START TRANSACTION")
+    txn.execute(
+        "INSERT INTO chat_messages (sender_id, recipient_id, dialog_low, dialog_high, text,"
+        " idempotency_key, created_at) VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))",
+        (CAROL, DAVE, CAROL, DAVE, text, "key-" + text),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_chat_pool_still_commits_a_transaction_an_interaction_opens(
+    mysql_config: MySQLConfig, mariadb: MariaDB, pool: adbapi.ConnectionPool
+) -> None:
+    """Skipping the COMMIT is only for autocommitted statements: a write in an explicit
+    transaction is committed at the interaction's end (another connection sees it), and a
+    snapshot read ends with its COMMIT, leaving no transaction open."""
+    await pool.runInteraction(_insert_in_a_transaction, "explicit")
+    other = mariadb.connect(mysql_config.database)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT text FROM chat_messages WHERE sender_id = %s", (CAROL,))
+            assert cursor.fetchall() == (("explicit",),)
+    finally:
+        other.close()
+
+    def snapshot_then_state(txn: adbapi.Transaction) -> bool:
+        begin_snapshot(txn)
+        txn.execute("SELECT COUNT(*) FROM chat_messages")
+        txn.fetchall()
+        return bool(txn.connection.in_transaction)
+
+    single = chat_pool(mysql_config, min=1, max=1)
+    try:
+        commits = await session_counter(single, "Com_commit")
+        assert await single.runInteraction(snapshot_then_state) is True
+        assert await session_counter(single, "Com_commit") == commits + 1
+    finally:
+        single.close()
 
 
 @pytest_twisted.ensureDeferred
