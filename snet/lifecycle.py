@@ -9,6 +9,8 @@ start: start the resources (pools and clients, open from construction on) -> sta
        (retrying while MySQL is away) -> start the workers (discovery, feed fan-out) ->
        announce (register with Consul)
 stop:  withdraw the announcement (deregister) -> grace for watchers -> stop listening ->
+       linger (connections kept alive between two requests stay open a moment: a request
+       that arrives on one is served, with ``Connection: close``, not cut off by the exit) ->
        drain in-flight requests -> stop the workers and the prerequisites -> stop the
        resources one after another, in the order given (the taps give: Consul client, chat
        HTTP client, Redis pool, MySQL pool), each closing its pool or client
@@ -52,6 +54,11 @@ from snet.web.limits import LimitedSite
 from snet.web.service import ServiceApp
 
 log = Logger()
+
+LINGER = 0.25
+"""Seconds a stopping instance keeps its kept-alive connections open after it stops
+listening (both taps pass it): a closed-loop client answered just before the drain began
+sends its next request within a round trip."""
 
 
 def listen_interface(description: str) -> str | None:
@@ -113,6 +120,7 @@ class ServingInstance(Service):
         advertise: tuple[str, int] | None = None,
         announce: Callable[[str, int], IService] | None = None,
         announce_grace: float = 0.0,
+        linger: float = 0.0,
         workers: Sequence[IService] = (),
         resources: Sequence[IService] = (),
         prerequisites: Sequence[Prerequisite] = (),
@@ -130,6 +138,7 @@ class ServingInstance(Service):
         self.clock = clock
         self.drain_timeout = drain_timeout
         self.announce_grace = announce_grace
+        self.linger = linger
         self.workers = list(workers)
         self.resources = list(resources)
         self.prerequisites = list(prerequisites)
@@ -243,6 +252,11 @@ class ServingInstance(Service):
         if self.port is not None:
             yield self.port.stopListening()
             log.info("stopped listening; {count} requests in flight", count=self.in_flight.count)
+            if self.linger > 0:
+                # A client that got its last answer just before the drain began may be sending
+                # its next request on that connection now: serve it (it is answered with
+                # Connection: close) rather than exit under it.
+                yield deferLater(self.clock, self.linger)
         remaining = yield self.in_flight.drained(self.drain_timeout, self.clock)
         if remaining:
             log.warn("drain timeout: {count} requests still in flight", count=remaining)

@@ -15,7 +15,7 @@ from twisted.python import usage
 from snet.chat.registration import ChatRegistration
 from snet.chat.tap import REPAIR_INTERVAL, Options, default_instance_id, makeService
 from snet.config import ConsulConfig, MySQLConfig, RedisConfig
-from snet.lifecycle import ServingInstance, listen_interface
+from snet.lifecycle import LINGER, ServingInstance, listen_interface
 from snet.testing import result_of
 from snet.testing.connect import TestCA, identified_before_listening
 
@@ -152,6 +152,7 @@ def test_a_chat_instance_listens_and_connects_only_through_the_reactor_it_is_giv
     result_of(stopped_registration)
 
     stopped = service.stopService()
+    reactor.advance(LINGER)  # kept-alive connections stay open that long after the port closes
     assert result_of(stopped) is None
     assert not any(r.running for r in service.resources)
     assert reactor.getDelayedCalls() == []
@@ -169,7 +170,9 @@ def test_by_default_it_listens_over_connect_tls_only_once_it_has_its_identity() 
     registration = service.announce("127.0.0.1", 9001)
     assert isinstance(registration, ChatRegistration)
     assert registration.instance.connect_native
-    result_of(service.stopService())
+    stopped = service.stopService()
+    reactor.advance(LINGER)
+    result_of(stopped)
     assert not watcher.running
 
 

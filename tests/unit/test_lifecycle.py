@@ -81,6 +81,7 @@ def make_instance(
     clock: Clock,
     in_flight: InFlight,
     resources: list[ClosedOnStop] | None = None,
+    linger: float = 0.0,
 ) -> ServingInstance:
     return ServingInstance(
         endpoint=recorder,  # type: ignore[arg-type]
@@ -92,6 +93,7 @@ def make_instance(
         drain_timeout=5.0,
         announce=recorder.make_registration,  # type: ignore[arg-type]
         announce_grace=0.5,
+        linger=linger,
         workers=[Worker(recorder)],
         resources=[ClosedOnStop("pool", recorder.close)] if resources is None else resources,
         schema_retry_delay=lambda attempt: 2.0**attempt,
@@ -152,6 +154,32 @@ def test_stop_waits_for_requests_in_flight_up_to_the_drain_timeout() -> None:
     clock.advance(4.9)
     assert recorder.events == ["deregister", "stop listening"]  # one request still in flight
     clock.advance(0.1)  # the drain timeout ends the wait for the stuck one
+    assert recorder.events == ["deregister", "stop listening", "stop worker", "close"]
+    assert result_of(stopped) is None
+
+
+def test_a_request_on_a_kept_alive_connection_during_the_linger_is_served_before_the_exit() -> None:
+    """After the port is closed the instance lingers: a request that comes in on a connection
+    kept alive from before (a client answered just before the drain began) is served, told
+    Connection: close, and waited for; only then do the workers and resources stop."""
+    recorder, clock = Recorder(), Clock()
+    in_flight = InFlight()
+    instance = make_instance(recorder, clock, in_flight, linger=0.25)
+    instance.startService()
+    recorder.schema_results[0].callback(None)
+    del recorder.events[:]
+
+    stopped = instance.stopService()
+    recorder.deregistered.callback(None)
+    clock.advance(0.5)
+    assert recorder.events == ["deregister", "stop listening"]
+    clock.advance(0.2)
+    late = DummyRequest([b"late"])
+    in_flight.begin(late)
+    assert late.responseHeaders.getRawHeaders(b"connection") == [b"close"]
+    clock.advance(0.05)  # the linger is over; the late request is still in flight
+    assert recorder.events == ["deregister", "stop listening"]
+    late.finish()
     assert recorder.events == ["deregister", "stop listening", "stop worker", "close"]
     assert result_of(stopped) is None
 

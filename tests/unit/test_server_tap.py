@@ -11,7 +11,7 @@ from twisted.python.usage import UsageError
 
 from snet.connect import ConnectPolicyForHTTPS
 from snet.consul import TreqConsul
-from snet.lifecycle import ServingInstance
+from snet.lifecycle import LINGER, ServingInstance
 from snet.server.discovery import HealthyInstances, StaticInstances
 from snet.server.feed import FeedFanout
 from snet.server.fleetview import FleetHistory
@@ -73,6 +73,7 @@ def test_the_monolith_listens_and_connects_only_through_the_reactor_it_is_given(
     result_of(discovery.stopService())
 
     stopped = service.stopService()
+    reactor.advance(LINGER)  # kept-alive connections stay open that long after the port closes
     assert result_of(stopped) is None
     assert not any(r.running for r in service.resources)
     assert reactor.getDelayedCalls() == []
@@ -86,7 +87,9 @@ def test_by_default_it_calls_chat_over_connect_tls_with_an_identity_it_has_befor
     watcher = identified_before_listening(service, reactor, TestCA(), 8501)
     assert watcher.service == "snet-server"
     assert len(reactor.tcpServers) == 1
-    result_of(service.stopService())
+    stopped = service.stopService()
+    reactor.advance(LINGER)
+    result_of(stopped)
     assert not watcher.running
 
 
