@@ -329,7 +329,19 @@ class Cluster:
                 now = traffic.consul_instances(passing=True)
                 return len(set(now) - set(before)) == 1 and len(now) == len(before)
 
-            until(f"chat-{host} back with a new instance", replaced)
+            try:
+                until(f"chat-{host} back with a new instance", replaced)
+            except traffic.CheckFailed as e:
+                # What Consul had before and has now, and the new container's last lines: the
+                # failure seen once (2026-12-06) said only "not within 90 s".
+                registered = traffic.consul_instances(passing=False)
+                passing = traffic.consul_instances(passing=True)
+                logs = compose("logs", "--no-color", "--tail", "20", f"chat-{host}")
+                raise traffic.CheckFailed(
+                    f"{e}; passing before {sorted(before.items())}, passing now"
+                    f" {sorted(passing.items())}, registered now {sorted(registered.items())};"
+                    f" chat-{host}'s last lines:\n{logs}"
+                ) from None
             image = run("docker", "inspect", "-f", "{{.Config.Image}}", container(f"chat-{host}"))
             if image.strip() != NEW_IMAGE:
                 raise traffic.CheckFailed(f"chat-{host} runs {image.strip()}, not {NEW_IMAGE}")
