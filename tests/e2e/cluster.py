@@ -316,24 +316,41 @@ class Cluster:
     def rolling_update(self, hosts: list[int]) -> dict[str, str]:
         dockerfile = "FROM snet-chat:e2e\\nLABEL snet.release=v2\\n"
         run("sh", "-c", f"printf '{dockerfile}' | docker build -q -t {NEW_IMAGE} -")
+        ips = {host: address(container(f"host-chat-{host}")) for host in hosts}
+
+        def at(ip: str, instances: dict[str, str]) -> set[str]:
+            return {i for i, where in instances.items() if where.rsplit(":", 1)[0] == ip}
+
+        def whole(passing: dict[str, str]) -> bool:
+            """Every host of the update has a passing instance. Seen on 2026-12-06: the host cut
+            off and reconnected in step 4 out of the passing list again when this step began
+            (why is not known), which the old check, comparing list sizes, took as a failure."""
+            return all(at(ip, passing) for ip in ips.values())
+
         times = []
         for host in hosts:
+            until(
+                f"every chat host passing before chat-{host}'s update",
+                lambda: whole(traffic.consul_instances(passing=True)),
+            )
             before = traffic.consul_instances(passing=True)
+            old = at(ips[host], before)
             started = time.monotonic()
             compose(
                 "--profile", "extra", "up", "-d", "--no-deps", "--wait", f"chat-{host}",
                 env={"SNET_CHAT_IMAGE": NEW_IMAGE},
             )  # fmt: skip
 
-            def replaced(before: dict[str, str] = before) -> bool:
+            def replaced(old: set[str] = old, ip: str = ips[host]) -> bool:
+                """The old instance is out of the list, one new one on its host is in it, and
+                every other host still has its own."""
                 now = traffic.consul_instances(passing=True)
-                return len(set(now) - set(before)) == 1 and len(now) == len(before)
+                return not old & set(now) and len(at(ip, now)) == 1 and whole(now)
 
             try:
                 until(f"chat-{host} back with a new instance", replaced)
             except traffic.CheckFailed as e:
-                # What Consul had before and has now, and the new container's last lines: the
-                # failure seen once (2026-12-06) said only "not within 90 s".
+                # What Consul had before and has now, and the new container's last lines.
                 registered = traffic.consul_instances(passing=False)
                 passing = traffic.consul_instances(passing=True)
                 logs = compose("logs", "--no-color", "--tail", "20", f"chat-{host}")
