@@ -101,16 +101,19 @@ DEADLOCK = 1213
 """InnoDB rolled the whole transaction back to break a deadlock."""
 
 
-def _worth_retrying(failure: Failure) -> bool:
-    """Whether *failure* means the transaction is gone (dead connection, deadlock) rather
-    than refused: then running the interaction again on a fresh connection is safe."""
+def _gone(failure: Failure) -> str | None:
+    """Why the transaction of *failure* is gone rather than refused, if it is: ``"dead"`` (its
+    connection died) or ``"deadlock"``; then running the interaction again is safe."""
     exc = failure.value
     if isinstance(exc, pymysql.err.InterfaceError):
         # pymysql's "the connection is already closed"
-        return True
+        return "dead"
     if isinstance(exc, pymysql.err.OperationalError) and exc.args:
-        return exc.args[0] in DEAD_CONNECTION_CODES or exc.args[0] == DEADLOCK
-    return False
+        if exc.args[0] in DEAD_CONNECTION_CODES:
+            return "dead"
+        if exc.args[0] == DEADLOCK:
+            return "deadlock"
+    return None
 
 
 MYSQL_UNAVAILABLE_CODES = frozenset(
@@ -154,14 +157,22 @@ def run_with_retry(
     *args: P.args,
     **kwargs: P.kwargs,
 ) -> Deferred[T]:
-    """``pool.runInteraction(interaction, ...)``, run once more if its connection was dead.
+    """``pool.runInteraction(interaction, ...)``, run again if its connection was dead.
 
     Retried only when the error came from inside *interaction* (so COMMIT was never sent and
     the server has rolled the transaction back) and says the connection died or InnoDB broke
     a deadlock. An error during COMMIT is never retried: the commit may have happened.
     *interaction* must therefore touch nothing but the database.
+
+    A deadlock is retried once. A dead connection is retried until a live or new one runs
+    the interaction: after MySQL restarted, or a network cut, every pooled connection is
+    dead, and each fails once (at once when the server closed it) before adbapi replaces it,
+    so up to the pool's size
+    of attempts can fail before one succeeds (one retry used to leave the first few calls,
+    a health check among them, failing). A new connection that cannot reach MySQL fails
+    with another error, which ends the attempts.
     """
-    attempts = 2
+    attempts = {"dead": int(getattr(pool, "max", 1)) + 1, "deadlock": 2}
 
     def attempt(number: int) -> Deferred[T]:
         reached_commit = [False]
@@ -174,7 +185,8 @@ def run_with_retry(
         d: Deferred[T] = pool.runInteraction(run)  # type: ignore[no-untyped-call]
 
         def maybe_retry(failure: Failure) -> Deferred[T] | Failure:
-            if number < attempts and not reached_commit[0] and _worth_retrying(failure):
+            why = _gone(failure)
+            if why is not None and number < attempts[why] and not reached_commit[0]:
                 log.info(
                     "retrying {interaction} after {error}",
                     interaction=getattr(interaction, "__name__", repr(interaction)),

@@ -418,5 +418,37 @@ async def test_a_killed_connection_is_retried_once_transparently(
 
 
 @pytest_twisted.ensureDeferred
+async def test_when_every_pooled_connection_died_the_next_calls_still_succeed(
+    mysql_config: MySQLConfig, mariadb: MariaDB
+) -> None:
+    """As after a MySQL restart or a network cut: every connection of the pool killed, the
+    next ping (what /health does) and the next send succeed, each retried past the dead
+    connections it meets (with one retry, the first two of four calls failed)."""
+    pool = chat_pool(mysql_config, min=1, max=4)
+    store = MessageStore(pool)
+
+    def connection_id(txn: adbapi.Transaction) -> int:
+        txn.execute("SELECT CONNECTION_ID(), SLEEP(0.05)")
+        return int(txn.fetchone()[0])
+
+    try:
+        await apply_chat_schema(pool)
+        ids = set(await gatherResults([pool.runInteraction(connection_id) for _ in range(4)]))
+        assert len(ids) == 4  # four threads, four connections
+        root = mariadb.connect()
+        try:
+            with root.cursor() as cursor:
+                for thread_id in ids:
+                    cursor.execute("KILL %s", (thread_id,))
+        finally:
+            root.close()
+        assert await store.ping() is None
+        message, created = await store.send(ALICE, BOB, "after the outage", "key-outage")
+        assert created and message.text == "after the outage"
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_ping_answers_when_mysql_does(store: MessageStore) -> None:
     assert await store.ping() is None
