@@ -6,6 +6,7 @@ and ``is_unavailable``, which tells a back end that cannot be reached now from a
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
@@ -100,6 +101,10 @@ def begin_snapshot(txn: adbapi.Transaction) -> None:
 DEADLOCK = 1213
 """InnoDB rolled the whole transaction back to break a deadlock."""
 
+QUICK_DEATH = 1.0
+"""Seconds from a call's first attempt within which dead pooled connections are taken for
+the left-overs of a MySQL restart or a network cut, and passed over one after another."""
+
 
 def _gone(failure: Failure) -> str | None:
     """Why the transaction of *failure* is gone rather than refused, if it is: ``"dead"`` (its
@@ -164,15 +169,23 @@ def run_with_retry(
     a deadlock. An error during COMMIT is never retried: the commit may have happened.
     *interaction* must therefore touch nothing but the database.
 
-    A deadlock is retried once. A dead connection is retried until a live or new one runs
-    the interaction: after MySQL restarted, or a network cut, every pooled connection is
-    dead, and each fails once (at once when the server closed it) before adbapi replaces it,
-    so up to the pool's size
-    of attempts can fail before one succeeds (one retry used to leave the first few calls,
-    a health check among them, failing). A new connection that cannot reach MySQL fails
-    with another error, which ends the attempts.
+    A deadlock, or a dead connection, is retried once. After MySQL restarted, or a network
+    cut, every pooled connection is dead, and each fails once before adbapi replaces it: so
+    while the dead connections fail fast (within ``QUICK_DEATH`` of the first attempt, as a
+    connection the server closed does), a dead connection is retried again, up to the
+    pool's size, until a live or new one runs the interaction (one retry left the first few
+    calls, a health check among them, failing). A connection that dies slowly (a read
+    timeout) is retried once only, so a call never waits for more than two of them; a new
+    connection that cannot reach MySQL fails with another error, which ends the attempts.
     """
-    attempts = {"dead": int(getattr(pool, "max", 1)) + 1, "deadlock": 2}
+    most = int(getattr(pool, "max", 1)) + 1
+    started = time.monotonic()
+
+    def may_retry(why: str, number: int) -> bool:
+        if number < 2:
+            return True
+        quick = time.monotonic() - started < QUICK_DEATH
+        return why == "dead" and number < most and quick
 
     def attempt(number: int) -> Deferred[T]:
         reached_commit = [False]
@@ -186,7 +199,7 @@ def run_with_retry(
 
         def maybe_retry(failure: Failure) -> Deferred[T] | Failure:
             why = _gone(failure)
-            if why is not None and number < attempts[why] and not reached_commit[0]:
+            if why is not None and not reached_commit[0] and may_retry(why, number):
                 log.info(
                     "retrying {interaction} after {error}",
                     interaction=getattr(interaction, "__name__", repr(interaction)),
