@@ -13,21 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pymysql import (  # noqa: F401 (the DB-API names adbapi and callers may look up)
-    DatabaseError,
-    DataError,
-    Error,
-    IntegrityError,
-    InterfaceError,
-    InternalError,
-    NotSupportedError,
-    OperationalError,
-    ProgrammingError,
-    Warning,
-    apilevel,
-    paramstyle,
-    threadsafety,
-)
+# What adbapi reads of a DB-API module, besides connect(); errors are pymysql.err's.
+from pymysql import apilevel, paramstyle, threadsafety  # noqa: F401
 from pymysql.connections import Connection as _Connection
 from pymysql.constants import SERVER_STATUS
 

@@ -57,8 +57,8 @@ log = Logger()
 
 LINGER = 0.25
 """Seconds a stopping instance keeps its kept-alive connections open after it stops
-listening (both taps pass it): a closed-loop client answered just before the drain began
-sends its next request within a round trip."""
+listening (``ServingInstance``'s default): a closed-loop client answered just before the
+drain began sends its next request within a round trip."""
 
 
 def listen_interface(description: str) -> str | None:
@@ -120,7 +120,7 @@ class ServingInstance(Service):
         advertise: tuple[str, int] | None = None,
         announce: Callable[[str, int], IService] | None = None,
         announce_grace: float = 0.0,
-        linger: float = 0.0,
+        linger: float = LINGER,
         workers: Sequence[IService] = (),
         resources: Sequence[IService] = (),
         prerequisites: Sequence[Prerequisite] = (),

@@ -28,7 +28,7 @@ from snet.connect.wiring import (
     warn_insecure_plaintext,
 )
 from snet.consul import TreqConsul
-from snet.lifecycle import LINGER, ClosedOnStop, ServingInstance, admin_listener
+from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
 from snet.options import ServiceOptions, non_negative_float, positive_float
 from snet.storage import redis_pool
 from snet.web.draining import InFlight
@@ -195,7 +195,6 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],
-        linger=LINGER,
         reactor=reactor,
         advertise=options["advertise-address"],
         announce=registration,

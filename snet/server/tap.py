@@ -21,7 +21,7 @@ from snet.connect.wiring import (
     warn_insecure_plaintext,
 )
 from snet.consul import TreqConsul
-from snet.lifecycle import LINGER, ClosedOnStop, ServingInstance, admin_listener
+from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
 from snet.options import ServiceOptions, positive_float, positive_int
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
@@ -271,7 +271,6 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         in_flight=in_flight,
         clock=reactor,
         drain_timeout=options["drain-timeout"],
-        linger=LINGER,
         reactor=reactor,
         workers=[
             instances,
