@@ -4,15 +4,17 @@ operations that also keep the unread counters in Redis (``snet.chat.unread``) de
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
 import pymysql
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from snet.chat.unread import UnreadIndex, UnreadRepairs
 from snet.config import MySQLConfig
@@ -109,6 +111,85 @@ def _send(
     return _message(txn.fetchone()), True
 
 
+MAX_BATCH = 50
+"""At most this many queued sends are stored by one statement (``MessageStore``)."""
+
+
+@frozen
+class _Send:
+    """One send waiting in ``MessageStore``'s queue."""
+
+    sender_id: int
+    recipient_id: int
+    text: str
+    key: str
+
+
+Outcome = tuple[Message, bool] | Exception
+"""What became of one send of a batch: (message, created), or the error of that send only."""
+
+# MySQL errors about one row's data: in a batch they fail the whole statement, so each send
+# is then stored by itself and only the send at fault fails. (A dead connection or a
+# deadlock is not one of them: the whole batch goes back to run_with_retry.)
+_ROW_ERRORS = (pymysql.err.IntegrityError, pymysql.err.DataError)
+
+
+def _send_one(txn: adbapi.Transaction, send: _Send) -> Outcome:
+    try:
+        return _send(txn, send.sender_id, send.recipient_id, send.text, send.key)
+    except (IdempotencyKeyReused, *_ROW_ERRORS) as e:
+        return e
+
+
+_BATCH_ROW = "(%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_insert(rows: int) -> str:
+    return (
+        _INSERT.partition(" VALUES ")[0]
+        + " VALUES "
+        + ", ".join([_BATCH_ROW] * rows)
+        + " RETURNING id, sender_id, recipient_id, text, created_at, idempotency_key"
+    )
+
+
+def _send_batch(txn: adbapi.Transaction, sends: list[_Send]) -> list[Outcome]:
+    """Store *sends* (in their order) with one multi-row ``INSERT ... RETURNING``; one
+    outcome per send, as if each had been stored by ``_send`` one after another.
+
+    A key that comes twice in the batch is inserted once: the later sends are replays of the
+    first (or reuse its key for another message). If the statement fails on a row (a key
+    stored before: a replay, or a race with another instance), it has stored nothing, and
+    each send is stored by itself, so that only the send at fault fails. On MySQL (no
+    RETURNING) each send is stored by itself too.
+    """
+    if len(sends) == 1 or not _returning(txn):
+        return [_send_one(txn, send) for send in sends]
+    first: dict[tuple[int, str], _Send] = {}
+    for send in sends:
+        first.setdefault((send.sender_id, send.key), send)
+    params: list[object] = []
+    for send in first.values():
+        low, high = _dialog(send.sender_id, send.recipient_id)
+        params += (send.sender_id, send.recipient_id, low, high, send.text, send.key)
+    try:
+        txn.execute(_batch_insert(len(first)), params)
+    except _ROW_ERRORS:
+        return [_send_one(txn, send) for send in sends]
+    stored = {(int(row[1]), str(row[5])): _message(row[:5]) for row in txn.fetchall()}
+    outcomes: list[Outcome] = []
+    for send in sends:
+        message = stored[send.sender_id, send.key]
+        if first[send.sender_id, send.key] is send:
+            outcomes.append((message, True))
+        elif message.recipient_id == send.recipient_id and message.text == send.text:
+            outcomes.append((message, False))
+        else:
+            outcomes.append(IdempotencyKeyReused("idempotency key reused with a different message"))
+    return outcomes
+
+
 MAX_MESSAGE_ID = 2**63 - 1
 
 _PAGE = (
@@ -193,9 +274,23 @@ def chat_pool(config: MySQLConfig, **kwargs: Any) -> adbapi.ConnectionPool:
 @define
 class MessageStore:
     """Messages and read marks in MySQL, through the adbapi pool of ``chat_pool``; the tables
-    are ``snet.chat.schema``'s."""
+    are ``snet.chat.schema``'s.
+
+    Sends are stored one batch at a time: a send that comes while none is being stored is
+    stored at once, by itself; the sends that come while one is being stored wait for it,
+    and are then stored together, up to *max_batch* of them, by one multi-row statement in
+    one pool thread. A saturated instance so spends one thread hand-off and one statement on
+    several sends (docs/performance.md, step 7), while a send never waits for more than the
+    one statement before it.
+    """
 
     pool: adbapi.ConnectionPool
+    max_batch: int = MAX_BATCH
+    _queue: list[tuple[_Send, Deferred[tuple[Message, bool]]]] = field(factory=list, init=False)
+    _storing: bool = field(default=False, init=False)
+    batches: int = field(default=0, init=False)
+    """Batches stored so far (a batch of one included): with ``sends``, their mean size."""
+    sends: int = field(default=0, init=False)
 
     def send(
         self, sender_id: int, recipient_id: int, text: str, idempotency_key: str
@@ -206,7 +301,40 @@ class MessageStore:
         :raises IdempotencyKeyReused: if the key was used before for another recipient or
             text.
         """
-        return run_with_retry(self.pool, _send, sender_id, recipient_id, text, idempotency_key)
+        d: Deferred[tuple[Message, bool]] = Deferred()
+        self._queue.append((_Send(sender_id, recipient_id, text, idempotency_key), d))
+        if not self._storing:
+            self._store_next()
+        return d
+
+    def _store_next(self) -> None:
+        batch = self._queue[: self.max_batch]
+        del self._queue[: self.max_batch]
+        self._storing = True
+        self.batches += 1
+        self.sends += len(batch)
+        sends = [send for send, _ in batch]
+        stored = maybeDeferred(run_with_retry, self.pool, _send_batch, sends)
+        stored.addBoth(self._stored, batch)
+
+    def _stored(
+        self,
+        result: list[Outcome] | Failure,
+        batch: list[tuple[_Send, Deferred[tuple[Message, bool]]]],
+    ) -> None:
+        # The next batch starts before this one's callers go on, so that it holds only the
+        # sends that came while this one was stored.
+        self._storing = False
+        if self._queue:
+            self._store_next()
+        for index, (_, d) in enumerate(batch):
+            if d.called:  # cancelled by its caller
+                continue
+            outcome = result if isinstance(result, Failure) else result[index]
+            if isinstance(outcome, Failure | Exception):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
 
     def list_dialog(
         self,

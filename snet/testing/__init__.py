@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -26,7 +26,7 @@ def result_of(d: Deferred[T]) -> T:
     return result
 
 
-def failure_of(d: Deferred[object]) -> Failure:
+def failure_of(d: Deferred[Any]) -> Failure:
     """The Failure a Deferred already has, like trial's ``failureResultOf``."""
     results: list[object] = []
     d.addBoth(results.append)

@@ -177,14 +177,15 @@ async def test_the_chat_pool_still_commits_a_transaction_an_interaction_opens(
 
 @pytest_twisted.ensureDeferred
 async def test_two_racing_sends_with_the_same_key_store_one_message_counted_once(
-    dialogs: Dialogs, counters: UnreadIndex, pool: adbapi.ConnectionPool
+    counters: UnreadIndex, pool: adbapi.ConnectionPool
 ) -> None:
+    # Four stores, as four instances: each stores its send at once in a pool thread of its
+    # own (one store would queue the three later sends behind the first).
+    instances = [dialogs_over(MessageStore(pool), counters) for _ in range(4)]
     for round_ in range(5):
         key = f"race-{round_}"
         results = await DeferredList(
-            [  # started together: each send runs in a pool thread of its own
-                started(dialogs.send(ALICE, BOB, f"race {round_}", key)) for _ in range(4)
-            ],
+            [started(dialogs.send(ALICE, BOB, f"race {round_}", key)) for dialogs in instances],
             fireOnOneErrback=True,
             consumeErrors=True,
         )
@@ -198,6 +199,105 @@ async def test_two_racing_sends_with_the_same_key_store_one_message_counted_once
 def started(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
     """Run *coroutine* now, as a Deferred (so that several run at once)."""
     return Deferred.fromCoroutine(coroutine)
+
+
+# --- sends stored in batches ---------------------------------------------------------------
+
+
+async def outcomes(sends: list[Deferred[tuple[Message, bool]]]) -> list[Any]:
+    """What each send fired with: (message, created), or its exception."""
+    results = await DeferredList(sends, consumeErrors=True)
+    return [result if ok else result.value for ok, result in results]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sends_that_queue_are_stored_together_by_one_statement_in_their_order(
+    mysql_config: MySQLConfig,
+) -> None:
+    """A send that comes while none is stored is stored at once; the nine that come while it
+    is stored wait, then go in by one statement (the session's ``Questions``, less what
+    reading that counter costs), in the order they came."""
+    pool = chat_pool(mysql_config, min=1, max=1)
+    try:
+        store = MessageStore(pool)
+        await store.send(ALICE, BOB, "warm the connection", "q-warm")
+        first = await session_counter(pool, "Questions")
+        reading = await session_counter(pool, "Questions") - first
+        before = await session_counter(pool, "Questions")
+        batches = store.batches
+        results = await outcomes([store.send(ALICE, BOB, f"m{i}", f"q-{i}") for i in range(10)])
+        statements = await session_counter(pool, "Questions") - before - reading
+        assert (store.batches - batches, statements) == (2, 2)
+        assert [created for _message, created in results] == [True] * 10
+        assert [message.text for message, _ in results] == [f"m{i}" for i in range(10)]
+        ids = [message.id for message, _ in results]
+        assert ids == sorted(ids) and len(set(ids)) == 10
+        stored = {row[0]: row[1:] for row in await rows(pool)}
+        for i, (message, _created) in enumerate(results):
+            assert stored[message.id] == (ALICE, BOB, f"m{i}", f"q-{i}")
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_twice_in_one_batch_is_stored_once_and_reused_only_fails_its_send(
+    store: MessageStore, pool: adbapi.ConnectionPool
+) -> None:
+    blocker = store.send(ALICE, BOB, "stored alone", "b-0")
+    batches = store.batches
+    results = await outcomes(
+        [
+            store.send(ALICE, BOB, "twice", "b-1"),
+            store.send(ALICE, BOB, "twice", "b-1"),  # a replay
+            store.send(ALICE, CAROL, "twice", "b-1"),  # the key reused for another message
+            store.send(BOB, ALICE, "twice", "b-1"),  # another sender's key
+        ]
+    )
+    await blocker
+    assert store.batches - batches == 1
+    (message, created), replayed, reused, (others, others_created) = results
+    assert (created, replayed) == (True, (message, False))
+    assert isinstance(reused, IdempotencyKeyReused)
+    assert others_created and others.sender_id == BOB
+    assert [row[1:] for row in await rows(pool)] == [
+        (ALICE, BOB, "stored alone", "b-0"),
+        (ALICE, BOB, "twice", "b-1"),
+        (BOB, ALICE, "twice", "b-1"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_that_meets_a_stored_key_or_a_bad_row_fails_only_that_send(
+    store: MessageStore, pool: adbapi.ConnectionPool
+) -> None:
+    """The statement of such a batch fails and stores nothing; then each send is stored by
+    itself, so the replay gets its stored message and only the reused key and the text
+    MySQL refuses (longer than the column) fail."""
+    original, _ = await store.send(ALICE, BOB, "original", "k-old")
+    blocker = store.send(ALICE, BOB, "stored alone", "k-alone")
+    batches = store.batches
+    results = await outcomes(
+        [
+            store.send(ALICE, BOB, "new 1", "k-new-1"),
+            store.send(ALICE, BOB, "original", "k-old"),
+            store.send(ALICE, BOB, "changed", "k-old"),
+            store.send(ALICE, BOB, "x" * 5000, "k-too-long"),
+            store.send(ALICE, BOB, "new 2", "k-new-2"),
+        ]
+    )
+    await blocker
+    assert store.batches - batches == 1
+    new_1, replay, reused, too_long, new_2 = results
+    assert (new_1[0].text, new_1[1], new_2[0].text, new_2[1]) == ("new 1", True, "new 2", True)
+    assert replay == (original, False)
+    assert isinstance(reused, IdempotencyKeyReused)
+    assert isinstance(too_long, pymysql.err.DataError)
+    assert [row[3:] for row in await rows(pool)] == [
+        ("original", "k-old"),
+        ("stored alone", "k-alone"),
+        ("new 1", "k-new-1"),
+        ("new 2", "k-new-2"),
+    ]
 
 
 @pytest.mark.parametrize(("recipient", "text"), [(BOB, "changed"), (CAROL, "original")])
