@@ -176,6 +176,41 @@ def test_a_client_and_server_of_one_ca_accept_each_other(ca: TestCA) -> None:
     assert peer.service_id == ca.spiffe_id(SERVER)
 
 
+def test_a_peers_identity_is_read_once_per_connection(ca: TestCA) -> None:
+    server, _ = connect(ca.identity(CHAT), ca.identity(SERVER))
+    first = peer_identity(TLSTransport(server))
+    assert first is not None
+    assert peer_identity(TLSTransport(server)) is first
+    other, _ = connect(ca.identity(CHAT), ca.identity(SERVER))
+    assert peer_identity(TLSTransport(other)) not in (None, first)  # another leaf's serial
+
+
+def test_a_client_cannot_renegotiate_the_identity_it_proved(ca: TestCA) -> None:
+    """What lets the proved identity be read once: a TLS 1.2 client that asks to
+    renegotiate is refused (OpenSSL 3 refuses by default; the server says so itself)."""
+    monolith = ca.identity(SERVER)
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    context.use_certificate(monolith.leaf.certificate)
+    context.use_privatekey(monolith.leaf.private_key)  # type: ignore[arg-type]
+    client = SSL.Connection(context, None)
+    server = ConnectServerTLS(FixedIdentity(ca.identity(CHAT))).serverConnectionForTLS(None)
+    handshake(server, client)
+    proved = peer_identity(TLSTransport(server))
+    assert client.get_protocol_version_name() == "TLSv1.2" and proved is not None
+    assert client.renegotiate()
+    with contextlib.suppress(SSL.WantReadError):
+        client.do_handshake()
+    server.bio_write(client.bio_read(65536))
+    with contextlib.suppress(SSL.WantReadError):
+        server.recv(1)
+    client.bio_write(server.bio_read(65536))
+    with pytest.raises(SSL.Error, match="no renegotiation"):
+        client.do_handshake()
+    assert server.total_renegotiations() == 0
+    assert peer_identity(TLSTransport(server)) == proved
+
+
 def test_a_client_without_a_certificate_completes_the_handshake_but_proves_nobody(
     ca: TestCA,
 ) -> None:
