@@ -5,11 +5,13 @@ operations that also keep the unread counters in Redis (``snet.chat.unread``) de
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pymysql
-from attrs import define, field, frozen
+from attrs import define, field, frozen, validators
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -114,6 +116,10 @@ def _send(
 MAX_BATCH = 50
 """At most this many queued sends are stored by one statement (``MessageStore``)."""
 
+STALLED = 1.0
+"""Seconds after which a batch being stored counts as stalled (a statement takes about a
+millisecond): while every batch in flight has, a send starts one more (``MessageStore``)."""
+
 
 @frozen
 class _Send:
@@ -124,64 +130,106 @@ class _Send:
     text: str
     key: str
 
+    @property
+    def sender_key(self) -> tuple[int, str]:
+        return (self.sender_id, self.key)
+
 
 Outcome = tuple[Message, bool] | Exception
 """What became of one send of a batch: (message, created), or the error of that send only."""
-
-# MySQL errors about one row's data: in a batch they fail the whole statement, so each send
-# is then stored by itself and only the send at fault fails. (A dead connection or a
-# deadlock is not one of them: the whole batch goes back to run_with_retry.)
-_ROW_ERRORS = (pymysql.err.IntegrityError, pymysql.err.DataError)
 
 
 def _send_one(txn: adbapi.Transaction, send: _Send) -> Outcome:
     try:
         return _send(txn, send.sender_id, send.recipient_id, send.text, send.key)
-    except (IdempotencyKeyReused, *_ROW_ERRORS) as e:
+    except (IdempotencyKeyReused, pymysql.err.IntegrityError, pymysql.err.DataError) as e:
         return e
 
 
+_COLUMNS = "id, sender_id, recipient_id, text, created_at, idempotency_key"
 _BATCH_ROW = "(%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"
+_BATCH_KEY = "(sender_id = %s AND idempotency_key = %s)"
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=2 * MAX_BATCH)
 def _batch_insert(rows: int) -> str:
     return (
         _INSERT.partition(" VALUES ")[0]
         + " VALUES "
         + ", ".join([_BATCH_ROW] * rows)
-        + " RETURNING id, sender_id, recipient_id, text, created_at, idempotency_key"
+        + f" RETURNING {_COLUMNS}"
     )
 
 
-def _send_batch(txn: adbapi.Transaction, sends: list[_Send]) -> list[Outcome]:
-    """Store *sends* (in their order) with one multi-row ``INSERT ... RETURNING``; one
-    outcome per send, as if each had been stored by ``_send`` one after another.
+@functools.lru_cache(maxsize=2 * MAX_BATCH)
+def _batch_select(keys: int) -> str:
+    # A locking read sees the latest committed rows, whatever the snapshot.
+    where = " OR ".join([_BATCH_KEY] * keys)
+    return f"SELECT {_COLUMNS} FROM chat_messages WHERE {where} LOCK IN SHARE MODE"  # noqa: S608 (placeholders only)
 
-    A key that comes twice in the batch is inserted once: the later sends are replays of the
-    first (or reuse its key for another message). If the statement fails on a row (a key
-    stored before: a replay, or a race with another instance), it has stored nothing, and
-    each send is stored by itself, so that only the send at fault fails. On MySQL (no
-    RETURNING) each send is stored by itself too.
+
+def _keyed(rows: Any) -> dict[tuple[int, str], Message]:
+    return {(int(row[1]), str(row[5])): _message(row[:5]) for row in rows}
+
+
+INSERT_ATTEMPTS = 3
+"""Multi-row INSERTs a batch tries before it stores its sends one by one: each attempt that
+meets keys stored before (replays, or another instance's race) answers them and leaves them
+out of the next one."""
+
+
+def _send_batch(txn: adbapi.Transaction, sends: list[_Send]) -> list[Outcome]:
+    """Store *sends* with one multi-row ``INSERT ... RETURNING``; one outcome per send, the
+    same as if each had been stored by ``_send`` one after another.
+
+    A key that comes twice in the batch is inserted once: its later sends are replays of
+    the first, or reuse its key for another message. The rows go in in (sender, key) order,
+    so that two instances' batches that share keys take their locks in the same order.
+
+    A multi-row INSERT that fails stores nothing (it is one statement, in autocommit). If it
+    failed on keys stored before, one locking read answers them, and the INSERT is tried
+    again without them; after another kind of row error (a text MySQL refuses), or
+    ``INSERT_ATTEMPTS`` attempts, each send left is stored by itself, so that only the send
+    at fault fails. On MySQL (no RETURNING) each send is stored by itself.
     """
     if len(sends) == 1 or not _returning(txn):
         return [_send_one(txn, send) for send in sends]
     first: dict[tuple[int, str], _Send] = {}
     for send in sends:
-        first.setdefault((send.sender_id, send.key), send)
-    params: list[object] = []
-    for send in first.values():
-        low, high = _dialog(send.sender_id, send.recipient_id)
-        params += (send.sender_id, send.recipient_id, low, high, send.text, send.key)
-    try:
-        txn.execute(_batch_insert(len(first)), params)
-    except _ROW_ERRORS:
-        return [_send_one(txn, send) for send in sends]
-    stored = {(int(row[1]), str(row[5])): _message(row[:5]) for row in txn.fetchall()}
+        first.setdefault(send.sender_key, send)
+    pending = sorted(first.values(), key=lambda send: send.sender_key)
+    inserted: dict[tuple[int, str], Message] = {}
+    stored_before: dict[tuple[int, str], Message] = {}
+    for _ in range(INSERT_ATTEMPTS):
+        params: list[object] = []
+        for send in pending:
+            low, high = _dialog(send.sender_id, send.recipient_id)
+            params += (send.sender_id, send.recipient_id, low, high, send.text, send.key)
+        try:
+            txn.execute(_batch_insert(len(pending)), params)
+        except pymysql.err.IntegrityError as e:
+            if e.args[0] != DUPLICATE_KEY:
+                break
+            keys = [value for send in pending for value in send.sender_key]
+            txn.execute(_batch_select(len(pending)), keys)
+            found = _keyed(txn.fetchall())
+            if not found:
+                break
+            stored_before.update(found)
+            pending = [send for send in pending if send.sender_key not in found]
+            if not pending:
+                break
+        except pymysql.err.DataError:
+            break
+        else:
+            inserted = _keyed(txn.fetchall())
+            break
     outcomes: list[Outcome] = []
     for send in sends:
-        message = stored[send.sender_id, send.key]
-        if first[send.sender_id, send.key] is send:
+        message = inserted.get(send.sender_key) or stored_before.get(send.sender_key)
+        if message is None:  # left after a row error: stored by itself
+            outcomes.append(_send_one(txn, send))
+        elif send.sender_key in inserted and first[send.sender_key] is send:
             outcomes.append((message, True))
         elif message.recipient_id == send.recipient_id and message.text == send.text:
             outcomes.append((message, False))
@@ -271,23 +319,48 @@ def chat_pool(config: MySQLConfig, **kwargs: Any) -> adbapi.ConnectionPool:
     return mysql_pool(config, autocommit=True, **kwargs)
 
 
+def _answer(
+    sends: list[tuple[_Send, Deferred[tuple[Message, bool]]]], result: list[Outcome] | Failure
+) -> None:
+    """Fire each send's Deferred with its outcome in *result*, or with *result*'s failure."""
+    for index, (_, d) in enumerate(sends):
+        if d.called:  # cancelled by its caller
+            continue
+        outcome = result if isinstance(result, Failure) else result[index]
+        if isinstance(outcome, Failure | Exception):
+            d.errback(outcome)
+        else:
+            d.callback(outcome)
+
+
 @define
 class MessageStore:
     """Messages and read marks in MySQL, through the adbapi pool of ``chat_pool``; the tables
     are ``snet.chat.schema``'s.
 
-    Sends are stored one batch at a time: a send that comes while none is being stored is
-    stored at once, by itself; the sends that come while one is being stored wait for it,
-    and are then stored together, up to *max_batch* of them, by one multi-row statement in
-    one pool thread. A saturated instance so spends one thread hand-off and one statement on
-    several sends (docs/performance.md, step 7), while a send never waits for more than the
-    one statement before it.
+    Sends are stored in batches, one at a time: a send that comes while none is being
+    stored goes at once, by itself; the sends that come while one is being stored wait for
+    it, and are then stored together, up to *max_batch* of them, by one multi-row statement
+    in one pool thread (``_send_batch``). A saturated instance so spends one thread hand-off
+    and one statement on several sends (docs/performance.md, step 7); two batches at a time
+    gave back most of that. Concurrent sends have no order: a batch's ids follow its
+    (sender, key) order.
+
+    So that one stalled statement (a dead connection waits for its read timeout) does not
+    hold every send of the instance, a send that comes while every batch in flight has run
+    for longer than *stalled* seconds starts one more, on another pooled connection.
+
+    Once the pool is closed (the instance is stopping), the sends still waiting fail with
+    ``pymysql.err.InterfaceError`` (a 503): they were not stored.
     """
 
     pool: adbapi.ConnectionPool
-    max_batch: int = MAX_BATCH
+    max_batch: int = field(default=MAX_BATCH, validator=validators.ge(1))
+    stalled: float = STALLED
+    now: Callable[[], float] = time.monotonic
     _queue: list[tuple[_Send, Deferred[tuple[Message, bool]]]] = field(factory=list, init=False)
-    _storing: bool = field(default=False, init=False)
+    _storing: dict[int, float] = field(factory=dict, init=False)
+    """When each batch being stored (by its number) started."""
     batches: int = field(default=0, init=False)
     """Batches stored so far (a batch of one included): with ``sends``, their mean size."""
     sends: int = field(default=0, init=False)
@@ -303,38 +376,40 @@ class MessageStore:
         """
         d: Deferred[tuple[Message, bool]] = Deferred()
         self._queue.append((_Send(sender_id, recipient_id, text, idempotency_key), d))
-        if not self._storing:
-            self._store_next()
+        self._store_queued()
         return d
 
-    def _store_next(self) -> None:
-        batch = self._queue[: self.max_batch]
-        del self._queue[: self.max_batch]
-        self._storing = True
-        self.batches += 1
-        self.sends += len(batch)
-        sends = [send for send, _ in batch]
-        stored = maybeDeferred(run_with_retry, self.pool, _send_batch, sends)
-        stored.addBoth(self._stored, batch)
+    def _store_queued(self) -> None:
+        threadpool = getattr(self.pool, "threadpool", None)
+        if getattr(threadpool, "joined", False):  # closed: nothing would ever run
+            waiting, self._queue = self._queue, []
+            closed = Failure(pymysql.err.InterfaceError("the MySQL pool is closed"))  # type: ignore[no-untyped-call]
+            _answer(waiting, closed)
+            return
+        while self._queue:
+            now = self.now()
+            if self._storing and max(self._storing.values()) > now - self.stalled:
+                return  # a batch is being stored, and not stalled: wait for it
+            batch = self._queue[: self.max_batch]
+            del self._queue[: self.max_batch]
+            self.batches += 1
+            self.sends += len(batch)
+            number = self.batches
+            self._storing[number] = now
+            stored = maybeDeferred(run_with_retry, self.pool, _send_batch, [s for s, _ in batch])
+            stored.addBoth(self._stored, number, batch)
 
     def _stored(
         self,
         result: list[Outcome] | Failure,
+        number: int,
         batch: list[tuple[_Send, Deferred[tuple[Message, bool]]]],
     ) -> None:
         # The next batch starts before this one's callers go on, so that it holds only the
         # sends that came while this one was stored.
-        self._storing = False
-        if self._queue:
-            self._store_next()
-        for index, (_, d) in enumerate(batch):
-            if d.called:  # cancelled by its caller
-                continue
-            outcome = result if isinstance(result, Failure) else result[index]
-            if isinstance(outcome, Failure | Exception):
-                d.errback(outcome)
-            else:
-                d.callback(outcome)
+        del self._storing[number]
+        self._store_queued()
+        _answer(batch, result)
 
     def list_dialog(
         self,

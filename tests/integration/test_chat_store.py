@@ -8,6 +8,7 @@ the test that stops Redis starts a Redis of its own.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -20,7 +21,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 
 from snet.chat.schema import SCHEMA_LOCK, apply_chat_schema, schema_sql
-from snet.chat.store import Dialogs, IdempotencyKeyReused, Message, MessageStore, chat_pool
+from snet.chat.store import (
+    Dialogs,
+    IdempotencyKeyReused,
+    Message,
+    MessageStore,
+    _Send,
+    _send_batch,
+    chat_pool,
+)
 from snet.chat.unread import UnreadIndex, UnreadRepairs, unread_key
 from snet.config import MySQLConfig, RedisConfig
 from snet.storage import (
@@ -119,6 +128,7 @@ async def test_a_send_costs_mariadb_one_statement_and_no_commit(
     message."""
     pool = chat_pool(mysql_config, min=1, max=1)
     try:
+        await apply_chat_schema(pool)  # when run alone
         store = MessageStore(pool)
         await store.send(ALICE, BOB, "warm the connection", "key-warm")
         first = await session_counter(pool, "Questions")
@@ -211,30 +221,33 @@ async def outcomes(sends: list[Deferred[tuple[Message, bool]]]) -> list[Any]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_sends_that_queue_are_stored_together_by_one_statement_in_their_order(
+async def test_sends_that_queue_are_stored_together_by_one_statement(
     mysql_config: MySQLConfig,
 ) -> None:
     """A send that comes while none is stored is stored at once; the nine that come while it
     is stored wait, then go in by one statement (the session's ``Questions``, less what
-    reading that counter costs), in the order they came."""
+    reading that counter costs), their ids in (sender, key) order."""
     pool = chat_pool(mysql_config, min=1, max=1)
     try:
+        await apply_chat_schema(pool)  # when run alone
         store = MessageStore(pool)
         await store.send(ALICE, BOB, "warm the connection", "q-warm")
         first = await session_counter(pool, "Questions")
         reading = await session_counter(pool, "Questions") - first
         before = await session_counter(pool, "Questions")
         batches = store.batches
-        results = await outcomes([store.send(ALICE, BOB, f"m{i}", f"q-{i}") for i in range(10)])
+        keys = [f"q-{9 - i}" for i in range(10)]
+        results = await outcomes([store.send(ALICE, BOB, f"to {key}", key) for key in keys])
         statements = await session_counter(pool, "Questions") - before - reading
         assert (store.batches - batches, statements) == (2, 2)
         assert [created for _message, created in results] == [True] * 10
-        assert [message.text for message, _ in results] == [f"m{i}" for i in range(10)]
-        ids = [message.id for message, _ in results]
-        assert ids == sorted(ids) and len(set(ids)) == 10
+        assert [message.text for message, _ in results] == [f"to {key}" for key in keys]
         stored = {row[0]: row[1:] for row in await rows(pool)}
-        for i, (message, _created) in enumerate(results):
-            assert stored[message.id] == (ALICE, BOB, f"m{i}", f"q-{i}")
+        for key, (message, _created) in zip(keys, results, strict=True):
+            assert stored[message.id] == (ALICE, BOB, f"to {key}", key)
+        # q-9 went alone; then q-0 ... q-8 in key order
+        by_id = [key for _id, (*_, key) in sorted(stored.items()) if key in keys]
+        assert by_id == ["q-9", *(f"q-{i}" for i in range(9))]
     finally:
         pool.close()
 
@@ -267,37 +280,106 @@ async def test_a_key_twice_in_one_batch_is_stored_once_and_reused_only_fails_its
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_batch_that_meets_a_stored_key_or_a_bad_row_fails_only_that_send(
+async def test_a_batch_that_meets_stored_keys_answers_them_and_inserts_the_rest(
+    mysql_config: MySQLConfig,
+) -> None:
+    """A replay in a batch fails its multi-row INSERT, which then stored nothing: one locking
+    read answers the keys stored before (the replay gets its message, a reused key fails),
+    and one more INSERT stores the others: three statements, not one per send."""
+    pool = chat_pool(mysql_config, min=1, max=1)
+    try:
+        await apply_chat_schema(pool)  # when run alone
+        store = MessageStore(pool)
+        original, _ = await store.send(ALICE, BOB, "original", "s-old")
+        first = await session_counter(pool, "Questions")
+        reading = await session_counter(pool, "Questions") - first
+        before = await session_counter(pool, "Questions")
+        blocker = store.send(ALICE, BOB, "stored alone", "s-alone")
+        batches = store.batches
+        results = await outcomes(
+            [
+                store.send(ALICE, BOB, "new 1", "s-new-1"),
+                store.send(ALICE, BOB, "original", "s-old"),
+                store.send(ALICE, BOB, "changed", "s-old"),
+                store.send(ALICE, BOB, "new 2", "s-new-2"),
+            ]
+        )
+        await blocker
+        statements = await session_counter(pool, "Questions") - before - reading
+        assert (store.batches - batches, statements) == (1, 1 + 3)
+        new_1, replay, reused, new_2 = results
+        assert (new_1[0].text, new_1[1], new_2[0].text, new_2[1]) == ("new 1", True, "new 2", True)
+        assert replay == (original, False)
+        assert isinstance(reused, IdempotencyKeyReused)
+        assert sorted(row[3:] for row in await rows(pool) if row[4].startswith("s-")) == [
+            ("new 1", "s-new-1"),
+            ("new 2", "s-new-2"),
+            ("original", "s-old"),
+            ("stored alone", "s-alone"),
+        ]
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_row_mysql_refuses_fails_only_its_own_send(
     store: MessageStore, pool: adbapi.ConnectionPool
 ) -> None:
-    """The statement of such a batch fails and stores nothing; then each send is stored by
-    itself, so the replay gets its stored message and only the reused key and the text
-    MySQL refuses (longer than the column) fail."""
-    original, _ = await store.send(ALICE, BOB, "original", "k-old")
-    blocker = store.send(ALICE, BOB, "stored alone", "k-alone")
+    """A text longer than the column fails the batch's statement, which stored nothing;
+    each send is then stored by itself, and only that one fails."""
+    blocker = store.send(ALICE, BOB, "stored alone", "r-alone")
     batches = store.batches
     results = await outcomes(
         [
-            store.send(ALICE, BOB, "new 1", "k-new-1"),
-            store.send(ALICE, BOB, "original", "k-old"),
-            store.send(ALICE, BOB, "changed", "k-old"),
-            store.send(ALICE, BOB, "x" * 5000, "k-too-long"),
-            store.send(ALICE, BOB, "new 2", "k-new-2"),
+            store.send(ALICE, BOB, "new 1", "r-new-1"),
+            store.send(ALICE, BOB, "x" * 5000, "r-too-long"),
+            store.send(ALICE, BOB, "new 2", "r-new-2"),
         ]
     )
     await blocker
     assert store.batches - batches == 1
-    new_1, replay, reused, too_long, new_2 = results
+    new_1, too_long, new_2 = results
     assert (new_1[0].text, new_1[1], new_2[0].text, new_2[1]) == ("new 1", True, "new 2", True)
-    assert replay == (original, False)
-    assert isinstance(reused, IdempotencyKeyReused)
     assert isinstance(too_long, pymysql.err.DataError)
     assert [row[3:] for row in await rows(pool)] == [
-        ("original", "k-old"),
-        ("stored alone", "k-alone"),
-        ("new 1", "k-new-1"),
-        ("new 2", "k-new-2"),
+        ("stored alone", "r-alone"),
+        ("new 1", "r-new-1"),
+        ("new 2", "r-new-2"),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_batches_of_the_same_keys_in_opposite_orders_do_not_deadlock(
+    mysql_config: MySQLConfig, pool: adbapi.ConnectionPool
+) -> None:
+    """A client's retry can reach another instance while its first try is still queued: two
+    instances' batches then share keys. Each batch inserts in (sender, key) order, so they
+    take their locks in one order; in their queue order, started together, InnoDB broke a
+    deadlock between them in most rounds. Run here straight, without run_with_retry's retry
+    of a deadlock, the two statements started at once on two connections."""
+    other_pool = chat_pool(mysql_config, min=1, max=1)
+    together = threading.Barrier(2, timeout=10)
+
+    def at_once(txn: adbapi.Transaction, sends: list[_Send]) -> list[Any]:
+        together.wait()
+        return _send_batch(txn, sends)
+
+    try:
+        for round_ in range(20):
+            sends = [_Send(ALICE, BOB, f"d{round_}-{i:02}", f"d{round_}-{i:02}") for i in range(50)]
+            results = await gatherResults(
+                [
+                    pool.runInteraction(at_once, sends),
+                    other_pool.runInteraction(at_once, sends[::-1]),
+                ],
+                consumeErrors=True,
+            )
+            outcomes_ = [outcome for batch in results for outcome in batch]
+            assert not [outcome for outcome in outcomes_ if isinstance(outcome, Exception)]
+            created = sorted(message.text for message, created in outcomes_ if created)
+            assert created == [send.text for send in sends]
+    finally:
+        other_pool.close()
 
 
 @pytest.mark.parametrize(("recipient", "text"), [(BOB, "changed"), (CAROL, "original")])

@@ -1,12 +1,13 @@
 """Unit tests of how ``snet.chat.store.MessageStore`` queues sends into batches: one batch at
-a time, at most ``max_batch`` sends each, every send answered with its own outcome or its
-batch's failure. The pool is a fake that only records each interaction and lets the test
-answer it; what a batch does in MySQL is tested against MariaDB in
-tests/integration/test_chat_store.py."""
+a time (one more while every batch in flight is stalled), at most ``max_batch`` sends each,
+every send answered with its own outcome or its batch's failure. The pool is a fake that only
+records each interaction and lets the test answer it; what a batch does in MySQL is tested
+against MariaDB in tests/integration/test_chat_store.py."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pymysql
@@ -15,6 +16,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import CancelledError, Deferred
 
 from snet.chat.store import IdempotencyKeyReused, Message, MessageStore
+from snet.storage import is_unavailable
 from snet.testing import failure_of, result_of
 
 ALICE, BOB = 1, 2
@@ -27,6 +29,7 @@ class AnsweredByHand:
 
     def __init__(self) -> None:
         self.waiting: list[Deferred[Any]] = []
+        self.threadpool = SimpleNamespace(joined=False)
 
     def runInteraction(self, interaction: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
@@ -117,3 +120,47 @@ def test_a_send_its_caller_cancelled_is_left_out_of_the_answers(
     pool.answer(stored(1, 2))  # a cancelled send is still stored: its caller may retry it
     assert isinstance(failure_of(sends[1]).value, CancelledError)
     assert result_of(sends[2]) == (message(2), True)
+
+
+def test_while_every_batch_in_flight_is_stalled_a_send_starts_one_more(
+    pool: AnsweredByHand,
+) -> None:
+    now = [100.0]
+    store = MessageStore(
+        cast(adbapi.ConnectionPool, pool), max_batch=3, stalled=1.0, now=lambda: now[0]
+    )
+    stuck = send(store, 0)
+    now[0] += 0.9
+    waiting = send(store, 1)
+    assert len(pool.waiting) == 1  # not stalled yet: the send waits
+    now[0] += 0.2
+    late = send(store, 2)
+    assert len(pool.waiting) == 2  # the first stalled: 1 and 2 go in a batch of their own
+    assert not late.called
+    now[0] += 0.5
+    send(store, 3)
+    assert len(pool.waiting) == 2  # the second is young: 3 waits
+    pool.waiting.pop(1).callback(stored(1, 2))
+    assert [result_of(d) for d in (waiting, late)] == stored(1, 2)
+    assert len(pool.waiting) == 2  # 3 went as soon as no young batch was in flight
+    pool.answer(stored(0))
+    assert result_of(stuck) == (message(0), True)
+
+
+def test_once_the_pool_is_closed_the_sends_still_waiting_fail_as_unavailable(
+    store: MessageStore, pool: AnsweredByHand
+) -> None:
+    in_flight = send(store, 0)
+    waiting = [send(store, n) for n in (1, 2)]
+    pool.threadpool.joined = True  # the instance is stopping: adbapi's pool was closed
+    pool.answer(stored(0))
+    assert result_of(in_flight) == (message(0), True)
+    errors = [failure_of(d).value for d in waiting]
+    assert all(isinstance(e, pymysql.err.InterfaceError) and is_unavailable(e) for e in errors)
+    assert isinstance(failure_of(send(store, 3)).value, pymysql.err.InterfaceError)
+    assert pool.waiting == []  # nothing more was handed to the closed pool
+
+
+def test_a_batch_holds_at_least_one_send() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        MessageStore(cast(adbapi.ConnectionPool, AnsweredByHand()), max_batch=0)
