@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pymysql
 from attrs import define, field, frozen, validators
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -319,6 +322,23 @@ def chat_pool(config: MySQLConfig, **kwargs: Any) -> adbapi.ConnectionPool:
     return mysql_pool(config, autocommit=True, **kwargs)
 
 
+class _BatchCollector(Collector):
+    def __init__(self, store: MessageStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        store = self._store
+        yield CounterMetricFamily(
+            "snet_chat_send_batches", "Batches of sends stored (one statement each)", store.batches
+        )
+        yield CounterMetricFamily(
+            "snet_chat_batched_sends", "Sends stored in those batches", store.sends
+        )
+        yield GaugeMetricFamily(
+            "snet_chat_sends_waiting", "Sends queued behind a batch being stored", store.waiting
+        )
+
+
 def _answer(
     sends: list[tuple[_Send, Deferred[tuple[Message, bool]]]], result: list[Outcome] | Failure
 ) -> None:
@@ -364,6 +384,17 @@ class MessageStore:
     batches: int = field(default=0, init=False)
     """Batches stored so far (a batch of one included): with ``sends``, their mean size."""
     sends: int = field(default=0, init=False)
+
+    @property
+    def waiting(self) -> int:
+        """Sends queued behind a batch being stored."""
+        return len(self._queue)
+
+    def track(self, registry: CollectorRegistry) -> None:
+        """Report the batches in *registry*: ``snet_chat_send_batches_total`` and
+        ``snet_chat_batched_sends_total`` (their ratio is the mean batch size), and
+        ``snet_chat_sends_waiting``, the sends queued behind a batch now."""
+        registry.register(_BatchCollector(self))
 
     def send(
         self, sender_id: int, recipient_id: int, text: str, idempotency_key: str

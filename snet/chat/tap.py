@@ -161,10 +161,13 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     connect = chat_connect(options, consul, reactor)
     unread = UnreadIndex(redis)
     repairs = UnreadRepairs(pool, unread)
+    messages = MessageStore(pool)
+    metrics = HTTPMetrics()
+    messages.track(metrics.registry)
     api = ChatAPI(
-        dialogs=Dialogs(MessageStore(pool), unread, repairs, reactor),
+        dialogs=Dialogs(messages, unread, repairs, reactor),
         in_flight=in_flight,
-        metrics=HTTPMetrics(),
+        metrics=metrics,
         version=__version__,
         clock=reactor,
         authorizer=connect.authorizer,

@@ -167,7 +167,9 @@ def test_a_tls_call_without_a_client_certificate_gets_401_but_health_answers(
     assert "messages" not in body
     assert http_get(f"{url}/health")[0] == 200
     assert http_get(f"{url}/metrics")[0] == 404, "metrics are on the admin listener only"
-    assert http_get(f"{d.fleet.admin_url(0)}/metrics")[0] == 200
+    status, metrics = http_get(f"{d.fleet.admin_url(0)}/metrics")
+    assert status == 200
+    assert b"snet_chat_send_batches_total" in metrics  # the store's batches (MessageStore)
 
 
 def test_a_valid_certificate_of_another_service_gets_403(deployment: Deployment) -> None:

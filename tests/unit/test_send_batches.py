@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pymysql
 import pytest
+from prometheus_client import CollectorRegistry
 from twisted.enterprise import adbapi
 from twisted.internet.defer import CancelledError, Deferred
 
@@ -164,3 +165,23 @@ def test_once_the_pool_is_closed_the_sends_still_waiting_fail_as_unavailable(
 def test_a_batch_holds_at_least_one_send() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         MessageStore(cast(adbapi.ConnectionPool, AnsweredByHand()), max_batch=0)
+
+
+def test_the_batches_are_reported_in_the_metrics(store: MessageStore, pool: AnsweredByHand) -> None:
+    registry = CollectorRegistry()
+    store.track(registry)
+    sends = [send(store, n) for n in range(5)]
+    assert metric(registry, "snet_chat_sends_waiting") == 4
+    pool.answer(stored(0))
+    pool.answer(stored(1, 2, 3))
+    assert metric(registry, "snet_chat_send_batches_total") == 3  # the third is being stored
+    assert metric(registry, "snet_chat_batched_sends_total") == 5
+    assert metric(registry, "snet_chat_sends_waiting") == 0
+    pool.answer(stored(4))
+    assert [result_of(d)[1] for d in sends] == [True] * 5
+
+
+def metric(registry: CollectorRegistry, name: str) -> float:
+    value = registry.get_sample_value(name)
+    assert value is not None, name
+    return value
