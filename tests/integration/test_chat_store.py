@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pymysql
@@ -118,6 +118,25 @@ async def session_counter(pool: adbapi.ConnectionPool, name: str) -> int:
     return int(rows[0][1])
 
 
+async def counting_statements(
+    pool: adbapi.ConnectionPool,
+) -> Callable[[], Coroutine[Any, Any, int]]:
+    """A function that tells how many statements the one connection of *pool* has run since
+    it was last called (or since this call): its session's ``Questions``, less its own reads
+    of that counter."""
+    first = await session_counter(pool, "Questions")
+    reading = await session_counter(pool, "Questions") - first
+    last = [await session_counter(pool, "Questions")]
+
+    async def since() -> int:
+        now = await session_counter(pool, "Questions")
+        ran = now - last[0] - reading
+        last[0] = now
+        return ran
+
+    return since
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_send_costs_mariadb_one_statement_and_no_commit(
     mysql_config: MySQLConfig,
@@ -131,13 +150,10 @@ async def test_a_send_costs_mariadb_one_statement_and_no_commit(
         await apply_chat_schema(pool)  # when run alone
         store = MessageStore(pool)
         await store.send(ALICE, BOB, "warm the connection", "key-warm")
-        first = await session_counter(pool, "Questions")
-        reading = await session_counter(pool, "Questions") - first
-        before = await session_counter(pool, "Questions")
         commits = await session_counter(pool, "Com_commit")
+        statements = await counting_statements(pool)
         message, created = await store.send(ALICE, BOB, "counted", "key-counted")
-        statements = await session_counter(pool, "Questions") - before - 2 * reading
-        assert (created, statements) == (True, 1)
+        assert (created, await statements()) == (True, 1)
         assert await session_counter(pool, "Com_commit") == commits
         again, created_again = await store.send(ALICE, BOB, "counted", "key-counted")
         assert (again, created_again) == (message, False)
@@ -232,14 +248,11 @@ async def test_sends_that_queue_are_stored_together_by_one_statement(
         await apply_chat_schema(pool)  # when run alone
         store = MessageStore(pool)
         await store.send(ALICE, BOB, "warm the connection", "q-warm")
-        first = await session_counter(pool, "Questions")
-        reading = await session_counter(pool, "Questions") - first
-        before = await session_counter(pool, "Questions")
+        statements = await counting_statements(pool)
         batches = store.batches
         keys = [f"q-{9 - i}" for i in range(10)]
         results = await outcomes([store.send(ALICE, BOB, f"to {key}", key) for key in keys])
-        statements = await session_counter(pool, "Questions") - before - reading
-        assert (store.batches - batches, statements) == (2, 2)
+        assert (store.batches - batches, await statements()) == (2, 2)
         assert [created for _message, created in results] == [True] * 10
         assert [message.text for message, _ in results] == [f"to {key}" for key in keys]
         stored = {row[0]: row[1:] for row in await rows(pool)}
@@ -291,9 +304,7 @@ async def test_a_batch_that_meets_stored_keys_answers_them_and_inserts_the_rest(
         await apply_chat_schema(pool)  # when run alone
         store = MessageStore(pool)
         original, _ = await store.send(ALICE, BOB, "original", "s-old")
-        first = await session_counter(pool, "Questions")
-        reading = await session_counter(pool, "Questions") - first
-        before = await session_counter(pool, "Questions")
+        statements = await counting_statements(pool)
         blocker = store.send(ALICE, BOB, "stored alone", "s-alone")
         batches = store.batches
         results = await outcomes(
@@ -305,8 +316,7 @@ async def test_a_batch_that_meets_stored_keys_answers_them_and_inserts_the_rest(
             ]
         )
         await blocker
-        statements = await session_counter(pool, "Questions") - before - reading
-        assert (store.batches - batches, statements) == (1, 1 + 3)
+        assert (store.batches - batches, await statements()) == (1, 1 + 3)
         new_1, replay, reused, new_2 = results
         assert (new_1[0].text, new_1[1], new_2[0].text, new_2[1]) == ("new 1", True, "new 2", True)
         assert replay == (original, False)
