@@ -121,7 +121,8 @@ MAX_BATCH = 50
 
 STALLED = 1.0
 """Seconds after which a batch being stored counts as stalled (a statement takes about a
-millisecond): while every batch in flight has, a send starts one more (``MessageStore``)."""
+millisecond): while every batch in flight has run for longer, a send starts one more
+(``MessageStore``)."""
 
 
 @frozen
