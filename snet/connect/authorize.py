@@ -28,6 +28,15 @@ cache and Consul's proxies do: an agent restart (seconds) must not cut the monol
 chat instance. A caller never seen, or seen longer ago, is denied. So a revoked intention
 lets a known caller in for at most ``ttl`` + ``stale_if_error`` while the agent is down.
 
+**Stale while slow.** A restarting agent may take its time rather than fail: it accepts
+the call, then answers once its server has a leader (about two seconds of a one-server
+cluster's restart). Every request of a known caller waited that long. So when Consul has not
+answered within ``slow_after`` seconds (0.2 s; it answers in milliseconds) for a caller it
+answered less than ``stale_if_error`` ago, that last answer stands for the requests waiting
+and for those that come until Consul answers; its answer, when it comes, is cached and
+followed as usual. This widens nothing: a slow agent is as good as a failed one until it
+answers.
+
 Answers (yes and no) are cached for ``ttl`` seconds per (SPIFFE id, serial), which Consul's
 documentation allows for this endpoint. The default of 3 s keeps the cost of authorizing off
 the request path (one call to the local agent per caller every 3 s, whatever the request
@@ -44,7 +53,7 @@ import json
 from attrs import frozen
 from consul.callback import CB
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -52,7 +61,13 @@ from snet.connect.identity import IdentitySource, SpiffeServiceId
 from snet.connect.tls import PeerIdentity, peer_identity
 from snet.consul import TreqConsul
 
-__all__ = ["DEFAULT_AUTHORIZE_TTL", "DEFAULT_STALE_IF_ERROR", "ConnectAuthorizer", "Decision"]
+__all__ = [
+    "DEFAULT_AUTHORIZE_TTL",
+    "DEFAULT_SLOW_AFTER",
+    "DEFAULT_STALE_IF_ERROR",
+    "ConnectAuthorizer",
+    "Decision",
+]
 
 log = Logger()
 
@@ -61,6 +76,9 @@ DEFAULT_AUTHORIZE_TTL = 3.0
 
 DEFAULT_STALE_IF_ERROR = 60.0
 """Seconds an answer may still stand while Consul cannot answer (see the module docstring)."""
+
+DEFAULT_SLOW_AFTER = 0.2
+"""Seconds Consul may take to answer before a caller's last answer stands in for it."""
 
 
 @frozen
@@ -100,8 +118,8 @@ class ConnectAuthorizer:
     """Asks the local agent whether callers may call *target*, caching its answers.
 
     ``hits`` and ``misses`` count cache lookups (a lookup that joins a call in flight counts
-    as a hit), ``errors`` the calls that failed (and so denied, or answered stale: ``stale``
-    counts those).
+    as a hit), ``errors`` the calls that failed (and so denied, or answered stale), ``stale``
+    the lookups answered with a stale answer (Consul failed or was slow).
     """
 
     def __init__(
@@ -113,6 +131,7 @@ class ConnectAuthorizer:
         clock: IReactorTime,
         ttl: float = DEFAULT_AUTHORIZE_TTL,
         stale_if_error: float = DEFAULT_STALE_IF_ERROR,
+        slow_after: float = DEFAULT_SLOW_AFTER,
         max_entries: int = 4096,
     ) -> None:
         """
@@ -121,6 +140,7 @@ class ConnectAuthorizer:
             refused without asking Consul.
         :param stale_if_error: seconds after Consul's answer that it still stands when Consul
             cannot be asked again (0: never).
+        :param slow_after: seconds a lookup waits for Consul before such an answer stands.
         :param max_entries: at most this many answers are cached (expired ones go first).
         """
         self._consul = consul
@@ -129,10 +149,13 @@ class ConnectAuthorizer:
         self._clock = clock
         self.ttl = ttl
         self.stale_if_error = stale_if_error
+        self.slow_after = slow_after
         self._max_entries = max_entries
         self._cache: dict[_Key, tuple[float, Decision]] = {}
         """key -> (when Consul answered, its decision)"""
         self._pending: dict[_Key, list[Deferred[Decision]]] = {}
+        self._slow: dict[_Key, IDelayedCall | None] = {}
+        """key -> the timer of its call in flight, None once the call was slow"""
         self.hits = 0
         self.misses = 0
         self.errors = 0
@@ -164,16 +187,38 @@ class ConnectAuthorizer:
         if cached is not None and cached[0] + self.ttl > now:
             self.hits += 1
             return succeed(cached[1])
+        stale = cached if cached is not None and cached[0] + self.stale_if_error > now else None
         waiting = self._pending.get(key)
         d: Deferred[Decision] = Deferred()
         if waiting is not None:
             self.hits += 1
+            if stale is not None and key in self._slow and self._slow[key] is None:
+                self.stale += 1  # Consul is slow for this call already
+                return succeed(stale[1])
             waiting.append(d)
             return d
         self.misses += 1
         self._pending[key] = [d]
+        if stale is not None:
+            self._slow[key] = self._clock.callLater(self.slow_after, self._stand_in, key, stale)
         self._ask(client_uri, serial).addBoth(self._answered, key)
         return d
+
+    def _stand_in(self, key: _Key, stale: tuple[float, Decision]) -> None:
+        """Consul is slow to answer for *key*: its last answer stands until it does."""
+        self._slow[key] = None
+        waiting, self._pending[key] = self._pending.get(key, []), []
+        log.warn(
+            "{caller}: Consul has not answered in {slow_after}s; its answer of {age:.1f}s ago"
+            " stands until it does ({decision})",
+            caller=key[0],
+            slow_after=self.slow_after,
+            age=self._clock.seconds() - stale[0],
+            decision="allowed" if stale[1].allowed else "denied",
+        )
+        for d in waiting:
+            self.stale += 1
+            d.callback(stale[1])
 
     def _ask(self, client_uri: str, serial: str) -> Deferred[object]:
         body = json.dumps(
@@ -185,6 +230,9 @@ class ConnectAuthorizer:
         return d
 
     def _answered(self, answer: object, key: _Key) -> None:
+        timer = self._slow.pop(key, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         client_uri = key[0]
         decision: Decision
         if isinstance(answer, Failure):

@@ -371,3 +371,49 @@ def test_while_consul_cannot_answer_a_known_caller_keeps_its_last_answer_for_a_w
     clock.advance(authorizer.stale_if_error)
     with capturedLogs():
         assert not result_of(authorizer.authorize(server, "01")).allowed
+
+
+def test_while_consul_is_slow_a_known_callers_last_answer_stands_until_it_answers(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent, clock: Clock, ca: TestCA
+) -> None:
+    """A restarting agent can accept the call and answer only seconds later: a caller it
+    answered lately is not held that long; its answer, when it comes, is followed."""
+    server = ca.spiffe_id("snet-server").uri
+    agent.authorized[server] = True
+    assert result_of(authorizer.authorize(server, "01")).allowed
+    clock.advance(authorizer.ttl + 1)
+    agent.hold_authorize = True
+    waiting = authorizer.authorize(server, "01")
+    stranger = authorizer.authorize(ca.spiffe_id("other").uri, "02")
+    clock.advance(authorizer.slow_after - 0.01)
+    assert not waiting.called
+    with capturedLogs() as events:
+        clock.advance(0.01)
+    assert result_of(waiting).allowed
+    assert "stands until it does" in formatEvent(events[0])
+    assert result_of(authorizer.authorize(server, "01")).allowed  # at once, while it is slow
+    assert authorizer.stale == 2
+    assert len(agent.queries(AUTHORIZE)) == 3  # the first, then one each: no new call
+    assert not stranger.called  # never answered: no answer to stand in
+    agent.authorized[server] = False  # from now on; the held calls are answered yes
+    agent.release_authorize()
+    assert result_of(stranger).allowed
+    assert clock.getDelayedCalls() == []
+    agent.hold_authorize = False
+    clock.advance(authorizer.ttl)  # the late yes was cached for the ttl; now Consul says no
+    assert not result_of(authorizer.authorize(server, "01")).allowed
+
+
+def test_an_answer_older_than_stale_if_error_does_not_stand_in_for_a_slow_consul(
+    authorizer: ConnectAuthorizer, agent: FakeConnectAgent, clock: Clock, ca: TestCA
+) -> None:
+    server = ca.spiffe_id("snet-server").uri
+    agent.authorized[server] = True
+    assert result_of(authorizer.authorize(server, "01")).allowed
+    clock.advance(authorizer.stale_if_error)
+    agent.hold_authorize = True
+    waiting = authorizer.authorize(server, "01")
+    clock.advance(authorizer.slow_after * 10)
+    assert not waiting.called
+    agent.release_authorize()
+    assert result_of(waiting).allowed
