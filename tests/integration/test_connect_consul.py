@@ -279,6 +279,30 @@ async def test_intentions_decide_who_may_call_the_chat_service(
 
 
 @pytest_twisted.ensureDeferred
+async def test_while_the_agent_answers_nothing_a_known_caller_is_not_held(
+    harness: Harness, agent: ConsulAgent
+) -> None:
+    """A frozen agent (SIGSTOP: the kernel accepts the call, nobody answers) holds an
+    authorize call as a restarting one does. Once the answer of a caller it answered lately
+    is past its ttl, a request of that caller gets the last answer after ``slow_after``
+    instead of waiting for the agent, or for the call's timeout (5 s here), which then would
+    have been an error (``errors``)."""
+    chat = await harness.identity(CHAT)
+    monolith = await harness.identity(SERVER)
+    url, _, authorizer = await harness.serve(chat)
+    authorizer.ttl = 0.1
+    http = harness.monolith(monolith)
+    assert (await get_json(http, f"{url}/v1/x"))[0] == 200
+    await sleep(0.2)  # past the ttl: the next request asks the agent again
+    agent.pause()
+    try:
+        status, body = await get_json(http, f"{url}/v1/x")
+        assert (status, authorizer.stale, authorizer.errors) == (200, 1, 0), body
+    finally:
+        agent.resume()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_ca_rotation_reaches_both_ends_and_calls_go_on(
     harness: Harness, agent: ConsulAgent
 ) -> None:
