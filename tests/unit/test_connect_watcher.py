@@ -354,13 +354,19 @@ def test_any_error_denies_and_is_not_cached(
     assert result_of(authorizer.authorize(server, "01")).allowed
 
 
+def allowed_once(authorizer: ConnectAuthorizer, agent: FakeConnectAgent, ca: TestCA) -> str:
+    """The SPIFFE id of a caller Consul has just allowed (its answer now in the cache)."""
+    server = ca.spiffe_id("snet-server").uri
+    agent.authorized[server] = True
+    assert result_of(authorizer.authorize(server, "01")).allowed
+    return server
+
+
 def test_while_consul_cannot_answer_a_known_caller_keeps_its_last_answer_for_a_while(
     authorizer: ConnectAuthorizer, agent: FakeConnectAgent, clock: Clock, ca: TestCA
 ) -> None:
     """An agent restart must not cut the monolith off; a caller never seen is still denied."""
-    server = ca.spiffe_id("snet-server").uri
-    agent.authorized[server] = True
-    assert result_of(authorizer.authorize(server, "01")).allowed
+    server = allowed_once(authorizer, agent, ca)
     agent.error = (500, b"no leader")
     clock.advance(authorizer.ttl + 1)
     with capturedLogs() as events:
@@ -378,9 +384,7 @@ def test_while_consul_is_slow_a_known_callers_last_answer_stands_until_it_answer
 ) -> None:
     """A restarting agent can accept the call and answer only seconds later: a caller it
     answered lately is not held that long; its answer, when it comes, is followed."""
-    server = ca.spiffe_id("snet-server").uri
-    agent.authorized[server] = True
-    assert result_of(authorizer.authorize(server, "01")).allowed
+    server = allowed_once(authorizer, agent, ca)
     clock.advance(authorizer.ttl + 1)
     agent.hold_authorize = True
     waiting = authorizer.authorize(server, "01")
@@ -407,9 +411,7 @@ def test_while_consul_is_slow_a_known_callers_last_answer_stands_until_it_answer
 def test_an_answer_older_than_stale_if_error_does_not_stand_in_for_a_slow_consul(
     authorizer: ConnectAuthorizer, agent: FakeConnectAgent, clock: Clock, ca: TestCA
 ) -> None:
-    server = ca.spiffe_id("snet-server").uri
-    agent.authorized[server] = True
-    assert result_of(authorizer.authorize(server, "01")).allowed
+    server = allowed_once(authorizer, agent, ca)
     clock.advance(authorizer.stale_if_error)
     agent.hold_authorize = True
     waiting = authorizer.authorize(server, "01")
