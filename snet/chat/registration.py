@@ -2,8 +2,14 @@
 
 :class:`ChatRegistration` registers one :class:`ServiceInstance` with the local Consul agent
 when it starts, retries with a back-off policy while the agent cannot be reached, watches that
-the agent still has the instance (an agent restart forgets it) and registers it again when
-not, and deregisters it when it stops, without ever letting a dead agent block shutdown.
+the agent still has the instance (a dev agent's restart forgets it) and registers it again
+when not, and deregisters it when it stops, without ever letting a dead agent block shutdown.
+
+An agent that cannot be reached is asked again (with the same back-off) until it answers;
+only its answer that it no longer has the instance registers it again. A persistent agent
+comes back from a restart with the instance and its passing check; registering it again
+then would reset the check to critical and take the instance out of every balancer's list
+until the check's next run.
 """
 
 from __future__ import annotations
@@ -118,6 +124,8 @@ class ChatRegistration(Service):
         self._timer: IDelayedCall | None = None
         self._register_call: Deferred[None] | None = None
         self._watch_call: Deferred[None] | None = None
+        self._unanswered = 0
+        """Watches in a row the agent could not answer."""
 
     @property
     def registered(self) -> bool:
@@ -204,16 +212,31 @@ class ChatRegistration(Service):
         self._watch_call = None
         if not self.running:
             return
+        unanswered, self._unanswered = self._unanswered, 0
         if definition is None:
             self._lost("the agent no longer has it")
             return
+        if unanswered:
+            log.info(
+                "the agent answers again and still has {service_id}",
+                service_id=self.instance.instance_id,
+            )
         self._timer = self._clock.callLater(self._watch_interval, self._watch)
 
     def _watch_failed(self, failure: Failure) -> None:
         self._watch_call = None
         if not self.running:
             return
-        self._lost(f"cannot ask the agent: {failure.getErrorMessage()}")
+        self._unanswered += 1
+        delay = self._retry_delay(self._unanswered)
+        if self._unanswered == 1:
+            log.warn(
+                "cannot ask the agent whether it still has {service_id}: {error};"
+                " asking again until it answers",
+                service_id=self.instance.instance_id,
+                error=failure.getErrorMessage(),
+            )
+        self._timer = self._clock.callLater(delay, self._watch)
 
     def _lost(self, reason: str) -> None:
         self._registered = False

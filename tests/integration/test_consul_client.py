@@ -180,6 +180,71 @@ def test_chat_registration_survives_an_agent_restart_and_deregisters_on_stop(
     assert connections_to(agent.http_port) == []
 
 
+@pytest.fixture(scope="module")
+def persistent_agent() -> Iterator[ConsulAgent]:
+    """A one-server agent that keeps its state over a restart, as a real one does."""
+    with ConsulAgent(persistent=True) as consul_agent:
+        yield consul_agent
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_persistent_agents_restart_keeps_the_instance_and_it_is_not_registered_again(
+    persistent_agent: ConsulAgent,
+) -> Inline:
+    """The agent comes back with the instance and its passing check. Registering it again
+    (as when the agent forgot it) would reset the check to critical and take the instance
+    out of every balancer's list until the check ran again."""
+    agent = persistent_agent
+    site = Site(Resource())
+    site.resource.putChild(b"health", Health())
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+    client = TreqConsul(ConsulConfig.from_url(agent.url), timeout=2.0)
+    instance = ServiceInstance(
+        service_name=unique("snet-chat"),
+        instance_id=unique("chat"),
+        address="127.0.0.1",
+        port=port.getHost().port,
+        version="9.9.9",
+    )
+    registration = ChatRegistration(
+        consul=client,
+        instance=instance,
+        clock=reactor,  # type: ignore[arg-type]
+        retry_delay=exponential_backoff(initial=0.1, maximum=0.5),
+        watch_interval=0.3,
+        stop_timeout=5.0,
+    )
+
+    def passing() -> Deferred[bool]:
+        d: Deferred[Any] = client.health.service(instance.service_name, passing=True)
+        return d.addCallback(
+            lambda answer: [n["Service"]["ID"] for n in answer[1]] == [instance.instance_id]
+        )
+
+    def said() -> list[str]:
+        return [str(formatEvent(e)) for e in events if e.get("service_id") == instance.instance_id]
+
+    try:
+        with capturedLogs() as events:
+            registration.startService()
+            yield eventually(passing, 10, "the /health check to pass")
+            yield threads.deferToThread(agent.restart)
+            yield eventually(
+                lambda: any("answers again" in line for line in said()), 10, "the agent's answer"
+            )
+            assert (yield passing())
+            lines = said()
+            assert not [line for line in lines if "registered again" in line], lines
+            service_id = instance.instance_id
+            assert lines[-1] == f"the agent answers again and still has {service_id}"
+            assert lines[-2].startswith(f"cannot ask the agent whether it still has {service_id}")
+    finally:
+        if registration.running:
+            yield registration.stopService()
+        yield client.close()
+        yield port.stopListening()
+
+
 @pytest_twisted.inlineCallbacks
 def test_stop_with_the_agent_gone_is_bounded(agent: ConsulAgent) -> Inline:
     """Against a port where nothing listens, stopping still fires, quickly."""

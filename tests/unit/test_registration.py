@@ -40,6 +40,7 @@ class FakeAgent(Resource):
         self.services: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self.hang = False
+        self.refuse_registrations = False
         self._hanging: list[tuple[Request, str, str, bytes]] = []
 
     def render(self, request: Request) -> bytes | int:
@@ -60,6 +61,9 @@ class FakeAgent(Resource):
             request.finish()
 
     def _answer(self, request: Request, method: str, path: str, body: bytes) -> bytes:
+        if method == "PUT" and path == "/v1/agent/service/register" and self.refuse_registrations:
+            request.setResponseCode(500)
+            return b"refused"
         if method == "PUT" and path == "/v1/agent/service/register":
             definition = {k.lower(): v for k, v in json.loads(body).items()}
             self.services[definition["id"]] = definition
@@ -191,17 +195,20 @@ def test_retries_follow_the_policy_while_the_agent_is_down(
     assert messages(logs)[-1].startswith("registered chat-1")
 
 
-def test_after_a_success_the_attempts_count_from_one_again(h: Harness) -> None:
+def test_after_a_success_the_attempts_count_from_one_again(
+    h: Harness, logs: Sequence[LogEvent]
+) -> None:
     h.http.down = True
     h.registration.startService()
     h.clock.advance(1.0)
     h.http.down = False
-    h.clock.advance(2.0)
+    h.clock.advance(2.0)  # attempt 3 succeeds
     assert h.registration.registered
     h.agent.services.clear()
-    h.http.down = True
-    h.clock.advance(2.0)  # the watch fails: lost; attempt 1 fails
+    h.agent.refuse_registrations = True
+    h.clock.advance(2.0)  # the watch: lost; attempt 1 is refused
     assert h.delays_asked == [1, 2, 1]
+    assert "could not register chat-1 (attempt 1)" in messages(logs)[-1]
 
 
 def test_registers_again_when_the_agent_forgets_the_instance(
@@ -222,20 +229,47 @@ def test_registers_again_when_the_agent_forgets_the_instance(
     ]
 
 
-def test_registers_again_when_the_agent_comes_back(h: Harness, logs: Sequence[LogEvent]) -> None:
-    """While the agent cannot be reached the instance counts as lost; it comes back by itself."""
+def test_while_the_agent_cannot_be_reached_it_is_asked_again_not_registered_again(
+    h: Harness, logs: Sequence[LogEvent]
+) -> None:
+    """A persistent agent comes back from a restart with the instance and its passing check:
+    registering again would reset the check to critical, so nothing is registered; the
+    outage and its end are logged once each."""
     h.registration.startService()
     h.http.down = True
-    h.clock.advance(2.0)  # the watch fails, then attempt 1 fails: retry in 1 s
-    assert not h.registration.registered
+    h.clock.advance(2.0)  # the watch fails: asked again after retry_delay(1)
+    h.clock.advance(1.0)  # fails again: retry_delay(2)
+    assert h.delays_asked == [1, 2]
+    assert h.registration.registered  # as far as the agent last said
+    h.http.down = False
+    h.clock.advance(2.0)
+    registrations = h.agent.requests.count(("PUT", "/v1/agent/service/register"))
+    assert registrations == 1
+    texts = messages(logs)
+    assert texts[1].startswith("cannot ask the agent whether it still has chat-1")
+    assert texts[2:] == ["the agent answers again and still has chat-1"]
+    h.clock.advance(2.0)  # watching at the usual interval again
+    assert h.delays_asked == [1, 2]
+
+
+def test_registers_again_when_the_agent_comes_back_without_the_instance(
+    h: Harness, logs: Sequence[LogEvent]
+) -> None:
+    """A dev agent comes back empty: its answer, not the outage, registers the instance."""
+    h.registration.startService()
+    h.http.down = True
+    h.clock.advance(2.0)  # the watch fails: asked again in 1 s
     h.http.down = False
     h.agent.services.clear()  # the agent restarted empty
     h.clock.advance(1.0)
     assert h.registration.registered
     assert "chat-1" in h.agent.services
     texts = messages(logs)
-    assert texts[1].startswith("lost chat-1: cannot ask the agent")
-    assert texts[-1].startswith("registered again chat-1")
+    assert texts[1].startswith("cannot ask the agent whether it still has chat-1")
+    assert texts[2:] == [
+        "lost chat-1: the agent no longer has it",
+        "registered again chat-1 (snet-chat at 10.0.0.5:8081)",
+    ]
 
 
 def test_stop_deregisters_and_leaves_no_timer(h: Harness, logs: Sequence[LogEvent]) -> None:
