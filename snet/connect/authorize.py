@@ -156,6 +156,8 @@ class ConnectAuthorizer:
         self._pending: dict[_Key, list[Deferred[Decision]]] = {}
         self._slow: dict[_Key, IDelayedCall | None] = {}
         """key -> the timer of its call in flight, None once the call was slow"""
+        self._standing: set[_Key] = set()
+        """The keys whose last answer stands for a failed or slow Consul (said once)."""
         self.hits = 0
         self.misses = 0
         self.errors = 0
@@ -208,14 +210,7 @@ class ConnectAuthorizer:
         """Consul is slow to answer for *key*: its last answer stands until it does."""
         self._slow[key] = None
         waiting, self._pending[key] = self._pending.get(key, []), []
-        log.warn(
-            "{caller}: Consul has not answered in {slow_after}s; its answer of {age:.1f}s ago"
-            " stands until it does ({decision})",
-            caller=key[0],
-            slow_after=self.slow_after,
-            age=self._clock.seconds() - stale[0],
-            decision="allowed" if stale[1].allowed else "denied",
-        )
+        self._warn_standing(key, stale, f"Consul has not answered in {self.slow_after}s")
         for d in waiting:
             self.stale += 1
             d.callback(stale[1])
@@ -244,6 +239,9 @@ class ConnectAuthorizer:
             else:
                 decision = Decision.forbidden(client_uri, reason)
             self._remember(key, decision)
+            if key in self._standing:
+                self._standing.discard(key)
+                log.info("{caller}: Consul answers again", caller=client_uri)
         else:
             decision = self._failed(key, f"consul answered {answer!r}"[:200])
         for d in self._pending.pop(key, []):
@@ -256,16 +254,24 @@ class ConnectAuthorizer:
         cached = self._cache.get(key)
         if cached is not None and cached[0] + self.stale_if_error > self._clock.seconds():
             self.stale += 1
-            log.warn(
-                "{caller}: {why}; its answer of {age:.1f}s ago stands ({decision})",
-                caller=client_uri,
-                why=why,
-                age=self._clock.seconds() - cached[0],
-                decision="allowed" if cached[1].allowed else "denied",
-            )
+            self._warn_standing(key, cached, why)
             return cached[1]
         log.warn("denying {caller}: {why}", caller=client_uri, why=why)
         return Decision.forbidden(client_uri, why)
+
+    def _warn_standing(self, key: _Key, stale: tuple[float, Decision], why: str) -> None:
+        """Say once, until Consul answers again, that a caller's last answer stands."""
+        if key in self._standing:
+            return
+        self._standing.add(key)
+        log.warn(
+            "{caller}: {why}; its answer of {age:.1f}s ago stands until Consul answers"
+            " ({decision})",
+            caller=key[0],
+            why=why,
+            age=self._clock.seconds() - stale[0],
+            decision="allowed" if stale[1].allowed else "denied",
+        )
 
     def _remember(self, key: _Key, decision: Decision) -> None:
         now = self._clock.seconds()

@@ -371,9 +371,12 @@ def test_while_consul_cannot_answer_a_known_caller_keeps_its_last_answer_for_a_w
     clock.advance(authorizer.ttl + 1)
     with capturedLogs() as events:
         assert result_of(authorizer.authorize(server, "01")).allowed
+        assert result_of(authorizer.authorize(server, "01")).allowed  # said once, not twice
         assert not result_of(authorizer.authorize(ca.spiffe_id("other").uri, "02")).allowed
-    assert (authorizer.errors, authorizer.stale) == (2, 1)
-    assert "stands" in formatEvent(events[0])
+    assert (authorizer.errors, authorizer.stale) == (3, 2)
+    said = [formatEvent(e) for e in events]
+    assert len(said) == 2 and "stands until Consul answers" in said[0]
+    assert said[1].startswith("denying spiffe://")
     clock.advance(authorizer.stale_if_error)
     with capturedLogs():
         assert not result_of(authorizer.authorize(server, "01")).allowed
@@ -394,13 +397,15 @@ def test_while_consul_is_slow_a_known_callers_last_answer_stands_until_it_answer
     with capturedLogs() as events:
         clock.advance(0.01)
     assert result_of(waiting).allowed
-    assert "stands until it does" in formatEvent(events[0])
+    assert "stands until Consul answers" in formatEvent(events[0])
     assert result_of(authorizer.authorize(server, "01")).allowed  # at once, while it is slow
     assert authorizer.stale == 2
     assert len(agent.queries(AUTHORIZE)) == 3  # the first, then one each: no new call
     assert not stranger.called  # never answered: no answer to stand in
     agent.authorized[server] = False  # from now on; the held calls are answered yes
-    agent.release_authorize()
+    with capturedLogs() as events:
+        agent.release_authorize()
+    assert [formatEvent(e) for e in events] == [f"{server}: Consul answers again"]
     assert result_of(stranger).allowed
     assert clock.getDelayedCalls() == []
     agent.hold_authorize = False
