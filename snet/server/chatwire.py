@@ -489,6 +489,8 @@ class _Instance:
 
 
 class _ConnectionFactory(Factory):
+    noisy = False  # no "Starting/Stopping factory" line for every connection
+
     def __init__(self, wire: ChatWire, instance: _Instance) -> None:
         self.wire = wire
         self.instance = instance
