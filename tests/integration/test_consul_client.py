@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -108,11 +108,10 @@ def test_close_cancels_a_blocking_query_and_leaves_no_connection(agent: ConsulAg
     assert connections_to(agent.http_port) == []
 
 
-@pytest_twisted.inlineCallbacks
-def test_chat_registration_survives_an_agent_restart_and_deregisters_on_stop(
-    agent: ConsulAgent,
-) -> Inline:
-    """Registered with a passing check; registered again after a restart; gone after stop."""
+def registration_with(agent: ConsulAgent) -> tuple[Any, TreqConsul, ChatRegistration]:
+    """A ``/health`` that passes on a port of its own, a Consul client of *agent* and the
+    registration of a chat instance there (quick retries and watches); the caller starts
+    and stops them."""
     site = Site(Resource())
     site.resource.putChild(b"health", Health())
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
@@ -132,12 +131,29 @@ def test_chat_registration_survives_an_agent_restart_and_deregisters_on_stop(
         watch_interval=0.3,
         stop_timeout=5.0,
     )
+    return port, client, registration
+
+
+def only_passing(client: TreqConsul, instance: ServiceInstance) -> Callable[[], Deferred[bool]]:
+    """Whether *instance* is its service's one passing instance, as Consul says."""
 
     def passing() -> Deferred[bool]:
         d: Deferred[Any] = client.health.service(instance.service_name, passing=True)
         return d.addCallback(
             lambda answer: [n["Service"]["ID"] for n in answer[1]] == [instance.instance_id]
         )
+
+    return passing
+
+
+@pytest_twisted.inlineCallbacks
+def test_chat_registration_survives_an_agent_restart_and_deregisters_on_stop(
+    agent: ConsulAgent,
+) -> Inline:
+    """Registered with a passing check; registered again after a restart; gone after stop."""
+    port, client, registration = registration_with(agent)
+    instance = registration.instance
+    passing = only_passing(client, instance)
 
     def known() -> Deferred[bool]:
         d: Deferred[Any] = client.agent.service_definition(instance.instance_id)
@@ -195,31 +211,9 @@ def test_a_persistent_agents_restart_keeps_the_instance_and_it_is_not_registered
     (as when the agent forgot it) would reset the check to critical and take the instance
     out of every balancer's list until the check ran again."""
     agent = persistent_agent
-    site = Site(Resource())
-    site.resource.putChild(b"health", Health())
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
-    client = TreqConsul(ConsulConfig.from_url(agent.url), timeout=2.0)
-    instance = ServiceInstance(
-        service_name=unique("snet-chat"),
-        instance_id=unique("chat"),
-        address="127.0.0.1",
-        port=port.getHost().port,
-        version="9.9.9",
-    )
-    registration = ChatRegistration(
-        consul=client,
-        instance=instance,
-        clock=reactor,  # type: ignore[arg-type]
-        retry_delay=exponential_backoff(initial=0.1, maximum=0.5),
-        watch_interval=0.3,
-        stop_timeout=5.0,
-    )
-
-    def passing() -> Deferred[bool]:
-        d: Deferred[Any] = client.health.service(instance.service_name, passing=True)
-        return d.addCallback(
-            lambda answer: [n["Service"]["ID"] for n in answer[1]] == [instance.instance_id]
-        )
+    port, client, registration = registration_with(agent)
+    instance = registration.instance
+    passing = only_passing(client, instance)
 
     def said() -> list[str]:
         return [str(formatEvent(e)) for e in events if e.get("service_id") == instance.instance_id]
