@@ -85,6 +85,16 @@ def _returning(txn: adbapi.Transaction) -> bool:
     return "MariaDB" in str(getattr(txn.connection, "server_version", ""))
 
 
+def _replay(
+    stored: Message, recipient_id: int, text: str
+) -> tuple[Message, bool] | IdempotencyKeyReused:
+    """A send whose key was used before: the stored message if it is this one, else the
+    error of a key reused for another message."""
+    if stored.recipient_id != recipient_id or stored.text != text:
+        return IdempotencyKeyReused("idempotency key reused with a different message")
+    return stored, False
+
+
 def _send(
     txn: adbapi.Transaction, sender_id: int, recipient_id: int, text: str, key: str
 ) -> tuple[Message, bool]:
@@ -107,10 +117,10 @@ def _send(
             _SELECT + " WHERE sender_id = %s AND idempotency_key = %s LOCK IN SHARE MODE",
             (sender_id, key),
         )
-        stored = _message(txn.fetchone())
-        if stored.recipient_id != recipient_id or stored.text != text:
-            raise IdempotencyKeyReused("idempotency key reused with a different message") from None
-        return stored, False
+        replayed = _replay(_message(txn.fetchone()), recipient_id, text)
+        if isinstance(replayed, IdempotencyKeyReused):
+            raise replayed from None
+        return replayed
     if not returning:
         txn.execute(_SELECT + " WHERE id = %s", (txn.lastrowid,))
     return _message(txn.fetchone()), True
@@ -235,10 +245,8 @@ def _send_batch(txn: adbapi.Transaction, sends: list[_Send]) -> list[Outcome]:
             outcomes.append(_send_one(txn, send))
         elif send.sender_key in inserted and first[send.sender_key] is send:
             outcomes.append((message, True))
-        elif message.recipient_id == send.recipient_id and message.text == send.text:
-            outcomes.append((message, False))
         else:
-            outcomes.append(IdempotencyKeyReused("idempotency key reused with a different message"))
+            outcomes.append(_replay(message, send.recipient_id, send.text))
     return outcomes
 
 
