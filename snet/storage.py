@@ -91,19 +91,19 @@ DEAD_CONNECTION_CODES = frozenset({2006, 2013, 2055})
 """MySQL gone away / lost connection during query / lost connection (extended)."""
 
 
-def begin_snapshot(txn: adbapi.Transaction) -> None:
-    """Open a read-only transaction with a consistent snapshot, so that the interaction's
-    reads see the data of one moment; needed on an autocommit pool, harmless on another
-    (nothing has run yet at the start of an interaction). adbapi's COMMIT ends it."""
-    txn.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-
-
 DEADLOCK = 1213
 """InnoDB rolled the whole transaction back to break a deadlock."""
 
 QUICK_DEATH = 1.0
 """Seconds from a call's first attempt within which dead pooled connections are taken for
 the left-overs of a MySQL restart or a network cut, and passed over one after another."""
+
+
+def begin_snapshot(txn: adbapi.Transaction) -> None:
+    """Open a read-only transaction with a consistent snapshot, so that the interaction's
+    reads see the data of one moment; needed on an autocommit pool, harmless on another
+    (nothing has run yet at the start of an interaction). adbapi's COMMIT ends it."""
+    txn.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
 
 
 def _gone(failure: Failure) -> str | None:
@@ -167,7 +167,10 @@ def run_with_retry(
     Retried only when the error came from inside *interaction* (so COMMIT was never sent and
     the server has rolled the transaction back) and says the connection died or InnoDB broke
     a deadlock. An error during COMMIT is never retried: the commit may have happened.
-    *interaction* must therefore touch nothing but the database.
+    *interaction* must therefore touch nothing but the database. On an autocommit pool (the
+    chat's) a statement commits by itself, so one that ran before the error may have
+    committed: its interactions must be safe to run twice (the chat's writes are: unique
+    idempotency keys, read marks that only grow, repair marks settled however many).
 
     A deadlock, or a dead connection, is retried once. After MySQL restarted, or a network
     cut, every pooled connection is dead, and each fails once before adbapi replaces it: so

@@ -280,6 +280,8 @@ class ConnectAuthorizer:
             self._cache = {k: v for k, v in self._cache.items() if v[0] + keep > now}
             while len(self._cache) >= self._max_entries:
                 del self._cache[next(iter(self._cache))]
+            # A standing answer is a cached one: forget those of callers gone from the cache.
+            self._standing &= self._cache.keys()
         self._cache.pop(key, None)  # re-inserted last: the oldest answers go first
         self._cache[key] = (now, decision)
 
