@@ -324,10 +324,10 @@ class Cluster:
         def whole(passing: dict[str, str]) -> bool:
             """Every host of the update has a passing instance. Seen on 2026-12-06: the host cut
             off and reconnected in step 4 out of the passing list again when this step began,
-            which the old check, comparing list sizes, took as a failure. Likely cause, fixed
-            the same day: a chat instance that could not ask its agent registered itself again
-            when the agent answered, which reset its check to critical (snet.chat.registration
-            now registers again only when the agent lost it)."""
+            which the old check, comparing list sizes, took as a failure. Why is not proven;
+            one candidate, fixed the same day: a chat instance that could not ask its agent
+            registered itself again when the agent answered, which reset its check to critical
+            (snet.chat.registration now registers again only when the agent lost it)."""
             return all(at(ip, passing) for ip in ips.values())
 
         times = []
