@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 
 from snet.config import RedisConfig
+from snet.rediswire import RedisWire, redis_wire
 from snet.storage import RedisPool, redis_pool
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 
@@ -46,3 +47,20 @@ async def redis(request: pytest.FixtureRequest, redis_server: Redis) -> AsyncIte
         yield client
     finally:
         await client.disconnect()
+
+
+@pytest_twisted.async_yield_fixture
+async def chat_redis(
+    request: pytest.FixtureRequest, redis: RedisPool, redis_server: Redis
+) -> AsyncIterator[RedisWire]:
+    """A chat instance's Redis client (``snet.rediswire``) on the database of ``redis``, which
+    that fixture empties first."""
+    from twisted.internet import reactor
+
+    config = RedisConfig.from_url(redis_server.url)
+    db = request.module.REDIS_DB
+    wire = redis_wire(RedisConfig(config.host, config.port, db), reactor, timeout=2.0)
+    try:
+        yield wire
+    finally:
+        await wire.disconnect()

@@ -30,7 +30,8 @@ from snet.connect.wiring import (
 from snet.consul import TreqConsul
 from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
 from snet.options import ServiceOptions, non_negative_float, positive_float
-from snet.storage import redis_pool
+from snet.rediswire import redis_wire
+from snet.storage import REDIS_TIMEOUT
 from snet.web.draining import InFlight
 from snet.web.limits import LimitedSite
 from snet.web.metrics import HTTPMetrics
@@ -155,7 +156,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     pool = chat_pool(options["mysql-config"], reactor=reactor)
-    redis = redis_pool(options["redis-config"], reactor=reactor)
+    redis = redis_wire(options["redis-config"], reactor, timeout=REDIS_TIMEOUT)
     in_flight = InFlight()
     consul = TreqConsul(options["consul-config"], reactor=reactor)
     connect = chat_connect(options, consul, reactor)

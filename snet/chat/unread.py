@@ -35,11 +35,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from snet.storage import RedisPool, begin_snapshot, run_with_retry
+from snet.rediswire import RedisWire, Script
+from snet.storage import begin_snapshot, run_with_retry
 
 log = Logger(namespace="snet.chat.unread")
 
-_SETTLE = """
+_SETTLE = Script("""
 local mark = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '0')
 local up_to = tonumber(ARGV[2])
 if up_to > mark then
@@ -67,12 +68,12 @@ else
     redis.call('SREM', KEYS[1], ARGV[1])
 end
 return count
-"""
+""")
 """Raise the read mark of (reader, peer) to ARGV[2] and drop ids at or below the mark; if
 ARGV[3] is above the mark, the ids ARGV[4:] are *all* the unread ones up to ARGV[3] (others in
 that range go); add the ids ARGV[4:] that are above the mark. Answer the pair's count."""
 
-_COUNTS = """
+_COUNTS = Script("""
 local counts = {}
 for _, peer in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     local count = redis.call('ZCARD', ARGV[1] .. peer)
@@ -82,7 +83,7 @@ for _, peer in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     end
 end
 return counts
-"""
+""")
 """The reader's {peer: count} as a flat list, peers with nothing unread left out."""
 
 
@@ -105,7 +106,7 @@ def marks_key(reader_id: int) -> str:
 class UnreadIndex:
     """The Redis side of the unread counters (see the module docstring)."""
 
-    redis: RedisPool
+    redis: RedisWire
 
     def settle(
         self,
@@ -120,14 +121,9 @@ class UnreadIndex:
         with *complete_up_to*, *unread* are all the unread ids up to it, and any other id in
         that range is dropped (ids above it, newer than what the caller read from MySQL, stay).
         Fires with the pair's unread count. Idempotent and safe in any order."""
-        args: list[object] = [
-            str(peer_id),
-            str(read_up_to),
-            str(complete_up_to),
-            *(str(int(i)) for i in unread),
-        ]
+        args = [peer_id, read_up_to, complete_up_to, *(int(i) for i in unread)]
         keys = [peers_key(reader_id), unread_key(reader_id, peer_id), marks_key(reader_id)]
-        d: Deferred[Any] = self.redis.call("eval", _SETTLE, keys, args)
+        d: Deferred[Any] = self.redis.eval(_SETTLE, keys, args)
         return d.addCallback(int)
 
     def counted(self, reader_id: int, peer_id: int, message_id: int) -> Deferred[int]:
@@ -146,21 +142,23 @@ class UnreadIndex:
             return {int(items[i]): int(items[i + 1]) for i in range(0, len(items), 2)}
 
         prefix = unread_key(reader_id, 0)[:-1]
-        d: Deferred[Any] = self.redis.call("eval", _COUNTS, [peers_key(reader_id)], [prefix])
+        d: Deferred[Any] = self.redis.eval(_COUNTS, [peers_key(reader_id)], [prefix])
         return d.addCallback(parse)
 
     async def pairs(self) -> list[tuple[int, int]]:
         """Every (reader, peer) Redis holds unread ids of (SCAN: Redis is never blocked)."""
         found: list[tuple[int, int]] = []
-        cursor: Any = 0
+        cursor: bytes = b"0"
         while True:
-            cursor, keys = await self.redis.call("scan", cursor, "snet:unread:{*}", 1000)
+            cursor, keys = await self.redis.call(
+                "SCAN", cursor, "MATCH", "snet:unread:{*}", "COUNT", 1000
+            )
             for key in keys:
-                reader = _reader_of(str(key))
+                reader = _reader_of(key.decode())
                 if reader is not None:
-                    for peer in await self.redis.call("smembers", str(key)):
+                    for peer in await self.redis.call("SMEMBERS", key):
                         found.append((reader, int(peer)))
-            if int(cursor) == 0:
+            if cursor == b"0":
                 return found
 
 

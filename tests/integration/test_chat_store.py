@@ -32,12 +32,12 @@ from snet.chat.store import (
 )
 from snet.chat.unread import UnreadIndex, UnreadRepairs, unread_key
 from snet.config import MySQLConfig, RedisConfig
+from snet.rediswire import RedisWire, redis_wire
 from snet.storage import (
     RedisPool,
     apply_schema,
     begin_snapshot,
     mysql_pool,
-    redis_pool,
     run_with_retry,
 )
 from snet.testing.servers import MariaDB, Redis
@@ -75,8 +75,8 @@ def store(pool: adbapi.ConnectionPool) -> MessageStore:
 
 
 @pytest.fixture
-def counters(redis: RedisPool) -> UnreadIndex:
-    return UnreadIndex(redis)
+def counters(chat_redis: RedisWire) -> UnreadIndex:
+    return UnreadIndex(chat_redis)
 
 
 @pytest.fixture
@@ -427,7 +427,7 @@ async def test_when_redis_is_down_a_send_is_stored_and_its_counter_repaired_late
     succeeds within the counter timeout, and once Redis is back the repair makes the counter
     what MySQL says."""
     own_redis = Redis().start()
-    client = redis_pool(RedisConfig.from_url(own_redis.url), timeout=1.0)
+    client = redis_wire(RedisConfig.from_url(own_redis.url), reactor, timeout=1.0)
     try:
         counters = UnreadIndex(client)
         dialogs = dialogs_over(store, counters)

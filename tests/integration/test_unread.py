@@ -13,7 +13,8 @@ from twisted.enterprise import adbapi
 from snet.chat.schema import apply_chat_schema
 from snet.chat.unread import UnreadIndex, UnreadRepairs
 from snet.config import MySQLConfig
-from snet.storage import RedisPool, mysql_pool
+from snet.rediswire import RedisWire
+from snet.storage import mysql_pool
 from snet.testing.servers import MariaDB
 
 pytestmark = pytest.mark.integration
@@ -42,8 +43,8 @@ async def pool(mysql_config: MySQLConfig) -> AsyncIterator[adbapi.ConnectionPool
 
 
 @pytest.fixture
-def index(redis: RedisPool) -> UnreadIndex:
-    return UnreadIndex(redis)
+def index(chat_redis: RedisWire) -> UnreadIndex:
+    return UnreadIndex(chat_redis)
 
 
 @pytest_twisted.ensureDeferred
