@@ -76,7 +76,9 @@ _INSERT = (
     " text, idempotency_key, created_at)"
     " VALUES (%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"
 )
-_INSERT_RETURNING = _INSERT + " RETURNING id, sender_id, recipient_id, text, created_at"
+_INSERT_RETURNING = _INSERT + " RETURNING id, created_at"
+"""The new row's own values only: the rest is what was sent (MariaDB in strict mode stores
+a text as it is or refuses it), and every returned column costs the server and pymysql."""
 _SELECT = "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages"
 
 
@@ -123,7 +125,9 @@ def _send(
         return replayed
     if not returning:
         txn.execute(_SELECT + " WHERE id = %s", (txn.lastrowid,))
-    return _message(txn.fetchone()), True
+        return _message(txn.fetchone()), True
+    id_, created_at = txn.fetchone()
+    return _message((id_, sender_id, recipient_id, text, created_at)), True
 
 
 MAX_BATCH = 50
@@ -161,6 +165,9 @@ def _send_one(txn: adbapi.Transaction, send: _Send) -> Outcome:
 
 
 _COLUMNS = "id, sender_id, recipient_id, text, created_at, idempotency_key"
+_NEW_COLUMNS = "id, created_at, sender_id, idempotency_key"
+"""What a batch's INSERT returns: the new rows' own values and their key (see
+``_INSERT_RETURNING``)."""
 _BATCH_ROW = "(%s, %s, %s, %s, %s, %s, UTC_TIMESTAMP(6))"
 _BATCH_KEY = "(sender_id = %s AND idempotency_key = %s)"
 
@@ -171,7 +178,7 @@ def _batch_insert(rows: int) -> str:
         _INSERT.partition(" VALUES ")[0]
         + " VALUES "
         + ", ".join([_BATCH_ROW] * rows)
-        + f" RETURNING {_COLUMNS}"
+        + f" RETURNING {_NEW_COLUMNS}"
     )
 
 
@@ -183,7 +190,18 @@ def _batch_select(keys: int) -> str:
 
 
 def _keyed(rows: Any) -> dict[tuple[int, str], Message]:
+    """The stored messages of ``_batch_select``'s rows, by (sender, key)."""
     return {(int(row[1]), str(row[5])): _message(row[:5]) for row in rows}
+
+
+def _new(rows: Any, sends: dict[tuple[int, str], _Send]) -> dict[tuple[int, str], Message]:
+    """The messages of *sends* a batch's INSERT stored, from its rows (``_NEW_COLUMNS``)."""
+    messages = {}
+    for id_, created_at, sender_id, key in rows:
+        send = sends[int(sender_id), str(key)]
+        row = (id_, send.sender_id, send.recipient_id, send.text, created_at)
+        messages[send.sender_key] = _message(row)
+    return messages
 
 
 INSERT_ATTEMPTS = 3
@@ -236,7 +254,7 @@ def _send_batch(txn: adbapi.Transaction, sends: list[_Send]) -> list[Outcome]:
         except pymysql.err.DataError:
             break
         else:
-            inserted = _keyed(txn.fetchall())
+            inserted = _new(txn.fetchall(), first)
             break
     outcomes: list[Outcome] = []
     for send in sends:
