@@ -11,7 +11,6 @@ a JSON body ``{"message", "request_id", "code"}`` (see snet.web.errors).
 
 from __future__ import annotations
 
-from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -42,6 +41,7 @@ from snet.web.metrics import HTTPMetrics
 from snet.web.requests import header_text, json_response, notify_finish, request_id, set_header
 from snet.web.service import (
     HEALTH_TIMEOUT,
+    RoutedKlein,
     ServiceApp,
     health_response,
     uncancellable,
@@ -93,7 +93,7 @@ def _close_after_answer(request: IRequest) -> None:
 class ChatAPI(ServiceApp):
     """The chat HTTP API; ``resource()`` is what a Site serves."""
 
-    app = Klein()
+    app = RoutedKlein()
 
     def __init__(
         self,

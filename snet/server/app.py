@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,6 +71,7 @@ from snet.web.requests import (
 )
 from snet.web.service import (
     HEALTH_TIMEOUT,
+    RoutedKlein,
     ServiceApp,
     health_response,
     uncancellable,
@@ -107,7 +107,7 @@ def _profile(body: dict[str, Any], today: Any) -> Profile:
 class ServerAPI(ServiceApp):
     """The monolith's public API; ``resource()`` is what a Site serves."""
 
-    app = Klein()
+    app = RoutedKlein()
 
     def __init__(
         self,

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from attrs import frozen
-from klein import Klein
 from prometheus_client import CollectorRegistry
 from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime
@@ -40,6 +39,7 @@ from snet.server.page_views import render_html
 from snet.server.roundrobin import RoundRobin
 from snet.web.errors import error_response
 from snet.web.requests import json_response, set_header
+from snet.web.service import RoutedKlein
 
 SAMPLE_INTERVAL = 5.0
 """Seconds between two samples of the counters."""
@@ -237,7 +237,7 @@ class FleetView:
     :param consul_ui: the Consul UI's address, linked from the page.
     """
 
-    app = Klein()
+    app = RoutedKlein()
 
     def __init__(
         self,

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any
 
-from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import NotFound as NotFoundRoute
@@ -59,6 +58,7 @@ from snet.web.requests import (
     set_header,
     set_status,
 )
+from snet.web.service import RoutedKlein
 
 __all__ = ["PAGES_PREFIX", "Pages"]
 
@@ -110,7 +110,7 @@ def _next_page(given: str | None) -> str | None:
 class Pages:
     """The web pages; ``app.resource()`` is what ``ServerAPI`` serves under ``/web/``."""
 
-    app = Klein()
+    app = RoutedKlein()
 
     def __init__(self, *, actions: Actions, trusted_proxies: Sequence[Network] = ()) -> None:
         self.actions = actions

@@ -14,7 +14,7 @@
 An app built on it looks like this::
 
     class SomeAPI(ServiceApp):
-        app = Klein()
+        app = RoutedKlein()
 
         @app.handle_errors(Exception)
         def _error(self, request: IRequest, failure: Failure) -> bytes:

@@ -17,6 +17,9 @@ from snet.web.draining import InFlight
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+MAX_CACHED_SERIES = 1000
+"""Children kept at most: the methods a client sends are its own choice."""
+
 
 @define
 class HTTPMetrics:
@@ -32,6 +35,9 @@ class HTTPMetrics:
     requests: Counter = field(init=False)
     seconds: Histogram = field(init=False)
     in_flight: Gauge = field(init=False)
+    _series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = field(init=False, factory=dict)
+    """The children of each (method as sent, route, status) seen: ``labels()`` costs more
+    than the count."""
 
     def __attrs_post_init__(self) -> None:
         self.requests = Counter(
@@ -58,11 +64,20 @@ class HTTPMetrics:
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""
-        method = method.upper()
-        if method not in KNOWN_METHODS:
-            method = "OTHER"
-        self.requests.labels(method=method, route=route, status=str(status)).inc()
-        self.seconds.labels(route=route).observe(seconds)
+        series = self._series.get((method, route, status))
+        if series is None:
+            known = method.upper()
+            if known not in KNOWN_METHODS:
+                known = "OTHER"
+            series = (
+                self.requests.labels(method=known, route=route, status=str(status)),
+                self.seconds.labels(route=route),
+            )
+            if len(self._series) < MAX_CACHED_SERIES:
+                self._series[method, route, status] = series
+        count, duration = series
+        count.inc()
+        duration.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The metrics in Prometheus' text format, and its content type."""

@@ -20,6 +20,7 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.test.requesthelper import DummyRequest
+from werkzeug.routing import MapAdapter
 
 from snet.testing import failure_of, result_of
 from snet.web.draining import InFlight
@@ -35,7 +36,7 @@ from snet.web.errors import (
 from snet.web.inputs import read_json_object
 from snet.web.metrics import HTTPMetrics
 from snet.web.requests import is_client_token, json_response, request_id
-from snet.web.service import ObservedResource, uncancellable
+from snet.web.service import ObservedResource, RoutedKlein, uncancellable
 
 BASE = "http://chat.test"
 
@@ -386,6 +387,50 @@ def test_metrics_use_route_templates_and_their_own_registry(http: StubTreq, api:
     assert 'snet_http_request_seconds_count{route="/items/<item_id>"} 3.0' in page
     assert "snet_http_requests_in_flight 0.0" in page
     assert "snet_http_requests_total{" not in other.render()[0].decode()
+
+
+class RoutedAPI(SampleAPI):
+    """SampleAPI's routes on a RoutedKlein, and one handler under two routes."""
+
+    app = RoutedKlein()
+
+    @app.route("/items/<item_id>", methods=["GET"])
+    def item(self, request: IRequest, item_id: str) -> Any:
+        return json_response(request, {"item": item_id})
+
+    @app.route("/old/<name>", methods=["GET"])
+    @app.route("/new/<name>", methods=["GET"])
+    def renamed(self, request: IRequest, name: str) -> Any:
+        return json_response(request, {"name": name})
+
+
+def test_a_routed_app_labels_requests_with_the_route_klein_ran_without_matching_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    matches: list[str] = []
+    match = MapAdapter.match
+
+    def counted(self: MapAdapter, *args: Any, **kwargs: Any) -> Any:
+        matches.append(self.path_info)
+        return match(self, *args, **kwargs)
+
+    monkeypatch.setattr(MapAdapter, "match", counted)
+    routed, plain = RoutedAPI(), SampleAPI()
+    for api in (routed, plain):
+        http = StubTreq(api.resource())
+        for path in ("/items/1", "/items/2"):
+            assert call(http, "GET", path)[0].code == 200
+    assert matches.count("/items/1") == 1 + 2, "the routed app matched once, the plain twice"
+    page = routed.metrics.render()[0].decode()
+    assert 'route="/items/<item_id>",status="200"} 2.0' in page
+
+    http = StubTreq(routed.resource())
+    for path in ("/old/a", "/new/b", "/new/c", "/nowhere"):
+        call(http, "GET", path)
+    page = routed.metrics.render()[0].decode()
+    assert 'route="/old/<name>",status="200"} 1.0' in page
+    assert 'route="/new/<name>",status="200"} 2.0' in page
+    assert 'route="<unmatched>",status="404"} 1.0' in page
 
 
 def test_the_in_flight_gauge_follows_the_requests(http: StubTreq, api: SampleAPI) -> None:
