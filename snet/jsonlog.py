@@ -86,13 +86,14 @@ class _PerSecond:
 
     def __init__(self, render: Callable[[int], str]) -> None:
         self.render = render
-        self.second = -1
-        self.text = ""
+        self.last: tuple[int, str] = (-1, "")  # one assignment: safe to read from any thread
 
     def __call__(self, second: int) -> str:
-        if second != self.second:
-            self.second, self.text = second, self.render(second)
-        return self.text
+        known, text = self.last
+        if second != known:
+            text = self.render(second)
+            self.last = (second, text)
+        return text
 
 
 _local_second = _PerSecond(formatTime)

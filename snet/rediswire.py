@@ -17,11 +17,15 @@ the same calls with the least machinery that keeps their behaviour:
   it is being made wait for it. It says who it is first (``AUTH`` with the user and
   password, ``SELECT`` of the database), pipelined before the calls.
 - **Failures.** An error answer fails its call with :class:`RedisError`. A call fails with
-  :class:`RedisUnavailable` when the connection cannot be made, is lost before the call's
-  answer came, or Redis has not answered within *timeout* seconds. A late answer to a call
-  that timed out is read and dropped, so that the answers after it still find their calls;
-  but when nothing at all came on the connection since the call was written, the connection
-  is dropped and the next call makes a new one (a peer that went away without a word).
+  :class:`RedisUnavailable` (which ``snet.storage.is_unavailable`` counts as a back end
+  away: 503) when the connection cannot be made or Redis refuses its login or database, when
+  it is lost before the call's answer came, or when Redis has not answered within *timeout*
+  seconds (a script run again by ``EVAL`` included). A caller that stops waiting sooner
+  (its own timeout, a client gone) cancels only its own call: the call keeps its place, and
+  its late answer is read and dropped, so that the answers after it still find their calls.
+  A watchdog drops the connection when a call has waited *timeout* seconds and Redis has
+  said nothing on it since the call was written (a frozen Redis, a peer gone without a
+  word); the next call makes a new one.
 
 The monolith still uses txredisapi (``snet.storage.RedisPool``): its Redis calls are not on
 the dialog path.
@@ -37,7 +41,7 @@ from typing import Any
 from attrs import Factory, define, field, frozen
 from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory as ProtocolFactory
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -93,7 +97,11 @@ class MalformedReply(Exception):
     """Bytes from Redis that are not RESP2."""
 
 
-def parse_reply(buffer: bytes, start: int = 0) -> tuple[Reply, int] | None:
+MAX_DEPTH = 16
+"""Arrays nested deeper than this are refused as malformed (snet's scripts answer flat)."""
+
+
+def parse_reply(buffer: bytes, start: int = 0, depth: int = 0) -> tuple[Reply, int] | None:
     """The reply that begins at *start* of *buffer* and the index after it, or None if the
     buffer does not hold all of it yet. An error reply is returned as a :class:`RedisError`.
 
@@ -103,6 +111,7 @@ def parse_reply(buffer: bytes, start: int = 0) -> tuple[Reply, int] | None:
     if end < 0:
         return None
     kind, line, after = buffer[start : start + 1], buffer[start + 1 : end], end + 2
+    malformed = MalformedReply(f"not a RESP2 reply: {buffer[start:end][:60]!r}")
     try:
         if kind == b":":
             return int(line), after
@@ -112,58 +121,61 @@ def parse_reply(buffer: bytes, start: int = 0) -> tuple[Reply, int] | None:
             return RedisError(line.decode(errors="replace")), after
         if kind == b"$":
             length = int(line)
+            if length == -1:
+                return None, after
             if length < 0:
-                return None if length != -1 else (None, after)
+                raise malformed
             if len(buffer) < after + length + 2:
                 return None
             return buffer[after : after + length], after + length + 2
         if kind == b"*":
             count = int(line)
-            if count < 0:
-                return (None, after) if count == -1 else None
+            if count == -1:
+                return None, after
+            if count < 0 or depth >= MAX_DEPTH:
+                raise malformed
             items: list[Reply] = []
             for _ in range(count):
-                parsed = parse_reply(buffer, after)
+                parsed = parse_reply(buffer, after, depth + 1)
                 if parsed is None:
                     return None
                 item, after = parsed
                 items.append(item)
             return items, after
     except ValueError as e:
-        raise MalformedReply(f"not a RESP2 reply: {buffer[start:end][:60]!r}") from e
-    raise MalformedReply(f"not a RESP2 reply: {buffer[start:end][:60]!r}")
+        raise malformed from e
+    raise malformed
 
 
 class _Call:
-    """One command written on *connection* and waiting for its answer."""
+    """One command written on a connection and waiting for its answer. A caller that stops
+    waiting (its own timeout) cancels the answer; the call keeps its place in line, and its
+    answer, when it comes, is dropped."""
 
-    __slots__ = ("answer", "connection", "written_at")
+    __slots__ = ("answer", "written_at")
 
-    def __init__(self, connection: _Connection, written_at: float) -> None:
-        self.connection = connection
+    def __init__(self, written_at: float) -> None:
         self.written_at = written_at
-        self.answer: Deferred[Reply] = Deferred(self._given_up)
-
-    def _given_up(self, _: Deferred[Reply]) -> None:
-        """The caller stopped waiting (a timeout): the call stays in line for its answer, which
-        will be dropped; but if Redis said nothing on the connection since the call was
-        written, the connection is dropped, and the next call makes a new one."""
-        connection = self.connection
-        if connection.open and connection.heard_at < self.written_at:
-            log.warn("Redis has not answered a call: making a new connection")
-            connection.drop()
+        self.answer: Deferred[Reply] = Deferred()
 
 
 class _Connection(Protocol):
-    """One connection to Redis: calls in the order they were written, answers in that order."""
+    """One connection to Redis: calls in the order they were written, answers in that order.
 
-    def __init__(self, clock: IReactorTime) -> None:
+    While calls wait, a watchdog looks at the oldest: if it has waited *silence* seconds and
+    Redis has said nothing on the connection since it was written (a frozen Redis, a peer gone
+    without a word), the connection is dropped, its calls fail, and the next call makes a new
+    one. Redis answering slowly keeps it."""
+
+    def __init__(self, clock: IReactorTime, silence: float) -> None:
         self.clock = clock
+        self.silence = silence
         self.calls: deque[_Call] = deque()
         self.buffer = b""
         self.heard_at = float("-inf")
         self.open = False
         self.closed: Deferred[None] = Deferred()
+        self._watchdog: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.open = True
@@ -171,8 +183,10 @@ class _Connection(Protocol):
     def send(self, data: bytes, count: int = 1) -> list[_Call]:
         """Write *count* commands encoded in *data*; their calls, in order."""
         now = self.clock.seconds()
-        calls = [_Call(self, now) for _ in range(count)]
+        calls = [_Call(now) for _ in range(count)]
         self.calls.extend(calls)
+        if self._watchdog is None:
+            self._watchdog = self.clock.callLater(self.silence, self._watch)
         assert self.transport is not None
         self.transport.write(data)
         return calls
@@ -203,6 +217,20 @@ class _Connection(Protocol):
             return
         self.buffer = buffer[start:]
 
+    def _watch(self) -> None:
+        self._watchdog = None
+        if not self.open or not self.calls:
+            return
+        oldest = self.calls[0].written_at
+        if self.heard_at < oldest and self.clock.seconds() - oldest >= self.silence:
+            log.warn(
+                "Redis said nothing for {silence} s: making a new connection", silence=self.silence
+            )
+            self.drop()
+            return
+        due = max(oldest, self.heard_at) + self.silence - self.clock.seconds()
+        self._watchdog = self.clock.callLater(max(due, 0.0), self._watch)
+
     def drop(self) -> None:
         """Abort the connection; no call is written on it from now on."""
         self.open = False
@@ -211,6 +239,9 @@ class _Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.open = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         calls, self.calls = self.calls, deque()
         for call in calls:
             if not call.answer.called:
@@ -237,29 +268,35 @@ class RedisWire:
 
     def call(self, *arguments: Argument) -> Deferred[Reply]:
         """Run one command (``call("ZCARD", key)``); fires with its answer."""
+        return self._call(arguments, self.timeout)
+
+    def eval(
+        self, script: Script, keys: Sequence[Argument], arguments: Sequence[Argument]
+    ) -> Deferred[Reply]:
+        """Run *script* on *keys* with *arguments*: ``EVALSHA``, or ``EVAL`` if Redis does not
+        know the script yet; both within the one timeout."""
+        tail = (len(keys), *keys, *arguments)
+        started = self.clock.seconds()
+
+        def unknown(failure: Failure) -> Deferred[Reply]:
+            error = failure.value
+            if not (isinstance(error, RedisError) and str(error).startswith("NOSCRIPT")):
+                return fail(failure)
+            left = self.timeout - (self.clock.seconds() - started)
+            if left <= 0:
+                return fail(RedisUnavailable(f"Redis did not answer within {self.timeout:g} s"))
+            return self._call(("EVAL", script.source, *tail), left)
+
+        return self.call("EVALSHA", script.sha, *tail).addErrback(unknown)
+
+    def _call(self, arguments: Sequence[Argument], timeout: float) -> Deferred[Reply]:
         data = encode_command(arguments)
         connection = self._connection
         if connection is not None and connection.open and not self._stopped:
             answer = self._send(connection, data)
         else:
             answer = self._connected().addCallback(self._send, data)
-        return answer.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timed_out)
-
-    def eval(
-        self, script: Script, keys: Sequence[Argument], arguments: Sequence[Argument]
-    ) -> Deferred[Reply]:
-        """Run *script* on *keys* with *arguments*: ``EVALSHA``, or ``EVAL`` if Redis does not
-        know the script yet."""
-        tail = (len(keys), *keys, *arguments)
-
-        def unknown(failure: Failure) -> Deferred[Reply]:
-            if not (
-                isinstance(failure.value, RedisError) and str(failure.value).startswith("NOSCRIPT")
-            ):
-                return fail(failure)
-            return self.call("EVAL", script.source, *tail)
-
-        return self.call("EVALSHA", script.sha, *tail).addErrback(unknown)
+        return answer.addTimeout(timeout, self.clock, onTimeoutCancel=self._timed_out)
 
     def disconnect(self) -> Deferred[None]:
         """Close the connection; later calls fail with :class:`RedisUnavailable`."""
@@ -278,7 +315,7 @@ class RedisWire:
         return call.answer
 
     def _timed_out(self, result: object, timeout: float) -> None:
-        raise RedisUnavailable(f"Redis did not answer within {timeout:g} s")
+        raise RedisUnavailable(f"Redis did not answer within {self.timeout:g} s")
 
     def _connected(self) -> Deferred[_Connection]:
         if self._stopped:
@@ -298,7 +335,7 @@ class RedisWire:
             self._waiting.remove(waiter)
 
     def _connect(self) -> None:
-        factory = ProtocolFactory.forProtocol(lambda: _Connection(self.clock))
+        factory = ProtocolFactory.forProtocol(lambda: _Connection(self.clock, self.timeout))
         factory.noisy = False
         connecting: Deferred[Any] = self.endpoint.connect(factory)
         connecting.addCallback(self._introduce)
@@ -332,26 +369,32 @@ class RedisWire:
         if self._stopped:
             assert connection.transport is not None
             connection.transport.loseConnection()
-            for waiter in waiting:
-                waiter.errback(RedisUnavailable("the Redis client is closed"))
+            self._fail(waiting, RedisUnavailable("the Redis client is closed"))
             return
         self._connection = connection
         if self._out:
             self._out = False
             log.info("Redis answers again")
         for waiter in waiting:
-            waiter.callback(connection)
+            if not waiter.called:  # a waiter's callback may cancel another
+                waiter.callback(connection)
 
     def _not_ready(self, failure: Failure) -> None:
         waiting, self._waiting = self._waiting or [], None
-        error = failure.value
-        if not isinstance(error, RedisError):  # a refused login is not Redis being away
-            error = RedisUnavailable(f"cannot reach Redis: {failure.getErrorMessage()}")
+        if isinstance(failure.value, RedisError):
+            reason = f"Redis refused the login or the database: {failure.value}"
+        else:
+            reason = f"cannot reach Redis: {failure.getErrorMessage()}"
         if not self._out:
             self._out = True
-            log.warn("Redis cannot be reached: {error}", error=str(error))
+            log.warn("{reason}", reason=reason)
+        self._fail(waiting, RedisUnavailable(reason))
+
+    @staticmethod
+    def _fail(waiting: list[Deferred[_Connection]], error: RedisUnavailable) -> None:
         for waiter in waiting:
-            waiter.errback(error)
+            if not waiter.called:
+                waiter.errback(RedisUnavailable(*error.args))
 
 
 def redis_wire(config: RedisConfig, reactor: Any, *, timeout: float) -> RedisWire:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snet.config import MySQLConfig, RedisConfig
+from snet.rediswire import RedisUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -144,6 +145,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     defer.TimeoutError,
     TimeoutError,
     txredisapi.ConnectionError,
+    RedisUnavailable,
 )
 """Exceptions that mean a back end is unreachable or too slow (the web layer answers 503)."""
 

@@ -63,7 +63,7 @@ def klein_route(request: IRequest) -> str:
     if mapper is None:
         return UNMATCHED_ROUTE
     rule = _ran.get(request)
-    if rule is None:
+    if rule is None or rule.map is not mapper.map:  # none, or an outer app's (a mount)
         try:
             rule, _args = mapper.match(return_rule=True)
         except HTTPException:

@@ -59,7 +59,7 @@ async def test_an_acl_user_logs_in_and_works_in_its_own_database(server: Redis) 
         timeout=1.0,
     )
     try:
-        with pytest.raises(RedisError, match="WRONGPASS"):
+        with pytest.raises(RedisUnavailable, match="WRONGPASS"):
             await wrong.call("PING")
     finally:
         await wrong.disconnect()

@@ -26,6 +26,7 @@ from snet.rediswire import (
     parse_reply,
     redis_wire,
 )
+from snet.storage import is_unavailable
 
 # --- RESP2 ----------------------------------------------------------------------------------
 
@@ -79,7 +80,8 @@ def test_a_reply_is_read_whole_and_never_from_part_of_it(value: Any) -> None:
 
 
 def test_bytes_that_are_not_resp_are_refused() -> None:
-    for data in (b"?what\r\n", b":x\r\n", b"$abc\r\n"):
+    nested = b"*1\r\n" * 40 + b":1\r\n"
+    for data in (b"?what\r\n", b":x\r\n", b"$abc\r\n", b"$-2\r\n", b"*-5\r\n", nested):
         with pytest.raises(MalformedReply):
             parse_reply(data)
 
@@ -194,11 +196,12 @@ def test_a_password_without_a_user_logs_in_as_the_default_user() -> None:
     assert endpoint.written == encode_command(["AUTH", "secret"])
 
 
-def test_a_refused_login_fails_the_waiting_calls_with_redis_own_words() -> None:
+def test_a_refused_login_fails_the_waiting_calls_as_unavailable_in_redis_own_words() -> None:
     wire, endpoint, _clock = wire_for(RedisConfig("127.0.0.1", 6379, password="wrong"))
     result = outcome(wire.call("PING"))
     endpoint.answer(b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
-    assert result[0].check(RedisError) and "WRONGPASS" in str(result[0].value)
+    assert result[0].check(RedisUnavailable) and "WRONGPASS" in str(result[0].value)
+    assert is_unavailable(result[0].value), "a 503, not a bug"
     assert endpoint.transports[-1].disconnecting or endpoint.transports[-1].disconnected
 
 
@@ -260,6 +263,38 @@ def test_a_connection_that_says_nothing_at_all_is_dropped_when_a_call_gives_up()
     assert len(endpoint.transports) == 2
     endpoint.answer(b"$1\r\nb\r\n")
     assert again == [b"b"]
+
+
+def test_a_caller_that_stops_waiting_drops_only_its_own_call() -> None:
+    wire, endpoint, clock = wire_for()
+    gone, other = wire.call("GET", "gone"), outcome(wire.call("GET", "other"))
+    gone.addErrback(lambda _: None)
+    clock.advance(0.1)
+    gone.cancel()  # its client went away, or its own shorter timeout
+    assert not endpoint.transports[-1].disconnecting
+    endpoint.answer(b"$4\r\ngone\r\n$5\r\nother\r\n")
+    assert other == [b"other"]
+
+
+def test_a_script_redis_forgot_is_run_again_within_the_one_timeout() -> None:
+    wire, endpoint, clock = wire_for()
+    result = outcome(wire.eval(Script("return 1"), [], []))
+    clock.advance(1.5)
+    endpoint.answer(b"-NOSCRIPT No matching script.\r\n")
+    assert result == []
+    clock.advance(0.5)
+    assert result[0].check(RedisUnavailable) and "within 2 s" in str(result[0].value)
+
+
+def test_a_waiter_that_cancels_another_when_the_connection_fails_breaks_nothing() -> None:
+    wire, endpoint, _clock = wire_for()
+    endpoint.hold = Deferred()
+    first, second = wire.call("PING"), wire.call("PING")
+    third = outcome(wire.call("PING"))
+    first.addErrback(lambda _: second.cancel())
+    second.addErrback(lambda _: None)
+    endpoint.hold.errback(ConnectionRefusedError("refused"))
+    assert third[0].check(RedisUnavailable), "every waiter is answered at once"
 
 
 def test_a_login_unanswered_in_time_fails_the_calls_and_drops_the_connection() -> None:

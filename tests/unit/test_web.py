@@ -433,6 +433,44 @@ def test_a_routed_app_labels_requests_with_the_route_klein_ran_without_matching_
     assert 'route="<unmatched>",status="404"} 1.0' in page
 
 
+def labels_of_a_mounted_app(klein: type[Klein]) -> list[str]:
+    """The request counts of an app mounted under another's branch route (as the monolith's
+    pages are under /web/), for a route that answers, one that fails, and unknown ones."""
+
+    class Pages:
+        app = klein()
+
+        @app.route("/ok", methods=["GET"])
+        def ok(self, request: IRequest) -> bytes:
+            return b"ok"
+
+    class Outer:
+        app = klein()
+        pages = Pages()
+
+        @app.route("/web/", branch=True)
+        def web(self, request: IRequest) -> Any:
+            return self.pages.app.resource()
+
+    metrics = HTTPMetrics()
+    http = StubTreq(
+        ObservedResource(
+            Outer().app.resource(), in_flight=InFlight(), metrics=metrics, clock=Clock()
+        )
+    )
+    for method, path in (("GET", "/web/ok"), ("GET", "/web/nowhere"), ("POST", "/web/ok")):
+        call(http, method, path)
+    page = metrics.render()[0].decode().splitlines()
+    return sorted(line for line in page if line.startswith("snet_http_requests_total{"))
+
+
+def test_a_mounted_routed_app_labels_its_requests_as_matching_again_did() -> None:
+    labels = labels_of_a_mounted_app(RoutedKlein)
+    assert labels == labels_of_a_mounted_app(Klein)
+    assert any('route="/web/ok",status="200"' in line for line in labels)
+    assert sum('route="<unmatched>"' in line for line in labels) == 2, "the 404 and the 405"
+
+
 def test_the_in_flight_gauge_follows_the_requests(http: StubTreq, api: SampleAPI) -> None:
     api.pending = Deferred()
     http.get(BASE + "/items/1")
