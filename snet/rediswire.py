@@ -219,17 +219,23 @@ class _Connection(Protocol):
 
     def _watch(self) -> None:
         self._watchdog = None
-        if not self.open or not self.calls:
-            return
+        if self.open and self.calls and not self.drop_if_silent():
+            due = max(self.calls[0].written_at, self.heard_at) + self.silence - self.clock.seconds()
+            self._watchdog = self.clock.callLater(max(due, 0.0), self._watch)
+
+    def drop_if_silent(self) -> bool:
+        """Drop the connection if its oldest call has waited *silence* seconds and Redis has
+        said nothing since it was written; whether it did."""
+        if not (self.open and self.calls):
+            return False
         oldest = self.calls[0].written_at
-        if self.heard_at < oldest and self.clock.seconds() - oldest >= self.silence:
-            log.warn(
-                "Redis said nothing for {silence} s: making a new connection", silence=self.silence
-            )
-            self.drop()
-            return
-        due = max(oldest, self.heard_at) + self.silence - self.clock.seconds()
-        self._watchdog = self.clock.callLater(max(due, 0.0), self._watch)
+        if self.heard_at >= oldest or self.clock.seconds() - oldest < self.silence:
+            return False
+        log.warn(
+            "Redis said nothing for {silence} s: making a new connection", silence=self.silence
+        )
+        self.drop()
+        return True
 
     def drop(self) -> None:
         """Abort the connection; no call is written on it from now on."""
@@ -315,6 +321,10 @@ class RedisWire:
         return call.answer
 
     def _timed_out(self, result: object, timeout: float) -> None:
+        # Before the caller goes on (and may call again): a silent connection goes now, not
+        # at the watchdog's turn, so that the next call is not written on it.
+        if self._connection is not None:
+            self._connection.drop_if_silent()
         raise RedisUnavailable(f"Redis did not answer within {self.timeout:g} s")
 
     def _connected(self) -> Deferred[_Connection]:

@@ -297,6 +297,22 @@ def test_a_waiter_that_cancels_another_when_the_connection_fails_breaks_nothing(
     assert third[0].check(RedisUnavailable), "every waiter is answered at once"
 
 
+def test_a_call_made_right_after_one_timed_out_on_a_silent_connection_goes_on_a_new_one() -> None:
+    wire, endpoint, clock = wire_for()
+    first = outcome(wire.call("PING"))
+    endpoint.answer(b"+PONG\r\n")
+    assert first == ["PONG"]
+    clock.advance(0.5)
+    after: list[Any] = []
+    stuck = wire.call("INCR", "frozen")  # Redis freezes: no answer ever
+    stuck.addErrback(lambda _: wire.call("PING").addBoth(after.append))
+    clock.advance(1.5)  # the watchdog looks: not yet 2 s of silence, it looks again at 2.5
+    clock.advance(0.5)  # the call's timeout first: the caller calls again at once
+    assert len(endpoint.transports) == 2, "the silent connection was dropped first"
+    endpoint.answer(b"+PONG\r\n")
+    assert after == ["PONG"]
+
+
 def test_a_login_unanswered_in_time_fails_the_calls_and_drops_the_connection() -> None:
     wire, endpoint, clock = wire_for(RedisConfig("127.0.0.1", 6379, password="secret"))
     waiting = outcome(wire.call("PING"))
