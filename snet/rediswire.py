@@ -269,6 +269,7 @@ class RedisWire:
     timeout: float
     _connection: _Connection | None = field(default=None, init=False)
     _waiting: list[Deferred[_Connection]] | None = field(default=None, init=False)
+    _connecting: Deferred[Any] | None = field(default=None, init=False)
     _stopped: bool = field(default=False, init=False)
     _out: bool = field(default=False, init=False)
 
@@ -305,8 +306,11 @@ class RedisWire:
         return answer.addTimeout(timeout, self.clock, onTimeoutCancel=self._timed_out)
 
     def disconnect(self) -> Deferred[None]:
-        """Close the connection; later calls fail with :class:`RedisUnavailable`."""
+        """Close the connection (a connection being made is given up); later calls fail with
+        :class:`RedisUnavailable`."""
         self._stopped = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         connection, self._connection = self._connection, None
         if connection is None or not connection.open:
             return succeed(None)
@@ -348,6 +352,7 @@ class RedisWire:
         factory = ProtocolFactory.forProtocol(lambda: _Connection(self.clock, self.timeout))
         factory.noisy = False
         connecting: Deferred[Any] = self.endpoint.connect(factory)
+        self._connecting = connecting  # until _ready or _not_ready: disconnect() cancels it
         connecting.addCallback(self._introduce)
         connecting.addTimeout(self.timeout, self.clock)
         connecting.addCallbacks(self._ready, self._not_ready)
@@ -375,10 +380,9 @@ class RedisWire:
         return answers.addCallbacks(lambda _: connection, refused)
 
     def _ready(self, connection: _Connection) -> None:
-        waiting, self._waiting = self._waiting or [], None
+        waiting, self._waiting, self._connecting = self._waiting or [], None, None
         if self._stopped:
-            assert connection.transport is not None
-            connection.transport.loseConnection()
+            connection.drop()
             self._fail(waiting, RedisUnavailable("the Redis client is closed"))
             return
         self._connection = connection
@@ -390,7 +394,7 @@ class RedisWire:
                 waiter.callback(connection)
 
     def _not_ready(self, failure: Failure) -> None:
-        waiting, self._waiting = self._waiting or [], None
+        waiting, self._waiting, self._connecting = self._waiting or [], None, None
         if isinstance(failure.value, RedisError):
             reason = f"Redis refused the login or the database: {failure.value}"
         else:

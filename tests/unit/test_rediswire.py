@@ -338,6 +338,23 @@ def test_the_wire_to_a_config_connects_through_the_reactor_it_is_given() -> None
     assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 6380)]
 
 
+def test_disconnect_while_connecting_gives_the_connection_up() -> None:
+    wire, endpoint, _clock = wire_for()
+    endpoint.hold = Deferred()
+    waiting = outcome(wire.call("PING"))
+    assert outcome(wire.disconnect()) == [None]
+    assert endpoint.hold.called, "the connect was cancelled"
+    assert waiting[0].check(RedisUnavailable)
+
+
+def test_disconnect_while_logging_in_drops_the_new_connection() -> None:
+    wire, endpoint, _clock = wire_for(RedisConfig("127.0.0.1", 6379, password="secret"))
+    waiting = outcome(wire.call("PING"))
+    wire.disconnect()
+    assert endpoint.transports[-1].disconnecting
+    assert waiting[0].check(RedisUnavailable)
+
+
 def test_after_disconnect_calls_fail_and_nothing_is_connected() -> None:
     wire, endpoint, _clock = wire_for()
     wire.call("PING")
