@@ -11,7 +11,7 @@ for whatever observer twistd runs: its default text observer has no level filter
 format and write every event (a debug line for each health probe included).
 
 ``twistd --logger=snet.jsonlog.text_observer`` writes the lines of twistd's own text observer
-(``TIME [NAMESPACE#LEVEL] MESSAGE``), byte for byte, for about a third of its CPU: most events
+(``TIME [NAMESPACE#LEVEL] MESSAGE``), byte for byte, for about a fifth of its CPU: most events
 are formatted by ``str.format_map`` instead of Twisted's formatter written in Python, and the
 time stamp is made once per second. The JSON observer formats its messages the same way.
 """

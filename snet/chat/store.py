@@ -79,7 +79,9 @@ _INSERT = (
 _INSERT_RETURNING = _INSERT + " RETURNING id, created_at"
 """The new row's own values only: the rest is what was sent (MariaDB in strict mode stores
 a text as it is or refuses it), and every returned column costs the server and pymysql."""
-_SELECT = "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages"
+_MESSAGE_COLUMNS = "id, sender_id, recipient_id, text, created_at"
+"""A message's columns, in the order of ``_message``'s row."""
+_SELECT = f"SELECT {_MESSAGE_COLUMNS} FROM chat_messages"  # noqa: S608 (constants only)
 
 
 def _returning(txn: adbapi.Transaction) -> bool:
@@ -164,7 +166,7 @@ def _send_one(txn: adbapi.Transaction, send: _Send) -> Outcome:
         return e
 
 
-_COLUMNS = "id, sender_id, recipient_id, text, created_at, idempotency_key"
+_COLUMNS = f"{_MESSAGE_COLUMNS}, idempotency_key"
 _NEW_COLUMNS = "id, created_at, sender_id, idempotency_key"
 """What a batch's INSERT returns: the new rows' own values and their key (see
 ``_INSERT_RETURNING``)."""
@@ -270,10 +272,7 @@ def _send_batch(txn: adbapi.Transaction, sends: list[_Send]) -> list[Outcome]:
 
 MAX_MESSAGE_ID = 2**63 - 1
 
-_PAGE = (
-    "SELECT id, sender_id, recipient_id, text, created_at FROM chat_messages"
-    " WHERE dialog_low = %s AND dialog_high = %s AND id > %s AND id < %s"
-)
+_PAGE = _SELECT + " WHERE dialog_low = %s AND dialog_high = %s AND id > %s AND id < %s"
 _PAGE_OLDEST_FIRST = _PAGE + " ORDER BY id ASC LIMIT %s"
 _PAGE_NEWEST_FIRST = _PAGE + " ORDER BY id DESC LIMIT %s"
 

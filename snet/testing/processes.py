@@ -98,7 +98,7 @@ def twistd_command() -> list[str]:
 
 
 TEXT_LOGGER = "snet.jsonlog.text_observer"
-"""twistd's text log lines, for a third of the CPU of its own observer (snet.jsonlog)."""
+"""twistd's text log lines, for a fifth of the CPU of its own observer (snet.jsonlog)."""
 
 
 @define

@@ -19,11 +19,8 @@ from snet.testing.servers import Redis
 
 @pytest.fixture
 def server() -> Iterator[Redis]:
-    redis = Redis().start()
-    try:
+    with Redis() as redis:  # its own: the tests log in as an ACL user, freeze and kill it
         yield redis
-    finally:
-        redis.close()
 
 
 @pytest_twisted.async_yield_fixture

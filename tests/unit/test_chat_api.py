@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
-import txredisapi
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
@@ -27,6 +26,7 @@ from snet.chat_contract import MAX_TEXT, validate_message_text
 from snet.config import ConsulConfig
 from snet.connect import ConnectAuthorizer, Decision, FixedIdentity, PeerIdentity
 from snet.consul import TreqConsul
+from snet.rediswire import RedisUnavailable
 from snet.testing import result_of
 from snet.testing.connect import FakeConnectAgent, TestCA
 from snet.web.draining import InFlight
@@ -288,7 +288,7 @@ def test_when_redis_is_down_a_send_is_stored_and_its_dialog_marked_for_repair(
     chat: Chat,
 ) -> None:
     """A committed message is never undone for a counter's sake."""
-    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    chat.unread.failure = RedisUnavailable("cannot reach Redis: Connection refused")
     response, body = chat.send(ALICE, BOB, {"text": "hi"}, key="k")
     assert response.code == 201
     assert body["message"]["text"] == "hi"
@@ -320,7 +320,7 @@ def test_when_redis_stalls_a_send_is_answered_after_the_counter_timeout(chat: Ch
 
 
 def test_a_replayed_send_counts_the_message_an_earlier_attempt_missed(chat: Chat) -> None:
-    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    chat.unread.failure = RedisUnavailable("cannot reach Redis: Connection refused")
     chat.send(ALICE, BOB, {"text": "hi"}, key="k")
     chat.unread.failure = None
     response, _ = chat.send(ALICE, BOB, {"text": "hi"}, key="k")
@@ -455,7 +455,7 @@ def test_listing_with_oneself_is_a_400(chat: Chat) -> None:
 
 def test_listing_while_redis_is_down_answers_and_marks_the_dialog_for_repair(chat: Chat) -> None:
     fill(chat, 1)
-    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    chat.unread.failure = RedisUnavailable("cannot reach Redis: Connection refused")
     response, body = chat.list(BOB, ALICE)
     assert response.code == 200
     assert len(body["messages"]) == 1
@@ -464,7 +464,7 @@ def test_listing_while_redis_is_down_answers_and_marks_the_dialog_for_repair(cha
 
 def test_unread_while_redis_is_down_comes_from_mysql(chat: Chat) -> None:
     fill(chat, 3)  # Bob has 2 unread from Alice
-    chat.unread.failure = txredisapi.ConnectionError("Not connected")
+    chat.unread.failure = RedisUnavailable("cannot reach Redis: Connection refused")
     response, body = chat.call("GET", "/v1/unread", headers={"X-Snet-User-Id": str(BOB)})
     assert response.code == 200
     assert body == {"total": 2, "dialogs": [{"peer_id": ALICE, "count": 2}]}
