@@ -18,6 +18,12 @@ IDEMPOTENCY_HEADER = b"Idempotency-Key"
 CHAT_INSTANCE_HEADER = b"X-Snet-Chat-Instance"
 """Set by the monolith on its dialog answers: the chat instance that served the call."""
 
+SEND_BATCH_PATH = "/v1/sends"
+"""Several sends in one call (``POST``): the monolith's sends to one instance that came
+while its call before was out (docs/chat-api.md)."""
+MAX_BATCH_SENDS = 50
+"""The most sends one batch call holds."""
+
 MAX_TEXT = 4096
 """The longest message text, in characters (code points)."""
 

@@ -11,8 +11,12 @@ a JSON body ``{"message", "request_id", "code"}`` (see snet.web.errors).
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
@@ -20,7 +24,9 @@ from snet.chat.store import Dialogs, IdempotencyKeyReused
 from snet.chat_contract import (
     DEFAULT_LIMIT,
     IDEMPOTENCY_HEADER,
+    MAX_BATCH_SENDS,
     MAX_LIMIT,
+    SEND_BATCH_PATH,
     USER_HEADER,
     validate_idempotency_key,
     validate_message_text,
@@ -34,11 +40,19 @@ from snet.web.errors import (
     DomainErrors,
     ErrorCode,
     Forbidden,
+    error_of,
     error_response,
 )
-from snet.web.inputs import parse_id, query_arg, read_json_object
+from snet.web.inputs import MAX_ID, parse_id, query_arg, read_json_object
 from snet.web.metrics import HTTPMetrics
-from snet.web.requests import header_text, json_response, notify_finish, request_id, set_header
+from snet.web.requests import (
+    header_text,
+    is_client_token,
+    json_response,
+    notify_finish,
+    request_id,
+    set_header,
+)
 from snet.web.service import (
     HEALTH_TIMEOUT,
     RoutedKlein,
@@ -46,6 +60,8 @@ from snet.web.service import (
     health_response,
     uncancellable,
 )
+
+log = Logger()
 
 DOMAIN_ERRORS: DomainErrors = {
     IdempotencyKeyReused: (Conflict, ErrorCode.IDEMPOTENCY_KEY_REUSED),
@@ -79,6 +95,47 @@ def parse_after_id(text: str | None) -> int | None:
     if text is None or text == "0":
         return None
     return parse_id(text, "after_id")
+
+
+def _json_id(value: object, name: str) -> int:
+    """A positive id below 2**63 given as a JSON integer."""
+    if type(value) is not int or not 1 <= value <= MAX_ID:
+        raise BadRequest(
+            f"{name} must be a positive integer below 2**63", code=ErrorCode.INVALID_PARAMETER
+        )
+    return value
+
+
+def _item_request_id(item: object) -> str:
+    """A batched send's own request id (the monolith's request it came from), else a new one."""
+    rid = item.get("request_id") if isinstance(item, dict) else None
+    return rid if isinstance(rid, str) and is_client_token(rid) else uuid.uuid4().hex
+
+
+def batched_send(item: object) -> tuple[int, int, str, str]:
+    """(sender, recipient, text, key) of one send of a batch call, checked as the send route
+    checks its headers and body.
+
+    :raises BadRequest: naming what is wrong.
+    """
+    if not isinstance(item, dict):
+        raise BadRequest("each send must be a JSON object", code=ErrorCode.INVALID_JSON)
+    user_id = _json_id(item.get("user_id"), "user_id")
+    peer = _json_id(item.get("peer_id"), "peer_id")
+    if peer == user_id:
+        raise BadRequest("cannot send a message to oneself", code=ErrorCode.SELF_DIALOG)
+    key = item.get("idempotency_key")
+    if not isinstance(key, str):
+        raise BadRequest("idempotency_key is required", code=ErrorCode.MISSING_HEADER)
+    validate_idempotency_key(key)
+    return user_id, peer, validate_message_text(item.get("text")), key
+
+
+def _item_error(error: BaseException, rid: str) -> dict[str, Any]:
+    """A batched send's error, as the send route would answer it."""
+    api_error = error_of(Failure(error), rid, DOMAIN_ERRORS)  # type: ignore[no-untyped-call]
+    body = {"message": api_error.message, "request_id": rid, "code": api_error.code}
+    return {"status": api_error.status, "body": body}
 
 
 def _close_after_answer(request: IRequest) -> None:
@@ -160,6 +217,54 @@ class ChatAPI(ServiceApp):
         if not created:
             set_header(request, b"Idempotent-Replayed", b"true")
         return json_response(request, {"message": message.to_json()}, 201)
+
+    @app.route(SEND_BATCH_PATH, methods=["POST"])
+    async def send_batch(self, request: IRequest) -> bytes:
+        """Several sends, each as the send route would take and answer it (docs/chat-api.md):
+        one result per send, in order; the sends are stored together."""
+        await self.authorized(request)
+        sends = read_json_object(request).get("sends")
+        if not isinstance(sends, list) or not 1 <= len(sends) <= MAX_BATCH_SENDS:
+            raise BadRequest(
+                f"sends must be a list of 1 to {MAX_BATCH_SENDS} sends",
+                code=ErrorCode.INVALID_PARAMETER,
+            )
+        rids = [_item_request_id(item) for item in sends]
+        results: list[dict[str, Any]] = [{}] * len(sends)
+        valid: list[tuple[int, int, str, str]] = []
+        at: list[int] = []
+        for index, item in enumerate(sends):
+            try:
+                valid.append(batched_send(item))
+            except BadRequest as bad:
+                results[index] = _item_error(bad, rids[index])
+            else:
+                at.append(index)
+        # The store and the counter updates run to their end even if the caller goes away.
+        outcomes = await uncancellable(
+            Deferred.fromCoroutine(self.dialogs.send_many(valid, [rids[i] for i in at]))
+        )
+        for index, outcome in zip(at, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                results[index] = _item_error(outcome, rids[index])
+            else:
+                message, created = outcome
+                results[index] = {
+                    "status": 201,
+                    "replayed": not created,
+                    "body": {"message": message.to_json()},
+                }
+        batch = request_id(request)
+        for index, result in enumerate(results):
+            log.info(
+                "[{request_id}] send {status} in batch {batch} ({number} of {count})",
+                status=result["status"],
+                batch=batch,
+                number=index + 1,
+                count=len(results),
+                request_id=rids[index],
+            )
+        return json_response(request, {"results": results})
 
     @app.route("/v1/dialogs/<peer_id>/messages", methods=["GET"])
     async def list_messages(self, request: IRequest, peer_id: str) -> bytes:

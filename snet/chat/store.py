@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -436,6 +436,20 @@ class MessageStore:
         self._store_queued()
         return d
 
+    def send_many(
+        self, sends: Sequence[tuple[int, int, str, str]]
+    ) -> list[Deferred[tuple[Message, bool]]]:
+        """``send`` for each (sender, recipient, text, key) of *sends*, queued together: a
+        batch call's sends (``Dialogs.send_many``) then go in one statement when no batch is
+        being stored, instead of the first alone and the rest after it."""
+        stored: list[Deferred[tuple[Message, bool]]] = []
+        for sender_id, recipient_id, text, key in sends:
+            d: Deferred[tuple[Message, bool]] = Deferred()
+            self._queue.append((_Send(sender_id, recipient_id, text, key), d))
+            stored.append(d)
+        self._store_queued()
+        return stored
+
     def _store_queued(self) -> None:
         threadpool = getattr(self.pool, "threadpool", None)
         if getattr(threadpool, "joined", False):  # closed: nothing would ever run
@@ -547,6 +561,39 @@ class Dialogs:
             request_id,
         )
         return message, created
+
+    async def send_many(
+        self, sends: Sequence[tuple[int, int, str, str]], request_ids: Sequence[str | None]
+    ) -> list[tuple[Message, bool] | Exception]:
+        """``send`` for each (sender, recipient, text, key) of *sends*: stored together (see
+        ``MessageStore.send_many``), their counters updated together. One outcome per send,
+        in order: (message, created), or the exception that send raised (``send``'s, or
+        the store's: MySQL away fails every send of its batch, and none of them is stored).
+        """
+        stored = self.messages.send_many(sends)
+        outcomes: list[tuple[Message, bool] | Exception] = []
+        for d in stored:
+            try:
+                outcomes.append(await d)
+            except Exception as e:
+                outcomes.append(e)
+        updates = [
+            Deferred.fromCoroutine(
+                self._update(
+                    self.unread.counted(recipient_id, sender_id, outcome[0].id),
+                    recipient_id,
+                    sender_id,
+                    request_id,
+                )
+            )
+            for (sender_id, recipient_id, _, _), outcome, request_id in zip(
+                sends, outcomes, request_ids, strict=True
+            )
+            if isinstance(outcome, tuple)
+        ]
+        for update in updates:
+            await update
+        return outcomes
 
     async def read(
         self,

@@ -186,12 +186,7 @@ def answered_error(
     """
     exc = failure.value
     assert exc is not None
-    rid = request_id(request)
-    if isinstance(exc, ApiError):
-        api_error = exc
-    elif (listed := _listed_error(exc, domain_errors or {})) is not None:
-        api_error = listed
-    elif isinstance(exc, HTTPException):
+    if isinstance(exc, HTTPException):
         response = exc.get_response({})
         for name, value in response.headers.items():
             if name.lower() in ("allow", "location"):
@@ -199,21 +194,34 @@ def answered_error(
         status = exc.code or 500
         api_error = ApiError(exc.description or exc.name, code=status * 100)
         api_error.status = status
-    elif is_unavailable(exc):
-        log.warn(
-            "[{request_id}] back end unavailable: {error}",
-            error=f"{type(exc).__name__}: {exc}",
-            request_id=rid,
-        )
-        api_error = Unavailable("a back end is unavailable; retry shortly")
     else:
-        log.failure("unhandled error answering {request_id}", failure, request_id=rid)
-        api_error = ApiError("internal error")
+        api_error = error_of(failure, request_id(request), domain_errors)
     for header, header_value in api_error.headers.items():
         set_header(request, header, header_value)
     if api_error.retry_after is not None:
         set_header(request, b"Retry-After", str(api_error.retry_after).encode("ascii"))
     return api_error
+
+
+def error_of(failure: Failure, rid: str, domain_errors: DomainErrors | None = None) -> ApiError:
+    """The ``ApiError`` a request's or a batched call's *failure* is answered with (see
+    ``answered_error``; routing errors are the request's own), logged with *rid* when it
+    is a back end away or a bug."""
+    exc = failure.value
+    assert exc is not None
+    if isinstance(exc, ApiError):
+        return exc
+    if (listed := _listed_error(exc, domain_errors or {})) is not None:
+        return listed
+    if is_unavailable(exc):
+        log.warn(
+            "[{request_id}] back end unavailable: {error}",
+            error=f"{type(exc).__name__}: {exc}",
+            request_id=rid,
+        )
+        return Unavailable("a back end is unavailable; retry shortly")
+    log.failure("unhandled error answering {request_id}", failure, request_id=rid)
+    return ApiError("internal error")
 
 
 def _listed_error(exc: BaseException, domain_errors: DomainErrors) -> ApiError | None:

@@ -266,6 +266,47 @@ async def test_sends_that_queue_are_stored_together_by_one_statement(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_calls_sends_are_stored_by_one_statement_and_each_counted_once(
+    mysql_config: MySQLConfig, counters: UnreadIndex
+) -> None:
+    """``Dialogs.send_many`` (the chat's batch route): the sends go in together, by one
+    batch even with none being stored before them; each outcome is its own (a
+    replay, a reused key), and every stored one is counted unread in Redis once."""
+    pool = chat_pool(mysql_config, min=1, max=1)
+    try:
+        await apply_chat_schema(pool)  # when run alone
+        store = MessageStore(pool)
+        dialogs = dialogs_over(store, counters)
+        before, _ = await store.send(DAVE, CAROL, "before", "m-0")
+        statements = await counting_statements(pool)
+        batches = store.batches
+        results = await dialogs.send_many(
+            [
+                (DAVE, ALICE, "one", "m-1"),
+                (DAVE, BOB, "two", "m-2"),
+                (DAVE, CAROL, "before", "m-0"),  # a replay
+                (DAVE, ALICE, "other", "m-1"),  # m-1 reused for another message
+            ],
+            ["r-1", "r-2", "r-0", "r-3"],
+        )
+        # One batch: its INSERT meets m-0, a read answers it, and the INSERT goes again.
+        assert (store.batches - batches, await statements()) == (1, 3)
+        (one, one_new), (two, two_new), replayed, reused = results
+        assert (one.text, one_new, two.text, two_new) == ("one", True, "two", True)
+        assert replayed == (before, False)
+        assert isinstance(reused, IdempotencyKeyReused)
+        assert [row[1:] for row in await rows(pool) if row[1] == DAVE] == [
+            (DAVE, CAROL, "before", "m-0"),
+            (DAVE, ALICE, "one", "m-1"),
+            (DAVE, BOB, "two", "m-2"),
+        ]
+        assert (await counters.counts(ALICE)).get(DAVE) == 1
+        assert (await counters.counts(BOB)).get(DAVE) == 1
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_key_twice_in_one_batch_is_stored_once_and_reused_only_fails_its_send(
     store: MessageStore, pool: adbapi.ConnectionPool
 ) -> None:

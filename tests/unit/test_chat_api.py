@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+import pymysql
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -47,6 +49,10 @@ class FakeMessages:
         self.next_id = 1
         self.ping_result: Deferred[None] | None = None
         self._keys: dict[int, str] = {}
+        self.batches: list[int] = []
+        """The size of each ``send_many`` call."""
+        self.failure: Exception | None = None
+        """What ``send_many`` fails every send with, if set."""
 
     def send(self, sender: int, recipient: int, text: str, key: str) -> Deferred[Any]:
         for row in self.rows:
@@ -67,6 +73,12 @@ class FakeMessages:
         self.next_id += 1
         self.rows.append(message)
         return succeed((message, True))
+
+    def send_many(self, sends: list[tuple[int, int, str, str]]) -> list[Deferred[Any]]:
+        self.batches.append(len(sends))
+        if self.failure is not None:
+            return [fail(self.failure) for _ in sends]
+        return [self.send(*send) for send in sends]
 
     def _dialog(self, a: int, b: int) -> list[Message]:
         return [r for r in self.rows if {r.sender_id, r.recipient_id} == {a, b}]
@@ -234,6 +246,156 @@ def header(response: Any, name: str) -> str | None:
 
 
 # --- send -----------------------------------------------------------------------------------
+
+
+def item(sender: Any, peer: Any, text: Any = "hi", key: Any = "k1", **more: Any) -> dict[str, Any]:
+    """One send of a batch call."""
+    return {"user_id": sender, "peer_id": peer, "text": text, "idempotency_key": key, **more}
+
+
+def send_batch(chat: Chat, sends: Any, *, raw: bytes | None = None) -> tuple[Any, Any]:
+    data = raw if raw is not None else json.dumps({"sends": sends}).encode()
+    return chat.call("POST", "/v1/sends", data=data, headers={"Content-Type": "application/json"})
+
+
+def test_a_batch_stores_its_sends_together_each_answered_as_the_send_route_would(
+    chat: Chat,
+) -> None:
+    _, single = chat.send(CAROL, ALICE, {"text": "before"}, key="c1")
+    response, body = send_batch(
+        chat,
+        [
+            item(ALICE, BOB, "hi Bob", "a1", request_id="rid-1"),
+            item(BOB, ALICE, "hi Alice", "b1"),
+            item(CAROL, ALICE, "before", "c1"),  # a replay of the single send
+        ],
+    )
+    assert response.code == 200
+    results = body["results"]
+    assert [r["status"] for r in results] == [201, 201, 201]
+    assert [r["replayed"] for r in results] == [False, False, True]
+    assert results[0]["body"]["message"] == {
+        "id": 2,
+        "sender_id": ALICE,
+        "recipient_id": BOB,
+        "text": "hi Bob",
+        "created_at": "2026-01-01T00:00:02.000000Z",
+    }
+    assert results[1]["body"]["message"]["recipient_id"] == ALICE
+    assert results[2]["body"] == single
+    assert chat.messages.batches == [3]
+    assert len(chat.messages.rows) == 3
+    assert chat.unread.hashes == {BOB: {ALICE: 1}, ALICE: {BOB: 1, CAROL: 1}}
+
+
+def test_a_batch_answers_each_bad_send_400_and_stores_only_the_good_ones(chat: Chat) -> None:
+    sends: list[Any] = [
+        item(ALICE, ALICE, key="self"),
+        item(ALICE, BOB, key=None),
+        item(ALICE, BOB, key="bad key!"),
+        item(ALICE, BOB, text="", key="empty"),
+        item(ALICE, BOB, text=7, key="number"),
+        item("1", BOB, key="string-id"),
+        item(ALICE, True, key="bool-id"),
+        item(ALICE, 2**63, key="big-id"),
+        item(0, BOB, key="zero-id"),
+        "not an object",
+        item(ALICE, BOB, "fine", "good", request_id="rid-good"),
+    ]
+    response, body = send_batch(chat, sends)
+    assert response.code == 200
+    statuses = [r["status"] for r in body["results"]]
+    assert statuses == [400] * 10 + [201]
+    codes = [r["body"]["code"] for r in body["results"][:10]]
+    assert codes == [
+        ErrorCode.SELF_DIALOG,
+        ErrorCode.MISSING_HEADER,
+        ErrorCode.INVALID_PARAMETER,
+        ErrorCode.INVALID_TEXT,
+        ErrorCode.INVALID_TEXT,
+        ErrorCode.INVALID_PARAMETER,
+        ErrorCode.INVALID_PARAMETER,
+        ErrorCode.INVALID_PARAMETER,
+        ErrorCode.INVALID_PARAMETER,
+        ErrorCode.INVALID_JSON,
+    ]
+    assert all(r["body"]["message"] for r in body["results"][:10])
+    assert [m.text for m in chat.messages.rows] == ["fine"]
+    assert chat.unread.hashes == {BOB: {ALICE: 1}}
+
+
+def test_a_key_reused_in_a_batch_for_another_message_is_a_409_for_that_send_only(
+    chat: Chat,
+) -> None:
+    _response, body = send_batch(
+        chat,
+        [item(ALICE, BOB, "one", "k"), item(ALICE, BOB, "two", "k"), item(ALICE, BOB, "one", "k")],
+    )
+    assert [r["status"] for r in body["results"]] == [201, 409, 201]
+    assert body["results"][1]["body"]["code"] == ErrorCode.IDEMPOTENCY_KEY_REUSED
+    assert body["results"][2]["replayed"] is True
+    assert [m.text for m in chat.messages.rows] == ["one"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"sends": []}',
+        b'{"sends": {}}',
+        b'{"sends": "x"}',
+        b"{}",
+        b"[]",
+        b"not json",
+        json.dumps({"sends": [item(ALICE, BOB, key=f"k{i}") for i in range(51)]}).encode(),
+    ],
+)
+def test_a_batch_that_is_not_a_list_of_1_to_50_sends_is_a_400_and_stores_nothing(
+    chat: Chat, raw: bytes
+) -> None:
+    response, body = send_batch(chat, None, raw=raw)
+    assert response.code == 400
+    assert body["code"] in (ErrorCode.INVALID_JSON, ErrorCode.INVALID_PARAMETER)
+    assert chat.messages.rows == []
+
+
+def test_a_batch_of_50_is_taken(chat: Chat) -> None:
+    _response, body = send_batch(chat, [item(ALICE, BOB, key=f"k{i}") for i in range(50)])
+    assert [r["status"] for r in body["results"]] == [201] * 50
+    assert len(chat.messages.rows) == 50
+
+
+def test_a_batch_whose_store_is_away_answers_each_send_503_with_its_request_id(
+    chat: Chat,
+) -> None:
+    chat.messages.failure = pymysql.err.OperationalError(2003, "Can't connect")
+    response, body = send_batch(
+        chat, [item(ALICE, BOB, key="a", request_id="first"), item(BOB, ALICE, key="b")]
+    )
+    assert response.code == 200
+    assert [r["status"] for r in body["results"]] == [503, 503]
+    assert body["results"][0]["body"]["request_id"] == "first"
+    assert body["results"][1]["body"]["request_id"]  # a new one
+    assert chat.unread.hashes == {}
+
+
+def test_a_batch_while_redis_is_down_stores_and_marks_each_dialog_for_repair(chat: Chat) -> None:
+    chat.unread.failure = RedisUnavailable("down")
+    _response, body = send_batch(chat, [item(ALICE, BOB, key="a"), item(CAROL, BOB, key="c")])
+    assert [r["status"] for r in body["results"]] == [201, 201]
+    assert sorted(chat.repairs.marked) == [(BOB, ALICE), (BOB, CAROL)]
+
+
+def test_each_send_of_a_batch_is_logged_with_its_own_request_id(chat: Chat) -> None:
+    with capturedLogs() as events:
+        send_batch(
+            chat,
+            [item(ALICE, BOB, key="a", request_id="rid-a"), item(ALICE, ALICE, request_id="rid-b")],
+        )
+    lines = [formatEvent(e) for e in events if "in batch" in (e.get("log_format") or "")]
+    assert len(lines) == 2
+    assert lines[0].startswith("[rid-a] send 201 in batch ")
+    assert lines[0].endswith("(1 of 2)")
+    assert lines[1].startswith("[rid-b] send 400 in batch ")
 
 
 def test_a_send_stores_the_message_and_counts_it_unread_for_the_recipient(chat: Chat) -> None:
@@ -661,6 +823,7 @@ def guarded(chat: Chat) -> tuple[Chat, PresentedAuthorizer, FakeConnectAgent, Te
 
 V1_CALLS = [
     ("POST", "/v1/dialogs/2/messages"),
+    ("POST", "/v1/sends"),
     ("GET", "/v1/dialogs/2/messages"),
     ("GET", "/v1/unread"),
     ("POST", "/v1/unread/rebuild"),
