@@ -98,12 +98,18 @@ def haproxy_binary() -> str | None:
 
 
 def start_monoliths(
-    count: int, *, consul: ConsulAgent, mysql_url: str, redis: Redis, fleet: ChatFleet
+    count: int,
+    *,
+    consul: ConsulAgent,
+    mysql_url: str,
+    redis: Redis,
+    fleet: ChatFleet,
+    extra_args: tuple[str, ...] = (),
 ) -> list[TwistdProcess]:
     """*count* monolith processes on one public port (``--reuse-port`` when more than one),
     each with its own admin port; returns once every one answers its admin ``/health``."""
     port = free_port()
-    extra = ("--reuse-port",) if count > 1 else ()
+    extra = ("--reuse-port", *extra_args) if count > 1 else extra_args
     servers = [
         monolith(
             consul_url=consul.url,
@@ -152,13 +158,20 @@ def measure(
     measured = Measured(mode)
     try:
         fleet.wait_all_passing()
+        server_db = mariadb.create_database(f"bench_server_{mode}")
         servers = start_monoliths(
+            args.monoliths, consul=consul, mysql_url=server_db, redis=redis, fleet=fleet
+        )
+        # The same, each send in a call of its own (no batch calls), for the S phase.
+        one_by_one = start_monoliths(
             args.monoliths,
             consul=consul,
-            mysql_url=mariadb.create_database(f"bench_server_{mode}"),
+            mysql_url=server_db,
             redis=redis,
             fleet=fleet,
+            extra_args=("--no-batch-sends",),
         )
+        servers += one_by_one
         base = servers[0].base_url
         sender_user = register_user(base, "Sender")
         sender, token = sender_user.id, sender_user.token
@@ -188,8 +201,12 @@ def measure(
 
         pids: dict[str, int | None] = {
             **{
-                f"monolith-{i}" if len(servers) > 1 else "monolith": s.pid
-                for i, s in enumerate(servers)
+                f"monolith-{i}" if len(servers) > 2 else "monolith": s.pid
+                for i, s in enumerate(servers[: len(servers) - len(one_by_one)])
+            },
+            **{
+                f"monolith-{i} 1by1" if len(one_by_one) > 1 else "monolith 1by1": s.pid
+                for i, s in enumerate(one_by_one)
             },
             **{f"chat-{i}": p.pid for i, p in enumerate(fleet.instances)},
             "mariadb": mariadb.pid,
@@ -209,6 +226,7 @@ def measure(
         load = {"concurrency": args.concurrency}
         setups = [
             ("A  through the monolith", base, via_monolith, None),
+            ("S  the same, sends one by one", one_by_one[0].base_url, via_monolith, None),
             ("B  straight to one chat instance", chat_base, direct, tls),
         ]
         if haproxy is not None:

@@ -41,12 +41,14 @@ instance that finally served (``X-Snet-Chat-Instance``).
 from __future__ import annotations
 
 import json
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any
 
 import treq.client
 from attrs import frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
     ConnectError,
@@ -78,6 +80,7 @@ from snet.server.chatwire import DEFAULT_MAX_BODY, ChatAnswer, ChatCall, ChatWir
 from snet.server.discovery import ChatEndpoint
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable
 from snet.server.roundrobin import RoundRobin
+from snet.server.sendbatch import BatchedSend, ParsedAnswer, SendBatcher
 
 __all__ = [
     "MAX_BODY",
@@ -165,6 +168,8 @@ class _Request:
     path: str
     call: ChatCall
     request_id: str
+    send: BatchedSend | None = None
+    """A send, as it may go in a batch (``snet.server.sendbatch``)."""
 
     @property
     def retry_safe(self) -> bool:
@@ -179,10 +184,12 @@ def _request(
     headers: tuple[tuple[bytes, bytes], ...],
     data: bytes | None,
     request_id: str,
+    item: dict[str, Any] | None = None,
 ) -> _Request:
     retry_safe = method == "GET" or any(name == b"Idempotency-Key" for name, _ in headers)
     call = ChatCall(method.encode("ascii"), path.encode("ascii"), headers, data, retry_safe)
-    return _Request(method, path, call, request_id)
+    send = None if item is None else BatchedSend(call, item)
+    return _Request(method, path, call, request_id, send)
 
 
 class _TreqExchange:
@@ -305,6 +312,23 @@ class ChatCallMetrics:
         self._denied.labels(cause=cause).inc()
 
 
+class _BatchCollector(Collector):
+    def __init__(self, batcher: SendBatcher) -> None:
+        self._batcher = batcher
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "snet_chat_send_batch_calls",
+            "Batch calls of sends made to chat instances",
+            self._batcher.batch_calls,
+        )
+        yield CounterMetricFamily(
+            "snet_chat_sends_in_batch_calls",
+            "Sends that went in those batch calls",
+            self._batcher.batched_sends,
+        )
+
+
 # --- the client -------------------------------------------------------------------------------
 
 
@@ -334,6 +358,12 @@ class ChatClient:
     the one before failed), ``snet_chat_retries_denied_total{cause}`` (calls that failed
     with a retry wanted but not allowed: attempts, budget, deadline, no_instance) and
     ``snet_chat_retry_budget_available`` (retries the budget allows now).
+
+    With *batch_sends* (the default), the sends to an instance that come while a send call
+    to it is out go together in one batch call when it ends (``snet.server.sendbatch``);
+    each is still an attempt of its own, retried, counted and judged as above. With a
+    *registry*, ``snet_chat_send_batch_calls_total`` and
+    ``snet_chat_sends_in_batch_calls_total`` count them.
     """
 
     def __init__(
@@ -349,6 +379,7 @@ class ChatClient:
         connect_timeout: float = 1.0,
         registry: CollectorRegistry | None = None,
         tls: bool = False,
+        batch_sends: bool = True,
     ) -> None:
         self._retries = RetryLimits(
             clock=clock, max_attempts=max_attempts, deadline=deadline, budget=budget
@@ -368,6 +399,9 @@ class ChatClient:
             self._wire = http
         else:
             self._wire = _TreqExchange(http, tls)
+        self._sends = SendBatcher(self._wire) if batch_sends else None
+        if registry is not None and self._sends is not None:
+            registry.register(_BatchCollector(self._sends))
         self._clock = clock
         self._timeout = timeout
         self.budget = self._retries.budget
@@ -392,7 +426,14 @@ class ChatClient:
         )
         data = json.dumps({"text": text}, ensure_ascii=False).encode("utf-8")
         path = f"/v1/dialogs/{int(peer_id)}/messages"
-        return self._call(_request("POST", path, headers, data, request_id))
+        item = {
+            "user_id": int(user_id),
+            "peer_id": int(peer_id),
+            "idempotency_key": idempotency_key,
+            "text": text,
+            "request_id": request_id,
+        }
+        return self._call(_request("POST", path, headers, data, request_id, item))
 
     def list(
         self, *, request_id: str, user_id: int, peer_id: int, after_id: int | None, limit: int
@@ -525,7 +566,11 @@ class ChatClient:
         self._metrics.attempted(instance)
         started = self._clock.seconds()
         timeout = min(self._timeout, left)
-        exchange = within(self._wire.exchange(endpoint, request.call), timeout, self._clock)
+        if request.send is not None and self._sends is not None:
+            call: Deferred[Any] = self._sends.exchange(endpoint, request.send)
+        else:
+            call = self._wire.exchange(endpoint, request.call)
+        exchange = within(call, timeout, self._clock)
         try:
             answer = await exchange
         except TimedOut as timed_out:
@@ -597,15 +642,20 @@ class ChatClient:
             return "bad_response"
         return None
 
-    def _reply(self, endpoint: ChatEndpoint, request: _Request, answer: ChatAnswer) -> ChatReply:
+    def _reply(
+        self, endpoint: ChatEndpoint, request: _Request, answer: ChatAnswer | ParsedAnswer
+    ) -> ChatReply:
         instance = endpoint.instance_id
-        try:
-            body = json.loads(answer.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            body = None
-            decoded = False
+        if isinstance(answer, ParsedAnswer):  # out of a batch's answer, decoded already
+            body, decoded = answer.document, answer.decoded
         else:
-            decoded = True
+            try:
+                body = json.loads(answer.body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                body = None
+                decoded = False
+            else:
+                decoded = True
         if answer.status >= 500:
             self._metrics.failed(instance, "server_error")
             message = body.get("message") if isinstance(body, dict) else None

@@ -70,6 +70,12 @@ class Options(ServiceOptions):
             "on this host share --listen (a tcp: endpoint), each with its own --admin-listen "
             "(env SNET_REUSE_PORT=1).",
         ],
+        [
+            "no-batch-sends",
+            None,
+            "Send every dialog send to its chat instance in a call of its own, never in a "
+            "batch call with the sends that came while the call before was out (to compare).",
+        ],
     ]
     optParameters = [
         ["chat-service", None, None, "Consul service name of the chat instances "
@@ -219,6 +225,7 @@ def makeService(options: Any, reactor: Any = None) -> IService:
         connect_timeout=options["chat-connect-timeout"],
         registry=metrics.registry,
         tls=connect.policy is not None,
+        batch_sends=not options["no-batch-sends"],
     )
     accounts = Accounts(pool=pool, clock=reactor)
     social = Social(pool=pool, clock=reactor)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from snet.testing.fleet import ChatFleet, monolith, query
-from snet.testing.processes import TwistdProcess, http_json
+from snet.testing.processes import TwistdProcess, http_get, http_json
 from snet.testing.servers import ConsulAgent, MariaDB, Redis
 from snet.testing.waiting import timed, wait_until
 
@@ -138,6 +138,51 @@ def test_two_users_befriend_post_read_feeds_and_exchange_300_messages_spread_eve
 
     status, _, unread = bob.call("GET", "/dialog/unread")
     assert status == 200, unread
+
+
+def test_sends_that_come_together_go_in_batch_calls_each_stored_once_and_answered(
+    server: TwistdProcess, fleet: ChatFleet
+) -> None:
+    """Sixteen clients at once: the sends to an instance that come while a call to it is out
+    go in batch calls (over Connect, as every call here), and each is answered with its own
+    message and stored once."""
+    base = base_url(server)
+    alice, bob = Client(base, "Ada", "Batch"), Client(base, "Bea", "Batch")
+    answers: list[tuple[str, int, Any]] = []
+
+    def sender(client: int) -> None:
+        for n in range(20):
+            text = f"batched {client}-{n}"
+            status, headers, _body = alice.call("POST", f"/dialog/{bob.id}/send", {"text": text})
+            answers.append((text, status, headers.get(INSTANCE)))
+
+    threads = [threading.Thread(target=sender, args=(c,)) for c in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert len(answers) == 320
+    assert [a for a in answers if a[1] != 200 or a[2] not in fleet.ids()] == []
+    stored = query(
+        fleet.mysql_url,
+        "SELECT text, COUNT(*) FROM chat_messages WHERE sender_id = %s GROUP BY text",
+        int(alice.id),
+    )
+    assert dict(stored) == {text: 1 for text, _, _ in answers}
+    assert server.admin_url is not None
+    status, metrics = http_get(f"{server.admin_url}/metrics")
+    assert status == 200
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.decode().splitlines()
+        if line.startswith("snet_chat_send") and not line.startswith("#")
+    }
+    assert values["snet_chat_send_batch_calls_total"] >= 1, values
+    assert (
+        values["snet_chat_sends_in_batch_calls_total"]
+        >= 2 * values["snet_chat_send_batch_calls_total"]
+    )
 
 
 def test_sigterm_of_one_instance_during_a_stream_of_sends_fails_no_request(

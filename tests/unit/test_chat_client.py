@@ -89,6 +89,15 @@ class FakeChat(Resource):
         if isinstance(behaviour, tuple):
             request.setResponseCode(behaviour[0])
             return json.dumps(behaviour[1]).encode()
+        if request.uri == b"/v1/sends":
+            results = [
+                {
+                    "status": 201,
+                    "body": {"message": {"id": 1, "text": item["text"], "host": host}},
+                }
+                for item in json.loads(body)["sends"]
+            ]
+            return json.dumps({"results": results}).encode()
         if request.method == b"POST":
             request.setResponseCode(201)
             text = json.loads(body)["text"]
@@ -177,10 +186,20 @@ class Harness:
             tls=tls,
         )
 
-    def send(self, text: str = "hi", request_id: str = "req-1") -> Deferred[ChatReply]:
+    def send(
+        self, text: str = "hi", request_id: str = "req-1", key: str = "key-1"
+    ) -> Deferred[ChatReply]:
         return self.client.send(
-            request_id=request_id, user_id=1, peer_id=2, text=text, idempotency_key="key-1"
+            request_id=request_id, user_id=1, peer_id=2, text=text, idempotency_key=key
         )
+
+    def answer_hanging(self, index: int = 0) -> None:
+        """Answer the *index*-th request that hung as a stored send."""
+        request = self.chat.hanging[index]
+        request.setResponseCode(201)
+        request.write(b'{"message": {"id": 1}}')
+        request.finish()
+        self.network.stub.flush()
 
     def list(self) -> Deferred[ChatReply]:
         return self.client.list(request_id="req-2", user_id=1, peer_id=2, after_id=None, limit=10)
@@ -260,6 +279,92 @@ def test_a_4xx_answer_is_passed_on_as_a_reply() -> None:
     error = {"message": "invalid text", "request_id": "req-1", "code": 40006}
     h.chat.behaviour["10.0.0.1"] = (400, error)
     assert result_of(h.send()) == ChatReply(400, error, "chat-a")
+
+
+# --- batches of sends -------------------------------------------------------------------------
+
+
+def test_sends_that_come_while_one_is_out_go_in_one_batch_each_with_its_reply() -> None:
+    h = Harness(A)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    first = h.send("one", "r-1", "k-1")
+    h.chat.behaviour["10.0.0.1"] = "ok"
+    waiting = [h.send("two", "r-2", "k-2"), h.send("three", "r-3", "k-3")]
+    assert len(h.chat.calls) == 1
+    h.answer_hanging()
+    assert result_of(first) == ChatReply(201, {"message": {"id": 1}}, "chat-a")
+    assert [result_of(d) for d in waiting] == [
+        ChatReply(201, {"message": {"id": 1, "text": text, "host": "10.0.0.1"}}, "chat-a")
+        for text in ("two", "three")
+    ]
+    batch = h.chat.calls[1]
+    assert (batch["method"], batch["uri"]) == ("POST", "/v1/sends")
+    assert "x-snet-user-id" not in batch["headers"]
+    assert json.loads(batch["body"]) == {
+        "sends": [
+            {"user_id": 1, "peer_id": 2, "idempotency_key": key, "text": text, "request_id": rid}
+            for key, text, rid in (("k-2", "two", "r-2"), ("k-3", "three", "r-3"))
+        ]
+    }
+    assert h.metric("snet_chat_send_batch_calls_total") == 1
+    assert h.metric("snet_chat_sends_in_batch_calls_total") == 2
+    assert h.metric("snet_chat_requests_total", instance="chat-a") == 3  # an attempt per send
+
+
+def test_without_batch_sends_every_send_is_a_call_of_its_own() -> None:
+    h = Harness(A)
+    h.client = ChatClient(
+        balancer=RoundRobin(h.source),
+        http=h.network,  # type: ignore[arg-type]
+        clock=h.clock,
+        batch_sends=False,
+    )
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    h.send("one", "r-1", "k-1")
+    h.send("two", "r-2", "k-2")
+    assert [c["uri"] for c in h.chat.calls] == ["/v1/dialogs/2/messages"] * 2
+
+
+def test_a_batch_answered_5xx_retries_each_of_its_sends_on_the_next_instance() -> None:
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    calls = [h.send(str(n), f"r-{n}", f"k-{n}") for n in range(5)]  # A, B, A, B, A
+    h.chat.behaviour["10.0.0.1"] = (503, {"message": "draining", "code": 50300})
+    h.answer_hanging()
+    replies = [result_of(d) for d in calls]
+    assert [r.instance for r in replies] == ["chat-a", "chat-b", "chat-b", "chat-b", "chat-b"]
+    assert [(c["host"], c["uri"]) for c in h.chat.calls[3:]] == [
+        ("10.0.0.1", "/v1/sends"),
+        ("10.0.0.2", "/v1/dialogs/2/messages"),
+        ("10.0.0.2", "/v1/dialogs/2/messages"),
+    ]
+    assert [c["headers"]["idempotency-key"] for c in h.chat.calls[4:]] == ["k-2", "k-4"]
+    assert (
+        h.metric("snet_chat_request_failures_total", instance="chat-a", reason="server_error") == 2
+    )
+
+
+def test_a_batch_answer_without_a_result_per_send_is_a_bad_response_retried() -> None:
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    calls = [h.send(str(n), f"r-{n}", f"k-{n}") for n in range(5)]
+    h.chat.behaviour["10.0.0.1"] = (200, {"results": []})
+    h.answer_hanging()
+    assert [result_of(d).instance for d in calls[2::2]] == ["chat-b", "chat-b"]
+    assert (
+        h.metric("snet_chat_request_failures_total", instance="chat-a", reason="bad_response") == 2
+    )
+
+
+def test_a_send_waiting_behind_an_instance_that_does_not_answer_is_retried_elsewhere() -> None:
+    h = Harness(A, B, timeout=2.0)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    calls = [h.send(str(n), f"r-{n}", f"k-{n}") for n in range(3)]  # A, B, A (waits)
+    assert len(h.chat.calls) == 2
+    h.clock.advance(2.0)
+    replies = [result_of(d) for d in calls]
+    assert [r.instance for r in replies] == ["chat-b"] * 3
+    assert h.clock.getDelayedCalls() == []
 
 
 # --- instances that cannot be reached ---------------------------------------------------------

@@ -1,0 +1,311 @@
+"""Sends to one chat instance that come while a send call to it is out go together, in one
+batch call, when that call ends.
+
+A chat instance that gets a third of the monolith's sends gets them one by one, and pays
+for each its own HTTP request, thread hand-off, statement and Redis round trip; the same
+sends in one call cost it one request and one statement (docs/performance.md, step 12).
+:class:`SendBatcher` sits between :class:`~snet.server.chat_client.ChatClient` and its wire,
+per instance:
+
+- A send to an instance with no send call out goes at once, by itself, to the send route:
+  an idle system pays nothing for batching, not even a wait.
+- A send that comes while a call is out waits. When the call ends, however it ends, the
+  sends that waited go in one ``POST /v1/sends`` (``snet.chat_contract``), up to
+  ``max_sends`` of them and ``max_bytes`` of body (a lone one goes to the send route). A
+  queue that would pass either bound goes at once.
+- Each send gets its own answer: the batch's result for it (:class:`ParsedAnswer`, as the
+  send route would have answered it), or, when the batch call failed, the batch's failure or
+  answer (a 5xx, an answer that is not the batch's), which the client then judges for each
+  send as for a send of its own. An instance that answers the batch route 404 or 405 (one
+  older than it, in a rolling upgrade) gets its sends one by one from then on.
+- Cancelling a send (its attempt timed out, its caller went away) while it waits fails it
+  with :class:`NotSent`, a ``ConnectingCancelledError``: it never left, and the client tries
+  the next instance as it does after a connect timeout. Cancelling it once sent leaves the
+  batch to the others, and fails it as a cancelled single call fails
+  (``ResponseNeverReceived``); the batch's connection is dropped only when every send of it
+  is cancelled. The instance may still store it: the retry carries the same idempotency key.
+
+Retrying is the client's: a batch call is never sent twice by this class, except that
+``ChatWire`` sends any call once more after a stale pooled connection, as for a single send
+(every send has an idempotency key).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Protocol
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
+
+from snet.chat_contract import MAX_BATCH_SENDS, SEND_BATCH_PATH
+from snet.server.chatwire import ChatAnswer, ChatCall
+from snet.server.discovery import ChatEndpoint
+
+__all__ = ["BatchedSend", "NotSent", "ParsedAnswer", "SendBatcher"]
+
+log = Logger()
+
+MAX_BATCH_BYTES = 48 * 1024
+"""The largest batch body, in bytes: under the chat service's 64 KiB request bound whatever
+the sends' headers, so a batch is never refused for its size (a single send is never more
+than about 25 KiB)."""
+
+_MAX_LANES = 1024
+"""Instances whose queues are kept; past that many, the idle ones go."""
+
+_BATCH_TARGET = SEND_BATCH_PATH.encode("ascii")
+
+
+class _Wire(Protocol):
+    def exchange(self, endpoint: ChatEndpoint, call: ChatCall) -> Deferred[ChatAnswer]: ...
+
+
+@frozen
+class BatchedSend:
+    """A send as a call of its own (*call*) and as an item of a batch call (*item*: user_id,
+    peer_id, idempotency_key, text and request_id)."""
+
+    call: ChatCall
+    item: dict[str, Any]
+
+
+@frozen
+class ParsedAnswer:
+    """A send's answer out of a batch's: its status and, if *decoded*, its JSON *document*."""
+
+    status: int
+    document: Any
+    decoded: bool = True
+
+
+class NotSent(ConnectingCancelledError):
+    """The send was cancelled while it waited for the instance's call before it: it was
+    never sent."""
+
+
+@define(eq=False)
+class _Waiting:
+    send: BatchedSend
+    lane: _Lane
+    result: Deferred[ChatAnswer | ParsedAnswer] = field(init=False)
+    size: int = 0
+    alone: Deferred[ChatAnswer] | None = None
+    """The send's own call, once it went alone."""
+    batch: _Batch | None = None
+    """The batch it went in."""
+
+
+@define(eq=False)
+class _Batch:
+    sends: list[_Waiting]
+    call: Deferred[ChatAnswer] | None = None
+
+
+@define(eq=False)
+class _Lane:
+    """One instance: its send calls out and the sends waiting for them."""
+
+    endpoint: ChatEndpoint
+    out: int = 0
+    queue: list[_Waiting] = field(factory=list)
+    queued_bytes: int = 0
+    batches: bool = True
+    """False once the instance answered the batch route 404 or 405."""
+
+
+class SendBatcher:
+    """Batches of sends per instance over *wire* (see the module docstring): at most
+    *max_sends* sends and *max_bytes* bytes of body in one call."""
+
+    def __init__(
+        self,
+        wire: _Wire,
+        *,
+        max_sends: int = MAX_BATCH_SENDS,
+        max_bytes: int = MAX_BATCH_BYTES,
+    ) -> None:
+        if not 1 <= max_sends <= MAX_BATCH_SENDS:
+            raise ValueError(f"max_sends must be 1 to {MAX_BATCH_SENDS}")
+        self._wire = wire
+        self.max_sends = max_sends
+        self.max_bytes = max_bytes
+        self._lanes: dict[ChatEndpoint, _Lane] = {}
+        self.batch_calls = 0
+        """Batch calls made so far (with ``batched_sends``, their mean size)."""
+        self.batched_sends = 0
+
+    def exchange(
+        self, endpoint: ChatEndpoint, send: BatchedSend
+    ) -> Deferred[ChatAnswer | ParsedAnswer]:
+        """Send *send* to *endpoint*, alone or in a batch; fires with its answer."""
+        lane = self._lanes.get(endpoint)
+        if lane is None:
+            lane = self._lane(endpoint)
+        if lane.out == 0 or not lane.batches:
+            return self._call(lane, send.call)  # type: ignore[return-value]
+        waiting = _Waiting(send, lane)
+        waiting.result = Deferred(lambda d: self._cancel(waiting, d))
+        # The item's size is its text's bytes plus a little: a bound, not an exact count.
+        waiting.size = 160 + 6 * len(send.item["text"])
+        if lane.queue and lane.queued_bytes + waiting.size > self.max_bytes:
+            self._flush(lane)  # what waits goes now, so that a batch stays within the bound
+        lane.queue.append(waiting)
+        lane.queued_bytes += waiting.size
+        if len(lane.queue) >= self.max_sends:
+            self._flush(lane)
+        return waiting.result
+
+    def waiting(self, endpoint: ChatEndpoint) -> int:
+        """How many sends wait for *endpoint* now."""
+        lane = self._lanes.get(endpoint)
+        return 0 if lane is None else len(lane.queue)
+
+    def _lane(self, endpoint: ChatEndpoint) -> _Lane:
+        if len(self._lanes) >= _MAX_LANES:
+            for key, old in list(self._lanes.items()):
+                if not old.out and not old.queue:
+                    del self._lanes[key]
+        lane = self._lanes[endpoint] = _Lane(endpoint)
+        return lane
+
+    def _call(self, lane: _Lane, call: ChatCall) -> Deferred[ChatAnswer]:
+        lane.out += 1
+        d = self._wire.exchange(lane.endpoint, call)
+        d.addBoth(self._ended, lane)
+        return d
+
+    def _ended(self, result: Any, lane: _Lane) -> Any:
+        # The sends that waited go before this call's callers go on, so that the next batch
+        # holds only the sends that came while this call was out.
+        lane.out -= 1
+        if lane.out == 0 and lane.queue:
+            self._flush(lane)
+        return result
+
+    def _flush(self, lane: _Lane) -> None:
+        """Send what waits on *lane* (within the bounds: see ``exchange``): one batch, or a
+        lone send by itself."""
+        sends, lane.queue, lane.queued_bytes = lane.queue, [], 0
+        if len(sends) == 1 or not lane.batches:
+            for waiting in sends:
+                self._alone(waiting)
+        else:
+            self._batch(lane, sends)
+
+    def _alone(self, waiting: _Waiting) -> None:
+        waiting.batch = None
+        call = waiting.alone = self._call(waiting.lane, waiting.send.call)
+        call.addBoth(self._settle, waiting)
+
+    @staticmethod
+    def _settle(result: ChatAnswer | Failure, waiting: _Waiting) -> None:
+        if waiting.result.called:
+            return
+        if isinstance(result, Failure):
+            waiting.result.errback(result)
+        else:
+            waiting.result.callback(result)
+
+    def _batch(self, lane: _Lane, sends: list[_Waiting]) -> None:
+        batch = _Batch(sends)
+        for waiting in sends:
+            waiting.batch = batch
+        body = json.dumps(
+            {"sends": [waiting.send.item for waiting in sends]},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode("utf-8")
+        headers = (
+            (b"X-Request-ID", uuid.uuid4().hex.encode("ascii")),
+            (b"Content-Type", b"application/json"),
+            (b"Accept", b"application/json"),
+        )
+        self.batch_calls += 1
+        self.batched_sends += len(sends)
+        call = batch.call = self._call(lane, ChatCall(b"POST", _BATCH_TARGET, headers, body, True))
+        call.addCallbacks(
+            self._answered,
+            self._failed,
+            callbackArgs=(lane, batch),
+            errbackArgs=(batch,),
+        )
+
+    def _answered(self, answer: ChatAnswer, lane: _Lane, batch: _Batch) -> None:
+        live = [waiting for waiting in batch.sends if not waiting.result.called]
+        if answer.status in (404, 405):
+            if lane.batches:
+                lane.batches = False
+                log.info(
+                    "chat instance {instance} has no batch route ({status}): its sends go one"
+                    " by one",
+                    instance=lane.endpoint.instance_id,
+                    status=answer.status,
+                )
+            for waiting in live:
+                self._alone(waiting)
+            return
+        results = _results(answer, len(batch.sends))
+        if results is None:
+            # Not the batch's answer (a 5xx, a 401 or 403, a malformed body): each send gets
+            # it as its own, and the client judges it as it would for a single call; a 2xx
+            # is no send's answer, so it is one that could not be read (a bad_response).
+            document, decoded = _decoded(answer.body)
+            if 200 <= answer.status < 300:
+                document, decoded = None, False
+            for waiting in live:
+                waiting.result.callback(ParsedAnswer(answer.status, document, decoded))
+            return
+        for waiting, (status, document) in zip(batch.sends, results, strict=True):
+            if not waiting.result.called:
+                waiting.result.callback(ParsedAnswer(status, document))
+
+    @staticmethod
+    def _failed(failure: Failure, batch: _Batch) -> None:
+        for waiting in batch.sends:
+            if not waiting.result.called:
+                waiting.result.errback(failure)
+
+    def _cancel(self, waiting: _Waiting, d: Deferred[Any]) -> None:
+        if waiting.alone is not None:
+            waiting.alone.cancel()  # its failure comes through _settle
+            return
+        batch = waiting.batch
+        if batch is None:  # still waiting
+            lane = waiting.lane
+            lane.queue.remove(waiting)
+            lane.queued_bytes -= waiting.size
+            d.errback(NotSent(lane.endpoint.instance_id))  # type: ignore[no-untyped-call]
+            return
+        d.errback(ResponseNeverReceived([Failure(CancelledError())]))  # type: ignore[no-untyped-call]
+        if batch.call is not None and all(w.result.called for w in batch.sends):
+            batch.call.cancel()
+
+
+def _decoded(body: bytes) -> tuple[Any, bool]:
+    try:
+        return json.loads(body.decode("utf-8")), True
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None, False
+
+
+def _results(answer: ChatAnswer, count: int) -> list[tuple[int, Any]] | None:
+    """Each send's (status, body) of a batch's answer, or None if it is not one."""
+    if answer.status != 200:
+        return None
+    document, decoded = _decoded(answer.body)
+    results = document.get("results") if decoded and isinstance(document, dict) else None
+    if not isinstance(results, list) or len(results) != count:
+        return None
+    out = []
+    for result in results:
+        status = result.get("status") if isinstance(result, dict) else None
+        if type(status) is not int or not 200 <= status <= 599 or "body" not in result:
+            return None
+        out.append((status, result["body"]))
+    return out

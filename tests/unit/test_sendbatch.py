@@ -1,0 +1,305 @@
+"""SendBatcher (snet.server.sendbatch): the sends to an instance that come while a send call
+to it is out go in one batch call, each answered on its own; over a wire of Deferreds fired
+by hand. The chat's batch route is tested in test_chat_api.py, the whole path against real
+processes in tests/integration/test_monolith.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+from snet.server.chatwire import ChatAnswer, ChatCall
+from snet.server.discovery import ChatEndpoint
+from snet.server.sendbatch import BatchedSend, NotSent, ParsedAnswer, SendBatcher
+from snet.testing import failure_of, result_of
+
+A = ChatEndpoint("chat-a", "10.0.0.1", 8081)
+B = ChatEndpoint("chat-b", "10.0.0.2", 8082)
+
+
+class Wire:
+    """Records each call; its Deferred is fired by the test. A cancelled call fails as
+    ChatWire's does."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[ChatEndpoint, ChatCall, Deferred[ChatAnswer]]] = []
+        self.cancelled: list[ChatCall] = []
+
+    def exchange(self, endpoint: ChatEndpoint, call: ChatCall) -> Deferred[ChatAnswer]:
+        def cancel(d: Deferred[ChatAnswer]) -> None:
+            self.cancelled.append(call)
+            d.errback(ResponseNeverReceived([Failure(CancelledError())]))
+
+        d: Deferred[ChatAnswer] = Deferred(cancel)
+        self.calls.append((endpoint, call, d))
+        return d
+
+    def targets(self) -> list[bytes]:
+        return [call.target for _, call, _ in self.calls]
+
+    def items(self, index: int) -> list[dict[str, Any]]:
+        body = self.calls[index][1].body
+        assert body is not None
+        sends: list[dict[str, Any]] = json.loads(body)["sends"]
+        return sends
+
+    def answer_batch(self, index: int, results: list[tuple[int, Any]]) -> None:
+        body = {"results": [{"status": s, "body": b} for s, b in results]}
+        self.calls[index][2].callback(ChatAnswer(200, json.dumps(body).encode()))
+
+
+def send(n: int, text: str = "hi") -> BatchedSend:
+    item = {
+        "user_id": 1,
+        "peer_id": 2,
+        "idempotency_key": f"k{n}",
+        "text": text,
+        "request_id": f"rid-{n}",
+    }
+    body = json.dumps({"text": text}).encode()
+    call = ChatCall(
+        b"POST", b"/v1/dialogs/2/messages", ((b"Idempotency-Key", b"k%d" % n),), body, True
+    )
+    return BatchedSend(call, item)
+
+
+def message(n: int) -> dict[str, Any]:
+    return {"message": {"id": n}}
+
+
+@pytest.fixture
+def wire() -> Wire:
+    return Wire()
+
+
+@pytest.fixture
+def batcher(wire: Wire) -> SendBatcher:
+    return SendBatcher(wire)
+
+
+def test_a_send_to_an_instance_with_nothing_out_goes_at_once_by_itself(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    d = batcher.exchange(A, send(1))
+    assert wire.targets() == [b"/v1/dialogs/2/messages"]
+    wire.calls[0][2].callback(ChatAnswer(201, b'{"message": {}}'))
+    assert result_of(d) == ChatAnswer(201, b'{"message": {}}')
+    assert batcher.batch_calls == 0
+
+
+def test_sends_that_come_while_a_call_is_out_go_in_one_batch_when_it_ends(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    first = batcher.exchange(A, send(1))
+    waiting = [batcher.exchange(A, send(n)) for n in (2, 3, 4)]
+    other = batcher.exchange(B, send(5))  # another instance: its own lane, nothing out
+    assert wire.targets() == [b"/v1/dialogs/2/messages"] * 2
+    assert batcher.waiting(A) == 3
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    assert result_of(first).status == 201
+    assert [call.target for _, call, _ in wire.calls[2:]] == [b"/v1/sends"]
+    endpoint, call, _ = wire.calls[2]
+    assert endpoint == A
+    assert call.retry_safe
+    assert (b"Content-Type", b"application/json") in call.headers
+    assert wire.items(2) == [send(n).item for n in (2, 3, 4)]
+    wire.answer_batch(2, [(201, message(2)), (409, {"code": 40901}), (201, message(4))])
+    assert [result_of(d) for d in waiting] == [
+        ParsedAnswer(201, message(2)),
+        ParsedAnswer(409, {"code": 40901}),
+        ParsedAnswer(201, message(4)),
+    ]
+    assert (batcher.batch_calls, batcher.batched_sends) == (1, 3)
+    assert not other.called
+
+
+def test_the_next_batch_holds_the_sends_that_came_while_the_batch_before_was_out(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    batcher.exchange(A, send(2))
+    batcher.exchange(A, send(3))
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    later = [batcher.exchange(A, send(n)) for n in (4, 5)]
+    assert len(wire.calls) == 2  # they wait for the batch
+    wire.answer_batch(1, [(201, message(2)), (201, message(3))])
+    assert wire.targets()[2] == b"/v1/sends"
+    assert [i["idempotency_key"] for i in wire.items(2)] == ["k4", "k5"]
+    wire.answer_batch(2, [(201, message(4)), (201, message(5))])
+    assert [result_of(d).status for d in later] == [201, 201]
+
+
+def test_a_lone_send_that_waited_goes_to_the_send_route(wire: Wire, batcher: SendBatcher) -> None:
+    batcher.exchange(A, send(1))
+    second = batcher.exchange(A, send(2))
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    assert wire.targets() == [b"/v1/dialogs/2/messages"] * 2
+    assert wire.calls[1][1] == send(2).call
+    wire.calls[1][2].callback(ChatAnswer(201, b'{"message": 2}'))
+    assert result_of(second) == ChatAnswer(201, b'{"message": 2}')
+
+
+def test_a_queue_that_reaches_max_sends_goes_at_once(wire: Wire) -> None:
+    batcher = SendBatcher(wire, max_sends=3)
+    batcher.exchange(A, send(0))
+    for n in (1, 2, 3, 4):
+        batcher.exchange(A, send(n))
+    assert wire.targets() == [b"/v1/dialogs/2/messages", b"/v1/sends"]
+    assert [i["idempotency_key"] for i in wire.items(1)] == ["k1", "k2", "k3"]
+    assert batcher.waiting(A) == 1
+
+
+def test_a_batch_stays_under_max_bytes_and_the_rest_waits(wire: Wire) -> None:
+    batcher = SendBatcher(wire, max_bytes=2500)
+    batcher.exchange(A, send(0))
+    for n in (1, 2, 3):
+        batcher.exchange(A, send(n, text="x" * 150))  # about 1000 bytes each, counted
+    assert len(wire.calls) == 2  # the third would pass the bound: the two went at once
+    assert [i["idempotency_key"] for i in wire.items(1)] == ["k1", "k2"]
+    body = wire.calls[1][1].body
+    assert body is not None and len(body) < 2500
+    assert batcher.waiting(A) == 1
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_an_instance_without_the_batch_route_gets_its_sends_one_by_one(
+    wire: Wire, batcher: SendBatcher, status: int
+) -> None:
+    batcher.exchange(A, send(1))
+    waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    wire.calls[1][2].callback(ChatAnswer(status, b'{"message": "not found"}'))
+    assert wire.targets()[2:] == [b"/v1/dialogs/2/messages"] * 2
+    assert [call for _, call, _ in wire.calls[2:]] == [send(2).call, send(3).call]
+    for index, d in zip((2, 3), waiting, strict=True):
+        wire.calls[index][2].callback(ChatAnswer(201, b"{}"))
+        assert result_of(d) == ChatAnswer(201, b"{}")
+    # From then on every send to it goes by itself, even while a call is out.
+    batcher.exchange(A, send(4))
+    batcher.exchange(A, send(5))
+    assert wire.targets()[4:] == [b"/v1/dialogs/2/messages"] * 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (ChatAnswer(503, b'{"message": "draining"}'), ParsedAnswer(503, {"message": "draining"})),
+        (ChatAnswer(403, b'{"code": 40300}'), ParsedAnswer(403, {"code": 40300})),
+        (ChatAnswer(500, b"<html>"), ParsedAnswer(500, None, decoded=False)),
+        (ChatAnswer(200, b"<html>"), ParsedAnswer(200, None, decoded=False)),
+        (ChatAnswer(200, b'{"results": []}'), ParsedAnswer(200, None, decoded=False)),
+        (
+            ChatAnswer(200, b'{"results": [{"status": 201}, {"status": 201, "body": {}}]}'),
+            ParsedAnswer(200, None, decoded=False),
+        ),
+        (
+            ChatAnswer(200, b'{"results": [{"status": "201", "body": 1}, 2]}'),
+            ParsedAnswer(200, None, decoded=False),
+        ),
+        (
+            ChatAnswer(
+                200, b'{"results": [{"status": 99, "body": 1}, {"status": 201, "body": 1}]}'
+            ),
+            ParsedAnswer(200, None, decoded=False),
+        ),
+        (ChatAnswer(201, b'{"message": {}}'), ParsedAnswer(201, None, decoded=False)),
+    ],
+)
+def test_an_answer_that_is_not_the_batchs_is_each_sends_own_answer(
+    wire: Wire, batcher: SendBatcher, answer: ChatAnswer, expected: ParsedAnswer
+) -> None:
+    """A 5xx, a 4xx or an answer without one result per send: each send gets it, and the
+    client judges it as it would a single call's; a 2xx that is not the batch's answer is
+    one that could not be read (a bad_response there: see test_chat_client.py)."""
+    batcher.exchange(A, send(1))
+    waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    wire.calls[1][2].callback(answer)
+    assert [result_of(d) for d in waiting] == [expected, expected]
+
+
+def test_a_batch_call_that_fails_fails_each_of_its_sends_with_its_failure(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    lost = ResponseFailed([Failure(ConnectionError("lost"))])
+    wire.calls[1][2].errback(lost)
+    assert [failure_of(d).value for d in waiting] == [lost, lost]
+
+
+def test_the_queue_goes_when_the_call_ahead_fails(wire: Wire, batcher: SendBatcher) -> None:
+    first = batcher.exchange(A, send(1))
+    batcher.exchange(A, send(2))
+    batcher.exchange(A, send(3))
+    first.cancel()  # its attempt timed out
+    assert isinstance(failure_of(first).value, ResponseNeverReceived)
+    assert wire.targets()[1] == b"/v1/sends"
+
+
+def test_a_send_cancelled_while_it_waits_never_leaves_and_fails_as_not_sent(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    gone = batcher.exchange(A, send(2))
+    kept = [batcher.exchange(A, send(n)) for n in (3, 4)]
+    gone.cancel()
+    failure = failure_of(gone)
+    assert isinstance(failure.value, NotSent)
+    assert batcher.waiting(A) == 2
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    assert [i["idempotency_key"] for i in wire.items(1)] == ["k3", "k4"]
+    wire.answer_batch(1, [(201, message(3)), (201, message(4))])
+    assert [result_of(d).status for d in kept] == [201, 201]
+
+
+def test_a_send_cancelled_in_a_batch_leaves_it_to_the_others(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    gone, kept = batcher.exchange(A, send(2)), batcher.exchange(A, send(3))
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    gone.cancel()
+    failure = failure_of(gone)
+    assert isinstance(failure.value, ResponseNeverReceived)
+    assert failure.value.reasons[0].check(CancelledError)
+    assert wire.cancelled == []  # the batch goes on for the other send
+    wire.answer_batch(1, [(201, message(2)), (201, message(3))])
+    assert result_of(kept) == ParsedAnswer(201, message(3))
+
+
+def test_a_batch_whose_every_send_is_cancelled_is_cancelled(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    sends = [batcher.exchange(A, send(n)) for n in (2, 3)]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    for d in sends:
+        d.cancel()
+        failure_of(d)
+    assert [call.target for call in wire.cancelled] == [b"/v1/sends"]
+    # The lane is free again: the next send goes at once.
+    batcher.exchange(A, send(4))
+    assert wire.targets()[-1] == b"/v1/dialogs/2/messages"
+
+
+def test_a_send_that_went_alone_after_waiting_is_cancelled_with_its_call(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    second = batcher.exchange(A, send(2))
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    second.cancel()
+    assert wire.cancelled == [send(2).call]
+    assert isinstance(failure_of(second).value, ResponseNeverReceived)
+
+
+def test_max_sends_is_within_the_chat_services_bound(wire: Wire) -> None:
+    with pytest.raises(ValueError, match="max_sends"):
+        SendBatcher(wire, max_sends=51)
