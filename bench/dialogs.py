@@ -75,6 +75,25 @@ class Phase:
 class Measured:
     mode: str
     phases: list[Phase] = field(default_factory=list)
+    batches: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per phase through the monolith: (batch calls, sends in them) made during it."""
+
+
+BATCH_METRICS = ("snet_chat_send_batch_calls_total", "snet_chat_sends_in_batch_calls_total")
+
+
+def batch_counts(servers: list[TwistdProcess]) -> tuple[float, float]:
+    """The batch calls the monoliths made so far, and the sends in them (their metrics)."""
+    totals = [0.0, 0.0]
+    for server in servers:
+        status, body = http_get(f"{server.admin_url}/metrics", timeout=5)
+        if status != 200:
+            continue
+        for line in body.decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in BATCH_METRICS:
+                totals[BATCH_METRICS.index(name)] += float(value)
+    return totals[0], totals[1]
 
 
 class MariaDBStatements:
@@ -236,11 +255,15 @@ def measure(
         for name, url, make, context in setups:
             time.sleep(0.5)
             questions = statements.count()
+            batched = batch_counts(servers)
             meter = CPUMeter(pids)
             result = run_load(
                 url, make, total=args.requests, label=f"{mode} {name[:1]}", tls=context, **load
             )
             meter.stop()
+            if make is via_monolith:
+                calls, sends = batch_counts(servers)
+                measured.batches[name[:1]] = (calls - batched[0], sends - batched[1])
             sent = statements.count() - questions - 1  # the count itself is a statement
             measured.phases.append(
                 Phase(
@@ -287,6 +310,13 @@ def report(result: Measured, args: argparse.Namespace) -> None:
     print(
         f"{'CPU steal (s)':<20}" + "".join(f"{p.steal:9.2f}" for p in result.phases)
     )  # fmt: skip
+    for head, (calls, sends) in result.batches.items():
+        requests = next(p.load.requests for p in result.phases if p.name[:1] == head)
+        mean = f"{sends / calls:.1f} sends each" if calls else "none"
+        print(
+            f"{head}: {sends:.0f} of {requests} sends went in {calls:.0f} batch calls ({mean});"
+            f" chat calls per send {(requests - sends + calls) / requests:.2f}"
+        )
     through = result.phases[0].load
     counts = dict(sorted(through.instances.items()))
     spread = max(counts.values()) - min(counts.values()) if counts else 0

@@ -80,7 +80,7 @@ from snet.server.chatwire import DEFAULT_MAX_BODY, ChatAnswer, ChatCall, ChatWir
 from snet.server.discovery import ChatEndpoint
 from snet.server.gateway import ChatGateway, ChatReply, ChatUnavailable
 from snet.server.roundrobin import RoundRobin
-from snet.server.sendbatch import BatchedSend, ParsedAnswer, SendBatcher
+from snet.server.sendbatch import BatchedSend, NotSent, ParsedAnswer, SendBatcher, Told
 
 __all__ = [
     "MAX_BODY",
@@ -99,7 +99,9 @@ of 4096 characters is well under it)."""
 # The connection was there, then was lost before the whole answer came.
 _LOST = (ConnectionLost, ConnectionDone, *WRAPPED)
 # Failure reasons that say the request never got to the instance.
-_NOT_REACHED = frozenset({"refused", "connect_timeout", "connect_error", "identity", "no_identity"})
+_NOT_REACHED = frozenset(
+    {"refused", "connect_timeout", "connect_error", "identity", "no_identity", "not_sent"}
+)
 
 
 class ChatInstanceFailed(ChatUnavailable):
@@ -352,7 +354,7 @@ class ChatClient:
     closes; an injected *http* belongs to the caller. With a *registry*, exports
     ``snet_chat_requests_total{instance}`` (attempts), ``snet_chat_request_failures_total
     {instance,reason}`` (reason: refused, connect_timeout, connect_error, identity,
-    no_identity, timeout, lost, server_error, bad_response),
+    no_identity, not_sent, timeout, lost, server_error, bad_response),
     ``snet_chat_request_seconds{instance}`` (answered attempts),
     ``snet_chat_retries_total{reason}`` (attempts after the first of a call, by the reason
     the one before failed), ``snet_chat_retries_denied_total{cause}`` (calls that failed
@@ -361,7 +363,10 @@ class ChatClient:
 
     With *batch_sends* (the default), the sends to an instance that come while a send call
     to it is out go together in one batch call when it ends (``snet.server.sendbatch``);
-    each is still an attempt of its own, retried, counted and judged as above. With a
+    each is still an attempt of its own, retried, counted and judged as above, except that
+    a batch that fails as a whole counts once against the instance's passive health, and a
+    send that was never sent (``not_sent``: it waited behind a call that did not end within
+    its timeout) goes to the next instance as one not reached. With a
     *registry*, ``snet_chat_send_batch_calls_total`` and
     ``snet_chat_sends_in_batch_calls_total`` count them.
     """
@@ -399,7 +404,7 @@ class ChatClient:
             self._wire = http
         else:
             self._wire = _TreqExchange(http, tls)
-        self._sends = SendBatcher(self._wire) if batch_sends else None
+        self._sends = SendBatcher(self._wire, clock=clock) if batch_sends else None
         if registry is not None and self._sends is not None:
             registry.register(_BatchCollector(self._sends))
         self._clock = clock
@@ -479,7 +484,16 @@ class ChatClient:
             except _NotReached as skipped:
                 reason, reached = skipped.reason, False
                 unreached.append(f"{endpoint.instance_id} ({reason})")
-                if reason != "identity":  # _attempt_failed said more
+                if reason == "not_sent":
+                    log.warn(
+                        "{method} {path} not sent to chat instance {instance}: it waited behind"
+                        " a call to it that did not end in time, request {request_id}",
+                        instance=endpoint.instance_id,
+                        method=request.method,
+                        path=request.path,
+                        request_id=request.request_id,
+                    )
+                elif reason != "identity":  # _attempt_failed said more
                     log.warn(
                         "chat instance {instance} not reachable ({reason}: {error}) for {method}"
                         " {path}, request {request_id}",
@@ -566,20 +580,26 @@ class ChatClient:
         self._metrics.attempted(instance)
         started = self._clock.seconds()
         timeout = min(self._timeout, left)
+        told = Told()
         if request.send is not None and self._sends is not None:
-            call: Deferred[Any] = self._sends.exchange(endpoint, request.send)
+            call: Deferred[Any] = self._sends.exchange(endpoint, request.send, told)
         else:
             call = self._wire.exchange(endpoint, request.call)
         exchange = within(call, timeout, self._clock)
         try:
             answer = await exchange
         except TimedOut as timed_out:
-            reason = "connect_timeout" if while_connecting(timed_out.cause) else "timeout"
+            error = timed_out.cause
+            if isinstance(error, NotSent):
+                # It waited behind a call to the instance that did not end in time: never
+                # sent, so the next instance at once; that call's own timeout tells on it.
+                self._metrics.failed(instance, "not_sent")
+                raise _NotReached("not_sent", error) from error
+            reason = "connect_timeout" if while_connecting(error) else "timeout"
             self._metrics.failed(instance, reason)
             # Cut short by the call's deadline, not by its own timeout: not the instance's fault.
-            if timeout >= self._timeout:
+            if timeout >= self._timeout and not told.shared:
                 self._balancer.failed(endpoint, reason)
-            error = timed_out.cause
             raise self._attempt_failed(endpoint, request, reason, error, str(timed_out)) from error
         except Exception as error:
             why = self._reason(error)
@@ -588,14 +608,16 @@ class ChatClient:
                     raise CancelledError() from error
                 raise
             self._metrics.failed(instance, why)
-            if why != "no_identity":  # this process has no certificate yet: not the instance
+            # Not without a certificate of this process's own, nor twice for one batch.
+            if why != "no_identity" and not told.shared:
                 self._balancer.failed(endpoint, why)
             raise self._attempt_failed(endpoint, request, why, error, why) from error
         self._metrics.answered(instance, self._clock.seconds() - started)
         try:
             reply = self._reply(endpoint, request, answer)
         except ChatInstanceFailed as failed:
-            self._balancer.failed(endpoint, failed.reason)
+            if not told.shared:
+                self._balancer.failed(endpoint, failed.reason)
             raise
         self._balancer.succeeded(endpoint)
         return reply

@@ -13,6 +13,10 @@ per instance:
   sends that waited go in one ``POST /v1/sends`` (``snet.chat_contract``), up to
   ``max_sends`` of them and ``max_bytes`` of body (a lone one goes to the send route). A
   queue that would pass either bound goes at once.
+- A call out for longer than *stalled* seconds (0.5 s: a chat call takes milliseconds) does
+  not hold the sends after it: the queue goes then, and later sends go at once, as they
+  would on connections of their own without batching (the chat's ``MessageStore`` does the
+  same for a stalled statement).
 - Each send gets its own answer: the batch's result for it (:class:`ParsedAnswer`, as the
   send route would have answered it), or, when the batch call failed, the batch's failure or
   answer (a 5xx, an answer that is not the batch's), which the client then judges for each
@@ -24,6 +28,10 @@ per instance:
   batch to the others, and fails it as a cancelled single call fails
   (``ResponseNeverReceived``); the batch's connection is dropped only when every send of it
   is cancelled. The instance may still store it: the retry carries the same idempotency key.
+- A batch that fails as a whole (its call failed or timed out, an answer not the batch's)
+  is one failure of the instance, not one per send: the *told* note of every send but the
+  first to fail says ``shared``, and the client counts only the first against the
+  instance's health.
 
 Retrying is the client's: a batch call is never sent twice by this class, except that
 ``ChatWire`` sends any call once more after a stale pooled connection, as for a single send
@@ -39,6 +47,7 @@ from typing import Any, Protocol
 from attrs import define, field, frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
@@ -47,7 +56,7 @@ from snet.chat_contract import MAX_BATCH_SENDS, SEND_BATCH_PATH
 from snet.server.chatwire import ChatAnswer, ChatCall
 from snet.server.discovery import ChatEndpoint
 
-__all__ = ["BatchedSend", "NotSent", "ParsedAnswer", "SendBatcher"]
+__all__ = ["BatchedSend", "NotSent", "ParsedAnswer", "SendBatcher", "Told"]
 
 log = Logger()
 
@@ -55,6 +64,9 @@ MAX_BATCH_BYTES = 48 * 1024
 """The largest batch body, in bytes: under the chat service's 64 KiB request bound whatever
 the sends' headers, so a batch is never refused for its size (a single send is never more
 than about 25 KiB)."""
+
+STALLED = 0.5
+"""Seconds after which a send call out no longer holds the sends after it."""
 
 _MAX_LANES = 1024
 """Instances whose queues are kept; past that many, the idle ones go."""
@@ -89,10 +101,20 @@ class NotSent(ConnectingCancelledError):
     never sent."""
 
 
+@define
+class Told:
+    """One attempt's note, filled in by :class:`SendBatcher`: ``shared`` when its failure is
+    its batch's and another send of the batch failed with it first (the instance's health
+    counts the batch's failure once)."""
+
+    shared: bool = False
+
+
 @define(eq=False)
 class _Waiting:
     send: BatchedSend
     lane: _Lane
+    told: Told
     result: Deferred[ChatAnswer | ParsedAnswer] = field(init=False)
     size: int = 0
     alone: Deferred[ChatAnswer] | None = None
@@ -105,6 +127,13 @@ class _Waiting:
 class _Batch:
     sends: list[_Waiting]
     call: Deferred[ChatAnswer] | None = None
+    failed: bool = False
+    """Whether a send of it failed with the batch already (see ``Told``)."""
+
+    def share(self, waiting: _Waiting) -> None:
+        """*waiting* fails with the batch: it is told whether another did first."""
+        waiting.told.shared = self.failed
+        self.failed = True
 
 
 @define(eq=False)
@@ -112,11 +141,14 @@ class _Lane:
     """One instance: its send calls out and the sends waiting for them."""
 
     endpoint: ChatEndpoint
-    out: int = 0
+    out: dict[int, float] = field(factory=dict)
+    """When each send call out (by its number) started."""
     queue: list[_Waiting] = field(factory=list)
     queued_bytes: int = 0
     batches: bool = True
     """False once the instance answered the batch route 404 or 405."""
+    timer: IDelayedCall | None = None
+    """When the queue goes if the calls out have stalled by then."""
 
 
 class SendBatcher:
@@ -127,29 +159,36 @@ class SendBatcher:
         self,
         wire: _Wire,
         *,
+        clock: IReactorTime,
         max_sends: int = MAX_BATCH_SENDS,
         max_bytes: int = MAX_BATCH_BYTES,
+        stalled: float = STALLED,
     ) -> None:
         if not 1 <= max_sends <= MAX_BATCH_SENDS:
             raise ValueError(f"max_sends must be 1 to {MAX_BATCH_SENDS}")
         self._wire = wire
+        self._clock = clock
         self.max_sends = max_sends
         self.max_bytes = max_bytes
+        self.stalled = stalled
+        self._calls = 0
         self._lanes: dict[ChatEndpoint, _Lane] = {}
         self.batch_calls = 0
         """Batch calls made so far (with ``batched_sends``, their mean size)."""
         self.batched_sends = 0
 
     def exchange(
-        self, endpoint: ChatEndpoint, send: BatchedSend
+        self, endpoint: ChatEndpoint, send: BatchedSend, told: Told | None = None
     ) -> Deferred[ChatAnswer | ParsedAnswer]:
-        """Send *send* to *endpoint*, alone or in a batch; fires with its answer."""
+        """Send *send* to *endpoint*, alone or in a batch; fires with its answer. *told*, if
+        given, is filled in as the attempt ends (see ``Told``)."""
         lane = self._lanes.get(endpoint)
         if lane is None:
             lane = self._lane(endpoint)
-        if lane.out == 0 or not lane.batches:
+        busy = self._busy(lane)
+        if (not busy and not lane.queue) or not lane.batches:
             return self._call(lane, send.call)  # type: ignore[return-value]
-        waiting = _Waiting(send, lane)
+        waiting = _Waiting(send, lane, told if told is not None else Told())
         waiting.result = Deferred(lambda d: self._cancel(waiting, d))
         # The item's size is its text's bytes plus a little: a bound, not an exact count.
         waiting.size = 160 + 6 * len(send.item["text"])
@@ -157,8 +196,10 @@ class SendBatcher:
             self._flush(lane)  # what waits goes now, so that a batch stays within the bound
         lane.queue.append(waiting)
         lane.queued_bytes += waiting.size
-        if len(lane.queue) >= self.max_sends:
-            self._flush(lane)
+        if not busy or len(lane.queue) >= self.max_sends:
+            self._flush(lane)  # the calls out have stalled, or the batch is full
+        elif lane.timer is None:
+            self._flush_when_stalled(lane)
         return waiting.result
 
     def waiting(self, endpoint: ChatEndpoint) -> int:
@@ -174,23 +215,49 @@ class SendBatcher:
         lane = self._lanes[endpoint] = _Lane(endpoint)
         return lane
 
+    def _busy(self, lane: _Lane) -> bool:
+        """Whether a send call out on *lane* has not stalled yet."""
+        if not lane.out:
+            return False
+        now = self._clock.seconds()
+        return max(lane.out.values()) > now - self.stalled
+
+    def _flush_when_stalled(self, lane: _Lane) -> None:
+        youngest = max(lane.out.values())
+        delay = max(0.0, youngest + self.stalled - self._clock.seconds())
+        lane.timer = self._clock.callLater(delay, self._stall_passed, lane)
+
+    def _stall_passed(self, lane: _Lane) -> None:
+        lane.timer = None
+        if not lane.queue:
+            return
+        if self._busy(lane):
+            self._flush_when_stalled(lane)  # a newer call went out meanwhile
+        else:
+            self._flush(lane)
+
     def _call(self, lane: _Lane, call: ChatCall) -> Deferred[ChatAnswer]:
-        lane.out += 1
+        self._calls += 1
+        number = self._calls
+        lane.out[number] = self._clock.seconds()
         d = self._wire.exchange(lane.endpoint, call)
-        d.addBoth(self._ended, lane)
+        d.addBoth(self._ended, lane, number)
         return d
 
-    def _ended(self, result: Any, lane: _Lane) -> Any:
+    def _ended(self, result: Any, lane: _Lane, number: int) -> Any:
         # The sends that waited go before this call's callers go on, so that the next batch
         # holds only the sends that came while this call was out.
-        lane.out -= 1
-        if lane.out == 0 and lane.queue:
+        del lane.out[number]
+        if lane.queue and not self._busy(lane):
             self._flush(lane)
         return result
 
     def _flush(self, lane: _Lane) -> None:
         """Send what waits on *lane* (within the bounds: see ``exchange``): one batch, or a
         lone send by itself."""
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
         sends, lane.queue, lane.queued_bytes = lane.queue, [], 0
         if len(sends) == 1 or not lane.batches:
             for waiting in sends:
@@ -237,7 +304,7 @@ class SendBatcher:
         )
 
     def _answered(self, answer: ChatAnswer, lane: _Lane, batch: _Batch) -> None:
-        live = [waiting for waiting in batch.sends if not waiting.result.called]
+        # Each send is looked at as its turn comes: a callback of one may cancel another.
         if answer.status in (404, 405):
             if lane.batches:
                 lane.batches = False
@@ -247,8 +314,9 @@ class SendBatcher:
                     instance=lane.endpoint.instance_id,
                     status=answer.status,
                 )
-            for waiting in live:
-                self._alone(waiting)
+            for waiting in batch.sends:
+                if not waiting.result.called:
+                    self._alone(waiting)
             return
         results = _results(answer, len(batch.sends))
         if results is None:
@@ -258,8 +326,10 @@ class SendBatcher:
             document, decoded = _decoded(answer.body)
             if 200 <= answer.status < 300:
                 document, decoded = None, False
-            for waiting in live:
-                waiting.result.callback(ParsedAnswer(answer.status, document, decoded))
+            for waiting in batch.sends:
+                if not waiting.result.called:
+                    batch.share(waiting)
+                    waiting.result.callback(ParsedAnswer(answer.status, document, decoded))
             return
         for waiting, (status, document) in zip(batch.sends, results, strict=True):
             if not waiting.result.called:
@@ -269,6 +339,7 @@ class SendBatcher:
     def _failed(failure: Failure, batch: _Batch) -> None:
         for waiting in batch.sends:
             if not waiting.result.called:
+                batch.share(waiting)
                 waiting.result.errback(failure)
 
     def _cancel(self, waiting: _Waiting, d: Deferred[Any]) -> None:
@@ -282,6 +353,7 @@ class SendBatcher:
             lane.queued_bytes -= waiting.size
             d.errback(NotSent(lane.endpoint.instance_id))  # type: ignore[no-untyped-call]
             return
+        batch.share(waiting)
         d.errback(ResponseNeverReceived([Failure(CancelledError())]))  # type: ignore[no-untyped-call]
         if batch.call is not None and all(w.result.called for w in batch.sends):
             batch.call.cancel()

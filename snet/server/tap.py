@@ -74,7 +74,8 @@ class Options(ServiceOptions):
             "no-batch-sends",
             None,
             "Send every dialog send to its chat instance in a call of its own, never in a "
-            "batch call with the sends that came while the call before was out (to compare).",
+            "batch call with the sends that came while the call before was out (to compare; "
+            "env SNET_NO_BATCH_SENDS=1).",
         ],
     ]
     optParameters = [
@@ -140,6 +141,9 @@ class Options(ServiceOptions):
         self["insecure-plaintext"] = insecure_plaintext(self["insecure-plaintext"], self.environ)
         self["reuse-port"] = bool(self["reuse-port"]) or self.environ.get(
             "SNET_REUSE_PORT", ""
+        ).strip().lower() in ("1", "true", "yes", "on")
+        self["no-batch-sends"] = bool(self["no-batch-sends"]) or self.environ.get(
+            "SNET_NO_BATCH_SENDS", ""
         ).strip().lower() in ("1", "true", "yes", "on")
         if self["reuse-port"]:
             try:

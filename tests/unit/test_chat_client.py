@@ -367,6 +367,49 @@ def test_a_send_waiting_behind_an_instance_that_does_not_answer_is_retried_elsew
     assert h.clock.getDelayedCalls() == []
 
 
+def test_a_batch_whose_connection_drops_is_one_failure_of_the_instance_not_one_per_send() -> None:
+    h = Harness(A, B, eject_after=3)
+    h.chat.behaviour["10.0.0.1"] = "hang"
+    calls = [h.send(str(n), f"r-{n}", f"k-{n}") for n in range(7)]  # A: 0 out; 2, 4, 6 wait
+    h.chat.behaviour["10.0.0.1"] = "drop"
+    h.answer_hanging()  # 0 is answered; the batch of 2, 4, 6 goes and its connection drops
+    h.network.stub.flush()
+    assert [c["uri"] for c in h.chat.calls if c["host"] == "10.0.0.1"] == [
+        "/v1/dialogs/2/messages",
+        "/v1/sends",
+    ]
+    assert [result_of(d).instance for d in calls[2::2]] == ["chat-b"] * 3
+    assert h.metric("snet_chat_request_failures_total", instance="chat-a", reason="lost") == 3
+    assert h.health is not None and not h.health.ejected("chat-a")
+
+
+def test_a_send_that_waited_until_its_deadline_is_not_sent_not_a_connect_timeout(
+    logs: Sequence[LogEvent],
+) -> None:
+    """A retry cut short by the deadline while it waits behind a slow call: the instance was
+    reachable, it is only slow, so nothing counts against it."""
+    h = Harness(A, B, timeout=2.0, deadline=2.2)
+    h.chat.behaviour["10.0.0.1"] = h.chat.behaviour["10.0.0.2"] = "hang"
+    others = [h.send("0", "r-0", "k-0")]  # A
+    late = h.send("x", "r-x", "k-x")  # B
+    h.clock.advance(1.9)
+    others.append(h.send("y", "r-y", "k-y"))  # A: the call of 0 has stalled: y goes at once
+    h.clock.advance(0.1)  # 2.0: x times out on B; its retry waits behind y on A
+    assert len(h.chat.calls) == 4  # 0, x, y, and the retry of 0 on B
+    h.clock.advance(0.2)  # 2.2: x's deadline, before y's call has stalled
+    assert isinstance(failure_of(late).value, ChatUnavailable)
+    for reason in ("connect_timeout", "not_sent"):
+        assert h.metric("snet_chat_request_failures_total", instance="chat-a", reason=reason) == (
+            1 if reason == "not_sent" else 0
+        )
+    assert any(
+        "not sent to chat instance chat-a" in formatEvent(e) and e["request_id"] == "r-x"
+        for e in warnings(logs)
+    )
+    h.clock.advance(10)
+    assert [failure_of(d).check(ChatUnavailable) for d in others] == [ChatUnavailable] * 2
+
+
 # --- instances that cannot be reached ---------------------------------------------------------
 
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from snet.server.chatwire import ChatAnswer, ChatCall
 from snet.server.discovery import ChatEndpoint
-from snet.server.sendbatch import BatchedSend, NotSent, ParsedAnswer, SendBatcher
+from snet.server.sendbatch import STALLED, BatchedSend, NotSent, ParsedAnswer, SendBatcher, Told
 from snet.testing import failure_of, result_of
 
 A = ChatEndpoint("chat-a", "10.0.0.1", 8081)
@@ -29,6 +30,8 @@ class Wire:
     def __init__(self) -> None:
         self.calls: list[tuple[ChatEndpoint, ChatCall, Deferred[ChatAnswer]]] = []
         self.cancelled: list[ChatCall] = []
+        self.at_once: list[ChatCall] = []
+        """Calls answered 201 as they are made."""
 
     def exchange(self, endpoint: ChatEndpoint, call: ChatCall) -> Deferred[ChatAnswer]:
         def cancel(d: Deferred[ChatAnswer]) -> None:
@@ -37,6 +40,8 @@ class Wire:
 
         d: Deferred[ChatAnswer] = Deferred(cancel)
         self.calls.append((endpoint, call, d))
+        if call in self.at_once:
+            d.callback(ChatAnswer(201, b"{}"))
         return d
 
     def targets(self) -> list[bytes]:
@@ -79,7 +84,7 @@ def wire() -> Wire:
 
 @pytest.fixture
 def batcher(wire: Wire) -> SendBatcher:
-    return SendBatcher(wire)
+    return SendBatcher(wire, clock=Clock())
 
 
 def test_a_send_to_an_instance_with_nothing_out_goes_at_once_by_itself(
@@ -145,7 +150,7 @@ def test_a_lone_send_that_waited_goes_to_the_send_route(wire: Wire, batcher: Sen
 
 
 def test_a_queue_that_reaches_max_sends_goes_at_once(wire: Wire) -> None:
-    batcher = SendBatcher(wire, max_sends=3)
+    batcher = SendBatcher(wire, clock=Clock(), max_sends=3)
     batcher.exchange(A, send(0))
     for n in (1, 2, 3, 4):
         batcher.exchange(A, send(n))
@@ -155,7 +160,7 @@ def test_a_queue_that_reaches_max_sends_goes_at_once(wire: Wire) -> None:
 
 
 def test_a_batch_stays_under_max_bytes_and_the_rest_waits(wire: Wire) -> None:
-    batcher = SendBatcher(wire, max_bytes=2500)
+    batcher = SendBatcher(wire, clock=Clock(), max_bytes=2500)
     batcher.exchange(A, send(0))
     for n in (1, 2, 3):
         batcher.exchange(A, send(n, text="x" * 150))  # about 1000 bytes each, counted
@@ -302,4 +307,146 @@ def test_a_send_that_went_alone_after_waiting_is_cancelled_with_its_call(
 
 def test_max_sends_is_within_the_chat_services_bound(wire: Wire) -> None:
     with pytest.raises(ValueError, match="max_sends"):
-        SendBatcher(wire, max_sends=51)
+        SendBatcher(wire, clock=Clock(), max_sends=51)
+
+
+# --- a call that stalls -----------------------------------------------------------------------
+
+
+def test_a_call_out_for_longer_than_stalled_does_not_hold_the_sends_after_it(wire: Wire) -> None:
+    clock = Clock()
+    batcher = SendBatcher(wire, clock=clock)
+    batcher.exchange(A, send(1))  # stalls: say, on a dead MySQL connection
+    clock.advance(0.1)
+    waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
+    clock.advance(STALLED - 0.1 - 0.01)
+    assert len(wire.calls) == 1
+    clock.advance(0.01)  # the first call has been out for STALLED: the queue goes
+    assert wire.targets() == [b"/v1/dialogs/2/messages", b"/v1/sends"]
+    wire.answer_batch(1, [(201, message(2)), (201, message(3))])
+    assert [result_of(d).status for d in waiting] == [201, 201]
+    # The stalled call no longer holds anything: the next send goes at once, by itself.
+    batcher.exchange(A, send(4))
+    assert wire.targets()[-1] == b"/v1/dialogs/2/messages"
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_send_that_comes_after_the_call_stalled_takes_the_queue_with_it(wire: Wire) -> None:
+    clock = Clock()
+    batcher = SendBatcher(wire, clock=clock, stalled=1.0)
+    batcher.exchange(A, send(1))
+    batcher.exchange(A, send(2))  # waits, its timer due at 1.0
+    clock.pump([0.5, 0.4])
+    batcher.exchange(A, send(3))  # the first call is young yet: waits too
+    clock.advance(0.1)  # 1.0: the queue goes
+    assert [i["idempotency_key"] for i in wire.items(1)] == ["k2", "k3"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_stall_timer_waits_for_the_youngest_call_out(wire: Wire) -> None:
+    clock = Clock()
+    batcher = SendBatcher(wire, clock=clock, stalled=1.0, max_sends=2)
+    batcher.exchange(A, send(1))
+    clock.advance(0.5)
+    batcher.exchange(A, send(2))
+    batcher.exchange(A, send(3))  # a full batch goes at once, while the first is out
+    batcher.exchange(A, send(4))  # waits for both
+    clock.advance(0.5)  # the first has stalled; the batch has not
+    assert len(wire.calls) == 2
+    clock.advance(0.5)
+    assert wire.targets()[-1] == b"/v1/dialogs/2/messages"  # k4, alone
+    assert wire.calls[-1][1] == send(4).call
+
+
+def test_a_queue_that_went_before_its_timer_leaves_no_timer(wire: Wire) -> None:
+    clock = Clock()
+    batcher = SendBatcher(wire, clock=clock)
+    batcher.exchange(A, send(1))
+    batcher.exchange(A, send(2))
+    assert len(clock.getDelayedCalls()) == 1
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    assert clock.getDelayedCalls() == []
+
+
+# --- one failure of a batch, told once ---------------------------------------------------------
+
+
+def test_a_batch_that_fails_tells_every_send_but_the_first_that_its_failure_is_shared(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    notes = [Told(), Told(), Told()]
+    sends = [batcher.exchange(A, send(n), note) for n, note in zip((2, 3, 4), notes, strict=True)]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    wire.calls[1][2].errback(ResponseFailed([Failure(ConnectionError("lost"))]))
+    for d in sends:
+        failure_of(d)
+    assert [note.shared for note in notes] == [False, True, True]
+
+
+def test_a_batch_answered_5xx_or_timed_out_tells_the_first_send_only(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    batcher.exchange(A, send(1))
+    notes = [Told(), Told()]
+    sends = [batcher.exchange(A, send(n), note) for n, note in zip((2, 3), notes, strict=True)]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    wire.calls[1][2].callback(ChatAnswer(503, b"{}"))
+    assert [result_of(d).status for d in sends] == [503, 503]
+    assert [note.shared for note in notes] == [False, True]
+
+    batcher.exchange(A, send(4))
+    later = [Told(), Told()]
+    timed_out = [batcher.exchange(A, send(n), note) for n, note in zip((5, 6), later, strict=True)]
+    wire.calls[2][2].callback(ChatAnswer(201, b"{}"))
+    for d in timed_out:
+        d.cancel()
+        failure_of(d)
+    assert [note.shared for note in later] == [False, True]
+
+
+def test_a_send_alone_or_answered_by_its_batch_is_never_shared(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    alone = Told()
+    batcher.exchange(A, send(1), alone)
+    notes = [Told(), Told()]
+    [batcher.exchange(A, send(n), note) for n, note in zip((2, 3), notes, strict=True)]
+    wire.calls[0][2].errback(ResponseFailed([Failure(ConnectionError("lost"))]))
+    wire.answer_batch(1, [(503, {}), (201, message(3))])
+    assert [alone.shared, *(note.shared for note in notes)] == [False, False, False]
+
+
+# --- callbacks that cancel other sends ---------------------------------------------------------
+
+
+def batch_of_three(wire: Wire, batcher: SendBatcher) -> list[Deferred[Any]]:
+    batcher.exchange(A, send(1))
+    sends = [batcher.exchange(A, send(n)) for n in (2, 3, 4)]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    assert wire.targets()[1] == b"/v1/sends"
+    return sends
+
+
+def test_a_send_cancelled_by_another_sends_callback_is_not_answered_again(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    first, second, third = batch_of_three(wire, batcher)
+    first.addBoth(lambda _: second.cancel())
+    wire.calls[1][2].callback(ChatAnswer(503, b"{}"))
+    assert isinstance(failure_of(second).value, ResponseNeverReceived)
+    assert result_of(third).status == 503
+
+
+def test_after_a_404_a_send_cancelled_meanwhile_is_not_sent_alone(
+    wire: Wire, batcher: SendBatcher
+) -> None:
+    first, second, third = batch_of_three(wire, batcher)
+    wire.at_once.append(send(2).call)  # k2 alone is answered at once; its caller cancels k3
+    first.addBoth(lambda result: (second.cancel(), result)[1])
+    wire.calls[1][2].callback(ChatAnswer(404, b"{}"))
+    assert result_of(first).status == 201
+    assert isinstance(failure_of(second).value, ResponseNeverReceived)
+    assert [c for _, c, _ in wire.calls[2:]] == [send(2).call, send(4).call]
+    wire.calls[3][2].callback(ChatAnswer(201, b"{}"))
+    assert result_of(third).status == 201

@@ -143,6 +143,19 @@ def test_reuse_port_comes_from_the_environment_too_and_needs_a_tcp_endpoint() ->
         Options(environ=ENVIRON).parseOptions(["--reuse-port", "--listen", "unix:/tmp/s"])
 
 
+def test_sends_are_batched_unless_the_flag_or_the_environment_says_not() -> None:
+    default, flag = Options(environ=ENVIRON), Options(environ=ENVIRON)
+    env = Options(environ={**ENVIRON, "SNET_NO_BATCH_SENDS": "1"})
+    default.parseOptions([])
+    flag.parseOptions(["--no-batch-sends"])
+    env.parseOptions([])
+    assert (default["no-batch-sends"], flag["no-batch-sends"], env["no-batch-sends"]) == (
+        False,
+        True,
+        True,
+    )
+
+
 def test_without_reuse_port_the_listener_is_twisteds_own_endpoint() -> None:
     service = make_service([], MemoryReactorClock())
     assert not isinstance(service.endpoint, ReusePortEndpoint)
