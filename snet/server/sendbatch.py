@@ -190,8 +190,7 @@ class SendBatcher:
             return self._call(lane, send.call)  # type: ignore[return-value]
         waiting = _Waiting(send, lane, told if told is not None else Told())
         waiting.result = Deferred(lambda d: self._cancel(waiting, d))
-        # The item's size is its text's bytes plus a little: a bound, not an exact count.
-        waiting.size = 160 + 6 * len(send.item["text"])
+        waiting.size = _item_bound(send.item)
         if lane.queue and lane.queued_bytes + waiting.size > self.max_bytes:
             self._flush(lane)  # what waits goes now, so that a batch stays within the bound
         lane.queue.append(waiting)
@@ -357,6 +356,15 @@ class SendBatcher:
         d.errback(ResponseNeverReceived([Failure(CancelledError())]))  # type: ignore[no-untyped-call]
         if batch.call is not None and all(w.result.called for w in batch.sends):
             batch.call.cancel()
+
+
+def _item_bound(item: dict[str, Any]) -> int:
+    """At least the bytes *item* takes in a batch's JSON: its field names and punctuation
+    (under 90), two ids of at most 19 digits, a key and a request id (client tokens:
+    ``[A-Za-z0-9._:-]``, one byte a character, counted twice), and a text of at most 6
+    bytes a character (a control character is escaped as ``\\u001f``)."""
+    key, rid = item["idempotency_key"], item["request_id"]
+    return 128 + 2 * (len(key) + len(rid)) + 6 * len(item["text"])
 
 
 def _decoded(body: bytes) -> tuple[Any, bool]:

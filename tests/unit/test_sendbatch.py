@@ -6,14 +6,18 @@ processes in tests/integration/test_monolith.py."""
 from __future__ import annotations
 
 import json
+import string
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from snet.server import sendbatch
 from snet.server.chatwire import ChatAnswer, ChatCall
 from snet.server.discovery import ChatEndpoint
 from snet.server.sendbatch import STALLED, BatchedSend, NotSent, ParsedAnswer, SendBatcher, Told
@@ -450,3 +454,41 @@ def test_after_a_404_a_send_cancelled_meanwhile_is_not_sent_alone(
     assert [c for _, c, _ in wire.calls[2:]] == [send(2).call, send(4).call]
     wire.calls[3][2].callback(ChatAnswer(201, b"{}"))
     assert result_of(third).status == 201
+
+
+TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "._:-", min_size=1, max_size=128)
+
+
+@given(
+    key=TOKEN,
+    rid=TOKEN,
+    text=st.text(max_size=300),
+    ids=st.tuples(st.integers(1, 2**63 - 1), st.integers(1, 2**63 - 1)),
+)
+def test_the_bound_of_a_sends_size_is_never_below_its_json(
+    key: str, rid: str, text: str, ids: tuple[int, int]
+) -> None:
+    item = {
+        "user_id": ids[0],
+        "peer_id": ids[1],
+        "idempotency_key": key,
+        "text": text,
+        "request_id": rid,
+    }
+    encoded = json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    assert len(encoded) + 1 <= sendbatch._item_bound(item)  # the comma between items
+
+
+def test_a_full_batch_of_the_longest_sends_stays_under_the_chats_body_bound(wire: Wire) -> None:
+    """Sends of 4096 characters that JSON escapes (6 bytes each), the longest key and id: the
+    batches' bodies stay under 64 KiB, whatever the bound lets in."""
+    batcher = SendBatcher(wire, clock=Clock())
+    batcher.exchange(A, send(0))
+    worst = "\x01" * 4096
+    for n in range(1, 12):
+        item = {**send(n, worst).item, "idempotency_key": "k" * 128, "request_id": "r" * 128}
+        batcher.exchange(A, BatchedSend(send(n, worst).call, item))
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    bodies = [call.body for _, call, _ in wire.calls[1:]]
+    assert len(bodies) >= 2
+    assert all(body is not None and len(body) < 64 * 1024 for body in bodies)
