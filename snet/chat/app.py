@@ -14,6 +14,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from prometheus_client import Counter
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -173,6 +174,13 @@ class ChatAPI(ServiceApp):
         )
         self.dialogs = dialogs
         self.authorizer = authorizer
+        self._batched = Counter(
+            "snet_chat_batched_send_results",
+            "Sends answered in batch calls (POST /v1/sends), by the status of each",
+            ["status"],
+            registry=metrics.registry,
+        )
+        self._batched_by_status: dict[int, Any] = {}
 
     async def authorized(self, request: IRequest) -> None:
         """Raise unless the caller may use the ``/v1`` routes (see the module docstring)."""
@@ -256,6 +264,7 @@ class ChatAPI(ServiceApp):
                 }
         batch = request_id(request)
         for index, result in enumerate(results):
+            self._count_batched(result["status"])
             log.info(
                 "[{request_id}] send {status} in batch {batch} ({number} of {count})",
                 status=result["status"],
@@ -265,6 +274,12 @@ class ChatAPI(ServiceApp):
                 request_id=rids[index],
             )
         return json_response(request, {"results": results})
+
+    def _count_batched(self, status: int) -> None:
+        child = self._batched_by_status.get(status)
+        if child is None:
+            child = self._batched_by_status[status] = self._batched.labels(status=str(status))
+        child.inc()
 
     @app.route("/v1/dialogs/<peer_id>/messages", methods=["GET"])
     async def list_messages(self, request: IRequest, peer_id: str) -> bytes:

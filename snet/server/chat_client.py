@@ -104,6 +104,16 @@ _NOT_REACHED = frozenset(
 )
 
 
+_NOT_REACHABLE = (
+    "chat instance {instance} not reachable ({reason}: {error}) for {method} {path},"
+    " request {request_id}"
+)
+_NOT_SENT = (
+    "{method} {path} not sent to chat instance {instance}: it waited behind a call to it"
+    " that did not end in time, request {request_id}"
+)
+
+
 class ChatInstanceFailed(ChatUnavailable):
     """A chat instance got the request but gave no usable answer.
 
@@ -484,19 +494,9 @@ class ChatClient:
             except _NotReached as skipped:
                 reason, reached = skipped.reason, False
                 unreached.append(f"{endpoint.instance_id} ({reason})")
-                if reason == "not_sent":
+                if reason != "identity":  # _attempt_failed said more
                     log.warn(
-                        "{method} {path} not sent to chat instance {instance}: it waited behind"
-                        " a call to it that did not end in time, request {request_id}",
-                        instance=endpoint.instance_id,
-                        method=request.method,
-                        path=request.path,
-                        request_id=request.request_id,
-                    )
-                elif reason != "identity":  # _attempt_failed said more
-                    log.warn(
-                        "chat instance {instance} not reachable ({reason}: {error}) for {method}"
-                        " {path}, request {request_id}",
+                        _NOT_SENT if reason == "not_sent" else _NOT_REACHABLE,
                         instance=endpoint.instance_id,
                         reason=reason,
                         error=describe(skipped.error),

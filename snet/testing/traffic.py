@@ -373,7 +373,9 @@ def wait_for_instances(admin_url: str, count: int, timeout: float = 10.0) -> Non
 
 
 def _request_counts(chat_url: str, timeout: float) -> list[tuple[str, str, str, float]] | None:
-    """(method, route, status, count) of ``snet_http_requests_total``; None if no answer."""
+    """(method, route, status, count) of ``snet_http_requests_total``, and a ("BATCHED",
+    send route, status, count) for each status of the sends answered in batch calls
+    (``snet_chat_batched_send_results_total``); None if no answer."""
     try:
         status, body = http_get(f"{chat_url}/metrics", timeout=timeout)
     except OSError:
@@ -383,31 +385,35 @@ def _request_counts(chat_url: str, timeout: float) -> list[tuple[str, str, str, 
     counts = []
     for family in text_string_to_metric_families(body.decode("utf-8", "replace")):
         for sample in family.samples:
-            if sample.name != "snet_http_requests_total":
-                continue
             labels: Mapping[str, str] = sample.labels
-            counts.append(
-                (labels["method"], labels["route"], labels["status"], float(sample.value))
-            )
+            if sample.name == "snet_http_requests_total":
+                counts.append(
+                    (labels["method"], labels["route"], labels["status"], float(sample.value))
+                )
+            elif sample.name == "snet_chat_batched_send_results_total":
+                counts.append(("BATCHED", SEND_ROUTE, labels["status"], float(sample.value)))
     return counts
 
 
+_STORED = {("POST", SEND_ROUTE, "201"), ("BATCHED", SEND_ROUTE, "201")}
+
+
 def served_sends(chat_url: str, timeout: float = 2.0) -> int | None:
-    """Sends the chat instance at *chat_url* stored (POST on the send route, 201), from its
-    ``/metrics``; None if it does not answer."""
+    """Sends the chat instance at *chat_url* stored (answered 201 on the send route or in a
+    batch call), from its ``/metrics``; None if it does not answer."""
     counts = _request_counts(chat_url, timeout)
     if counts is None:
         return None
-    return int(sum(n for m, r, s, n in counts if (m, r, s) == ("POST", SEND_ROUTE, "201")))
+    return int(sum(n for m, r, s, n in counts if (m, r, s) in _STORED))
 
 
 def served_requests(chat_url: str, timeout: float = 2.0) -> int | None:
-    """Dialog calls the chat instance at *chat_url* served: sends answered 201 and lists
-    answered 200, from its ``/metrics``; None if it does not answer."""
+    """Dialog calls the chat instance at *chat_url* served: sends answered 201 (alone or in
+    batch calls) and lists answered 200, from its ``/metrics``; None if it does not answer."""
     counts = _request_counts(chat_url, timeout)
     if counts is None:
         return None
-    served = {("POST", SEND_ROUTE, "201"), ("GET", LIST_ROUTE, "200")}
+    served = {*_STORED, ("GET", LIST_ROUTE, "200")}
     return int(sum(n for m, r, s, n in counts if (m, r, s) in served))
 
 
@@ -417,7 +423,7 @@ def api_requests(chat_url: str, timeout: float = 2.0) -> int | None:
     counts = _request_counts(chat_url, timeout)
     if counts is None:
         return None
-    return int(sum(n for _, route, _, n in counts if route.startswith("/v1")))
+    return int(sum(n for m, route, _, n in counts if route.startswith("/v1") and m != "BATCHED"))
 
 
 def spread(counts: Mapping[str, int], among: Iterable[str] | None = None) -> int:

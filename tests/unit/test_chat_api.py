@@ -285,6 +285,9 @@ def test_a_batch_stores_its_sends_together_each_answered_as_the_send_route_would
     assert results[2]["body"] == single
     assert chat.messages.batches == [3]
     assert len(chat.messages.rows) == 3
+    admin = StubTreq(chat.api.admin_resource())
+    metrics = result_of(result_of(admin.get(BASE + "/metrics")).content())
+    assert b'snet_chat_batched_send_results_total{status="201"} 3.0' in metrics
     assert chat.unread.hashes == {BOB: {ALICE: 1}, ALICE: {BOB: 1, CAROL: 1}}
 
 
