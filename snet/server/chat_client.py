@@ -373,7 +373,8 @@ class ChatClient:
 
     With *batch_sends* (the default), the sends to an instance that come while a send call
     to it is out go together in one batch call when it ends (``snet.server.sendbatch``);
-    each is still an attempt of its own, retried, counted and judged as above, except that
+    each is still an attempt of its own (a retry goes by itself), retried, counted and
+    judged as above, except that
     a batch that fails as a whole counts once against the instance's passive health, and a
     send that was never sent (``not_sent``: it waited behind a call that did not end within
     its timeout) goes to the next instance as one not reached. With a
@@ -490,7 +491,9 @@ class ChatClient:
         while True:
             tried.append(endpoint.instance_id)
             try:
-                reply = await self._attempt(endpoint, request, retries.time_left())
+                reply = await self._attempt(
+                    endpoint, request, retries.time_left(), retry=len(tried) > 1
+                )
             except _NotReached as skipped:
                 reason, reached = skipped.reason, False
                 unreached.append(f"{endpoint.instance_id} ({reason})")
@@ -574,15 +577,18 @@ class ChatClient:
         )
         return failure
 
-    async def _attempt(self, endpoint: ChatEndpoint, request: _Request, left: float) -> ChatReply:
-        """One attempt on *endpoint*, given at most *left* seconds (the call's deadline)."""
+    async def _attempt(
+        self, endpoint: ChatEndpoint, request: _Request, left: float, *, retry: bool = False
+    ) -> ChatReply:
+        """One attempt on *endpoint*, given at most *left* seconds (the call's deadline); a
+        send's *retry* goes by itself, never in a batch."""
         instance = endpoint.instance_id
         self._metrics.attempted(instance)
         started = self._clock.seconds()
         timeout = min(self._timeout, left)
         told = Told()
         if request.send is not None and self._sends is not None:
-            call: Deferred[Any] = self._sends.exchange(endpoint, request.send, told)
+            call: Deferred[Any] = self._sends.exchange(endpoint, request.send, told, alone=retry)
         else:
             call = self._wire.exchange(endpoint, request.call)
         exchange = within(call, timeout, self._clock)

@@ -13,18 +13,25 @@ per instance:
   sends that waited go in one ``POST /v1/sends`` (``snet.chat_contract``), up to
   ``max_sends`` of them and ``max_bytes`` of body (a lone one goes to the send route). A
   queue that would pass either bound goes at once.
-- A call out for longer than *stalled* seconds (0.5 s: a chat call takes milliseconds) does
+- A call out for longer than *stalled* seconds (20 ms: a chat call takes 1-3 ms here) does
   not hold the sends after it: the queue goes then, and later sends go at once, as they
   would on connections of their own without batching (the chat's ``MessageStore`` does the
-  same for a stalled statement).
+  same for a stalled statement). Whatever a stalled call waits for (an instance being
+  killed, a lock of MariaDB), the sends after it wait at most this much longer than without
+  batching: the fault bench's slowest call under SIGKILL was 0.61 s with 0.5 s here, 0.41 s
+  with 0.1 s, 0.33-0.34 s with 20 ms, as without batching; batches stay as large under load
+  (docs/performance.md, step 12).
 - Each send gets its own answer: the batch's result for it (:class:`ParsedAnswer`, as the
   send route would have answered it), or, when the batch call failed, the batch's failure or
   answer (a 5xx, an answer that is not the batch's), which the client then judges for each
   send as for a send of its own. An instance that answers the batch route 404 or 405 (one
   older than it, in a rolling upgrade) gets its sends one by one from then on.
+- A retry goes at once by itself, and holds no send after it: it may meet the locks of its
+  own first attempt, and is rare.
 - Cancelling a send (its attempt timed out, its caller went away) while it waits fails it
   with :class:`NotSent`, a ``ConnectingCancelledError``: it never left, and the client tries
-  the next instance as it does after a connect timeout. Cancelling it once sent leaves the
+  the next instance at once (``not_sent``), holding nothing against this one, whose call
+  ahead answers for itself. Cancelling it once sent leaves the
   batch to the others, and fails it as a cancelled single call fails
   (``ResponseNeverReceived``); the batch's connection is dropped only when every send of it
   is cancelled. The instance may still store it: the retry carries the same idempotency key.
@@ -65,7 +72,7 @@ MAX_BATCH_BYTES = 48 * 1024
 the sends' headers, so a batch is never refused for its size (a single send is never more
 than about 25 KiB)."""
 
-STALLED = 0.5
+STALLED = 0.02
 """Seconds after which a send call out no longer holds the sends after it."""
 
 _MAX_LANES = 1024
@@ -178,13 +185,21 @@ class SendBatcher:
         self.batched_sends = 0
 
     def exchange(
-        self, endpoint: ChatEndpoint, send: BatchedSend, told: Told | None = None
+        self,
+        endpoint: ChatEndpoint,
+        send: BatchedSend,
+        told: Told | None = None,
+        *,
+        alone: bool = False,
     ) -> Deferred[ChatAnswer | ParsedAnswer]:
         """Send *send* to *endpoint*, alone or in a batch; fires with its answer. *told*, if
-        given, is filled in as the attempt ends (see ``Told``)."""
+        given, is filled in as the attempt ends (see ``Told``). With *alone* (a retry), it
+        goes at once by itself, and its call holds no send after it."""
         lane = self._lanes.get(endpoint)
         if lane is None:
             lane = self._lane(endpoint)
+        if alone:
+            return self._call(lane, send.call, holds=False)  # type: ignore[return-value]
         busy = self._busy(lane)
         if (not busy and not lane.queue) or not lane.batches:
             return self._call(lane, send.call)  # type: ignore[return-value]
@@ -235,12 +250,13 @@ class SendBatcher:
         else:
             self._flush(lane)
 
-    def _call(self, lane: _Lane, call: ChatCall) -> Deferred[ChatAnswer]:
-        self._calls += 1
-        number = self._calls
-        lane.out[number] = self._clock.seconds()
+    def _call(self, lane: _Lane, call: ChatCall, *, holds: bool = True) -> Deferred[ChatAnswer]:
         d = self._wire.exchange(lane.endpoint, call)
-        d.addBoth(self._ended, lane, number)
+        if holds:
+            self._calls += 1
+            number = self._calls
+            lane.out[number] = self._clock.seconds()
+            d.addBoth(self._ended, lane, number)
         return d
 
     def _ended(self, result: Any, lane: _Lane, number: int) -> Any:

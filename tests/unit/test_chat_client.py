@@ -34,6 +34,7 @@ from snet.server.discovery import ChatEndpoint
 from snet.server.ejection import PassiveHealth
 from snet.server.gateway import ChatReply, ChatUnavailable, NoChatInstance
 from snet.server.roundrobin import RoundRobin
+from snet.server.sendbatch import NotSent, SendBatcher
 from snet.testing import failure_of, result_of
 
 A = ChatEndpoint("chat-a", "10.0.0.1", 8081)
@@ -383,31 +384,55 @@ def test_a_batch_whose_connection_drops_is_one_failure_of_the_instance_not_one_p
     assert h.health is not None and not h.health.ejected("chat-a")
 
 
-def test_a_send_that_waited_until_its_deadline_is_not_sent_not_a_connect_timeout(
+class WaitsOnA:
+    """The client's SendBatcher, except that a first attempt on A waits until it is
+    cancelled, as behind a call to A that neither ends nor stalls."""
+
+    def __init__(self, batcher: SendBatcher) -> None:
+        self.batcher = batcher
+
+    def exchange(
+        self, endpoint: ChatEndpoint, send: Any, told: Any = None, *, alone: bool = False
+    ) -> Deferred[Any]:
+        if endpoint == A and not alone:
+            return Deferred(lambda d: d.errback(NotSent(A.instance_id)))
+        return self.batcher.exchange(endpoint, send, told, alone=alone)
+
+
+def test_a_send_that_waited_until_its_timeout_was_never_sent_and_goes_to_the_next_instance(
     logs: Sequence[LogEvent],
 ) -> None:
-    """A retry cut short by the deadline while it waits behind a slow call: the instance was
-    reachable, it is only slow, so nothing counts against it."""
-    h = Harness(A, B, timeout=2.0, deadline=2.2)
-    h.chat.behaviour["10.0.0.1"] = h.chat.behaviour["10.0.0.2"] = "hang"
-    others = [h.send("0", "r-0", "k-0")]  # A
-    late = h.send("x", "r-x", "k-x")  # B
-    h.clock.advance(1.9)
-    others.append(h.send("y", "r-y", "k-y"))  # A: the call of 0 has stalled: y goes at once
-    h.clock.advance(0.1)  # 2.0: x times out on B; its retry waits behind y on A
-    assert len(h.chat.calls) == 4  # 0, x, y, and the retry of 0 on B
-    h.clock.advance(0.2)  # 2.2: x's deadline, before y's call has stalled
-    assert isinstance(failure_of(late).value, ChatUnavailable)
-    for reason in ("connect_timeout", "not_sent"):
-        assert h.metric("snet_chat_request_failures_total", instance="chat-a", reason=reason) == (
-            1 if reason == "not_sent" else 0
-        )
+    """Not a connect timeout, nor anything against the instance: it was only busy."""
+    h = Harness(A, B, timeout=2.0, eject_after=1)
+    h.client._sends = WaitsOnA(h.client._sends)  # type: ignore[arg-type, assignment]
+    d = h.send("x", "r-x", "k-x")
+    h.clock.advance(2.0)
+    reply = result_of(d)
+    assert reply.instance == "chat-b"
+    assert [c["host"] for c in h.chat.calls] == ["10.0.0.2"]
+    assert h.metric("snet_chat_request_failures_total", instance="chat-a", reason="not_sent") == 1
+    assert h.metric("snet_chat_retries_total", reason="not_sent") == 1
+    assert h.health is not None and not h.health.ejected("chat-a")
     assert any(
         "not sent to chat instance chat-a" in formatEvent(e) and e["request_id"] == "r-x"
         for e in warnings(logs)
     )
-    h.clock.advance(10)
-    assert [failure_of(d).check(ChatUnavailable) for d in others] == [ChatUnavailable] * 2
+
+
+def test_a_retried_send_goes_by_itself_and_the_sends_after_it_do_not_wait() -> None:
+    h = Harness(A, B)
+    h.chat.behaviour["10.0.0.1"] = "drop"
+    h.chat.behaviour["10.0.0.2"] = "hang"
+    first = h.send("0", "r-0", "k-0")  # A drops it: retried on B, where it hangs
+    h.network.stub.flush()
+    assert [c["host"] for c in h.chat.calls] == ["10.0.0.1", "10.0.0.2"]
+    h.chat.behaviour["10.0.0.2"] = "ok"
+    h.chat.behaviour["10.0.0.1"] = "ok"
+    h.send("1", "r-1", "k-1")  # B (the rotation goes on after B): not held by the retry
+    assert [c["host"] for c in h.chat.calls] == ["10.0.0.1", "10.0.0.2", "10.0.0.2"]
+    assert h.chat.calls[2]["uri"] == "/v1/dialogs/2/messages"
+    first.cancel()
+    failure_of(first)
 
 
 # --- instances that cannot be reached ---------------------------------------------------------

@@ -321,11 +321,11 @@ def test_a_call_out_for_longer_than_stalled_does_not_hold_the_sends_after_it(wir
     clock = Clock()
     batcher = SendBatcher(wire, clock=clock)
     batcher.exchange(A, send(1))  # stalls: say, on a dead MySQL connection
-    clock.advance(0.1)
+    clock.advance(STALLED / 2)
     waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
-    clock.advance(STALLED - 0.1 - 0.01)
+    clock.advance(STALLED / 2 - 0.001)
     assert len(wire.calls) == 1
-    clock.advance(0.01)  # the first call has been out for STALLED: the queue goes
+    clock.advance(0.001)  # the first call has been out for STALLED: the queue goes
     assert wire.targets() == [b"/v1/dialogs/2/messages", b"/v1/sends"]
     wire.answer_batch(1, [(201, message(2)), (201, message(3))])
     assert [result_of(d).status for d in waiting] == [201, 201]
@@ -492,3 +492,15 @@ def test_a_full_batch_of_the_longest_sends_stays_under_the_chats_body_bound(wire
     bodies = [call.body for _, call, _ in wire.calls[1:]]
     assert len(bodies) >= 2
     assert all(body is not None and len(body) < 64 * 1024 for body in bodies)
+
+
+def test_a_retried_send_goes_alone_and_holds_nothing(wire: Wire, batcher: SendBatcher) -> None:
+    """A retry may meet the locks of its own first attempt (a killed instance's statement):
+    it goes by itself at once, and the sends after it do not wait for it."""
+    batcher.exchange(A, send(1))
+    batcher.exchange(A, send(2), alone=True)  # goes at once though a call is out
+    assert wire.targets() == [b"/v1/dialogs/2/messages"] * 2
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    batcher.exchange(A, send(3))  # the retry's call, still out, holds nothing
+    assert wire.targets()[-1] == b"/v1/dialogs/2/messages"
+    assert wire.calls[-1][1] == send(3).call
