@@ -375,9 +375,10 @@ class ChatClient:
     to it is out go together in one batch call when it ends (``snet.server.sendbatch``);
     each is still an attempt of its own (a retry goes by itself), retried, counted and
     judged as above, except that
-    a batch that fails as a whole counts once against the instance's passive health, and a
-    send that was never sent (``not_sent``: it waited behind a call that did not end within
-    its timeout) goes to the next instance as one not reached. With a
+    a batch's failures count once against the instance's passive health, and a send that
+    was never sent (``not_sent``: its attempt's time ran out while it waited, which takes an
+    attempt shorter than the batcher's 20 ms) goes to the next instance as one not reached.
+    With a
     *registry*, ``snet_chat_send_batch_calls_total`` and
     ``snet_chat_sends_in_batch_calls_total`` count them.
     """
@@ -604,7 +605,7 @@ class ChatClient:
             reason = "connect_timeout" if while_connecting(error) else "timeout"
             self._metrics.failed(instance, reason)
             # Cut short by the call's deadline, not by its own timeout: not the instance's fault.
-            if timeout >= self._timeout and not told.shared:
+            if timeout >= self._timeout and told.first():
                 self._balancer.failed(endpoint, reason)
             raise self._attempt_failed(endpoint, request, reason, error, str(timed_out)) from error
         except Exception as error:
@@ -615,14 +616,14 @@ class ChatClient:
                 raise
             self._metrics.failed(instance, why)
             # Not without a certificate of this process's own, nor twice for one batch.
-            if why != "no_identity" and not told.shared:
+            if why != "no_identity" and told.first():
                 self._balancer.failed(endpoint, why)
             raise self._attempt_failed(endpoint, request, why, error, why) from error
         self._metrics.answered(instance, self._clock.seconds() - started)
         try:
             reply = self._reply(endpoint, request, answer)
         except ChatInstanceFailed as failed:
-            if not told.shared:
+            if told.first():
                 self._balancer.failed(endpoint, failed.reason)
             raise
         self._balancer.succeeded(endpoint)

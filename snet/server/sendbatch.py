@@ -14,13 +14,13 @@ per instance:
   ``max_sends`` of them and ``max_bytes`` of body (a lone one goes to the send route). A
   queue that would pass either bound goes at once.
 - A call out for longer than *stalled* seconds (20 ms: a chat call takes 1-3 ms here) does
-  not hold the sends after it: the queue goes then, and later sends go at once, as they
-  would on connections of their own without batching (the chat's ``MessageStore`` does the
-  same for a stalled statement). Whatever a stalled call waits for (an instance being
-  killed, a lock of MariaDB), the sends after it wait at most this much longer than without
-  batching: the fault bench's slowest call under SIGKILL was 0.61 s with 0.5 s here, 0.41 s
-  with 0.1 s, 0.33-0.34 s with 20 ms, as without batching; batches stay as large under load
-  (docs/performance.md, step 12).
+  not hold the sends after it: the queue goes then (and the sends after that wait for its
+  call, at most as long), as they would go on connections of their own without batching
+  (the chat's ``MessageStore`` does the same for a stalled statement). Whatever a stalled
+  call waits for (an instance being killed, a lock of MariaDB), the sends after it wait at
+  most this much longer than without batching: the fault bench's slowest call under SIGKILL
+  was 0.61 s with 0.5 s here, 0.41 s with 0.1 s, 0.33-0.34 s with 20 ms, as without
+  batching; batches stay as large under load (docs/performance.md, step 12).
 - Each send gets its own answer: the batch's result for it (:class:`ParsedAnswer`, as the
   send route would have answered it), or, when the batch call failed, the batch's failure or
   answer (a 5xx, an answer that is not the batch's), which the client then judges for each
@@ -35,10 +35,10 @@ per instance:
   batch to the others, and fails it as a cancelled single call fails
   (``ResponseNeverReceived``); the batch's connection is dropped only when every send of it
   is cancelled. The instance may still store it: the retry carries the same idempotency key.
-- A batch that fails as a whole (its call failed or timed out, an answer not the batch's)
-  is one failure of the instance, not one per send: the *told* note of every send but the
-  first to fail says ``shared``, and the client counts only the first against the
-  instance's health.
+- A batch that fails (its call failed or timed out, an answer not the batch's) is one
+  failure of the instance, not one per send: each send's *told* note knows its batch, and
+  ``Told.first()`` lets the client count only the first of them against the instance's
+  health (a send cancelled by its caller counts nothing, and takes nothing away).
 
 Retrying is the client's: a batch call is never sent twice by this class, except that
 ``ChatWire`` sends any call once more after a stale pooled connection, as for a single send
@@ -110,11 +110,21 @@ class NotSent(ConnectingCancelledError):
 
 @define
 class Told:
-    """One attempt's note, filled in by :class:`SendBatcher`: ``shared`` when its failure is
-    its batch's and another send of the batch failed with it first (the instance's health
-    counts the batch's failure once)."""
+    """One attempt's note, filled in by :class:`SendBatcher`: the batch the send went in, if
+    any, so that the instance's health counts a batch's failure once."""
 
-    shared: bool = False
+    batch: _Batch | None = None
+
+    def first(self) -> bool:
+        """Whether this attempt's failure is to be counted: always for a send that went
+        alone; for a batch's, only the first one asked (which marks the batch counted)."""
+        batch = self.batch
+        if batch is None:
+            return True
+        if batch.counted:
+            return False
+        batch.counted = True
+        return True
 
 
 @define(eq=False)
@@ -126,6 +136,8 @@ class _Waiting:
     size: int = 0
     alone: Deferred[ChatAnswer] | None = None
     """The send's own call, once it went alone."""
+    sending: bool = False
+    """Whether its own call is being made (a cancel meanwhile cannot say it was not sent)."""
     batch: _Batch | None = None
     """The batch it went in."""
 
@@ -134,13 +146,8 @@ class _Waiting:
 class _Batch:
     sends: list[_Waiting]
     call: Deferred[ChatAnswer] | None = None
-    failed: bool = False
-    """Whether a send of it failed with the batch already (see ``Told``)."""
-
-    def share(self, waiting: _Waiting) -> None:
-        """*waiting* fails with the batch: it is told whether another did first."""
-        waiting.told.shared = self.failed
-        self.failed = True
+    counted: bool = False
+    """Whether a failure of one of its sends was counted against the instance (``Told``)."""
 
 
 @define(eq=False)
@@ -156,6 +163,8 @@ class _Lane:
     """False once the instance answered the batch route 404 or 405."""
     timer: IDelayedCall | None = None
     """When the queue goes if the calls out have stalled by then."""
+    armed_for: float = 0.0
+    """When the youngest call out started, as the timer was armed."""
 
 
 class SendBatcher:
@@ -237,7 +246,7 @@ class SendBatcher:
         return max(lane.out.values()) > now - self.stalled
 
     def _flush_when_stalled(self, lane: _Lane) -> None:
-        youngest = max(lane.out.values())
+        youngest = lane.armed_for = max(lane.out.values())
         delay = max(0.0, youngest + self.stalled - self._clock.seconds())
         lane.timer = self._clock.callLater(delay, self._stall_passed, lane)
 
@@ -245,24 +254,28 @@ class SendBatcher:
         lane.timer = None
         if not lane.queue:
             return
-        if self._busy(lane):
+        if lane.out and max(lane.out.values()) > lane.armed_for:
             self._flush_when_stalled(lane)  # a newer call went out meanwhile
         else:
             self._flush(lane)
 
-    def _call(self, lane: _Lane, call: ChatCall, *, holds: bool = True) -> Deferred[ChatAnswer]:
+    def _call(
+        self, lane: _Lane, call: ChatCall, *, holds: bool = True, batch: bool = False
+    ) -> Deferred[ChatAnswer]:
         d = self._wire.exchange(lane.endpoint, call)
         if holds:
             self._calls += 1
             number = self._calls
             lane.out[number] = self._clock.seconds()
-            d.addBoth(self._ended, lane, number)
+            d.addBoth(self._ended, lane, number, batch)
         return d
 
-    def _ended(self, result: Any, lane: _Lane, number: int) -> Any:
+    def _ended(self, result: Any, lane: _Lane, number: int, batch: bool) -> Any:
         # The sends that waited go before this call's callers go on, so that the next batch
         # holds only the sends that came while this call was out.
         del lane.out[number]
+        if batch and isinstance(result, ChatAnswer) and result.status in (404, 405):
+            self._no_batch_route(lane, result.status)
         if lane.queue and not self._busy(lane):
             self._flush(lane)
         return result
@@ -273,15 +286,28 @@ class SendBatcher:
         if lane.timer is not None:
             lane.timer.cancel()
             lane.timer = None
-        sends, lane.queue, lane.queued_bytes = lane.queue, [], 0
+        queued, lane.queue, lane.queued_bytes = lane.queue, [], 0
+        sends = [waiting for waiting in queued if not waiting.result.called]
         if len(sends) == 1 or not lane.batches:
             for waiting in sends:
-                self._alone(waiting)
-        else:
+                self._alone(waiting)  # a callback of one may cancel the next
+        elif sends:
             self._batch(lane, sends)
 
+    def _no_batch_route(self, lane: _Lane, status: int) -> None:
+        if lane.batches:
+            lane.batches = False
+            log.info(
+                "chat instance {instance} has no batch route ({status}): its sends go one by one",
+                instance=lane.endpoint.instance_id,
+                status=status,
+            )
+
     def _alone(self, waiting: _Waiting) -> None:
+        if waiting.result.called:  # cancelled meanwhile
+            return
         waiting.batch = None
+        waiting.sending = True
         call = waiting.alone = self._call(waiting.lane, waiting.send.call)
         call.addBoth(self._settle, waiting)
 
@@ -297,7 +323,7 @@ class SendBatcher:
     def _batch(self, lane: _Lane, sends: list[_Waiting]) -> None:
         batch = _Batch(sends)
         for waiting in sends:
-            waiting.batch = batch
+            waiting.batch = waiting.told.batch = batch
         body = json.dumps(
             {"sends": [waiting.send.item for waiting in sends]},
             ensure_ascii=False,
@@ -310,7 +336,9 @@ class SendBatcher:
         )
         self.batch_calls += 1
         self.batched_sends += len(sends)
-        call = batch.call = self._call(lane, ChatCall(b"POST", _BATCH_TARGET, headers, body, True))
+        call = batch.call = self._call(
+            lane, ChatCall(b"POST", _BATCH_TARGET, headers, body, True), batch=True
+        )
         call.addCallbacks(
             self._answered,
             self._failed,
@@ -320,15 +348,7 @@ class SendBatcher:
 
     def _answered(self, answer: ChatAnswer, lane: _Lane, batch: _Batch) -> None:
         # Each send is looked at as its turn comes: a callback of one may cancel another.
-        if answer.status in (404, 405):
-            if lane.batches:
-                lane.batches = False
-                log.info(
-                    "chat instance {instance} has no batch route ({status}): its sends go one"
-                    " by one",
-                    instance=lane.endpoint.instance_id,
-                    status=answer.status,
-                )
+        if answer.status in (404, 405):  # the lane knows already (_ended)
             for waiting in batch.sends:
                 if not waiting.result.called:
                     self._alone(waiting)
@@ -343,7 +363,6 @@ class SendBatcher:
                 document, decoded = None, False
             for waiting in batch.sends:
                 if not waiting.result.called:
-                    batch.share(waiting)
                     waiting.result.callback(ParsedAnswer(answer.status, document, decoded))
             return
         for waiting, (status, document) in zip(batch.sends, results, strict=True):
@@ -354,7 +373,6 @@ class SendBatcher:
     def _failed(failure: Failure, batch: _Batch) -> None:
         for waiting in batch.sends:
             if not waiting.result.called:
-                batch.share(waiting)
                 waiting.result.errback(failure)
 
     def _cancel(self, waiting: _Waiting, d: Deferred[Any]) -> None:
@@ -362,13 +380,16 @@ class SendBatcher:
             waiting.alone.cancel()  # its failure comes through _settle
             return
         batch = waiting.batch
-        if batch is None:  # still waiting
+        if batch is None:
             lane = waiting.lane
-            lane.queue.remove(waiting)
-            lane.queued_bytes -= waiting.size
+            if waiting.sending:  # its call is being made: it may have gone out
+                d.errback(ResponseNeverReceived([Failure(CancelledError())]))  # type: ignore[no-untyped-call]
+                return
+            if waiting in lane.queue:  # else a flush took it and will skip it
+                lane.queue.remove(waiting)
+                lane.queued_bytes -= waiting.size
             d.errback(NotSent(lane.endpoint.instance_id))  # type: ignore[no-untyped-call]
             return
-        batch.share(waiting)
         d.errback(ResponseNeverReceived([Failure(CancelledError())]))  # type: ignore[no-untyped-call]
         if batch.call is not None and all(w.result.called for w in batch.sends):
             batch.call.cancel()
