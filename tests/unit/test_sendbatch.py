@@ -427,15 +427,18 @@ def test_a_timer_that_fires_on_time_lets_the_queue_go_whatever_the_rounding(wire
         assert batcher.waiting(A) == 0
 
 
+def waiting_behind_a_batch(wire: Wire, batcher: SendBatcher) -> list[Deferred[Any]]:
+    """A batch of sends 2 and 3 out (the second call), and sends 4 and 5 waiting for it."""
+    for n in (1, 2, 3):
+        batcher.exchange(A, send(n))
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    return [batcher.exchange(A, send(n)) for n in (4, 5)]
+
+
 def test_after_a_404_the_sends_that_waited_meanwhile_go_one_by_one_not_in_another_batch(
     wire: Wire, batcher: SendBatcher
 ) -> None:
-    batcher.exchange(A, send(1))
-    batcher.exchange(A, send(2))
-    batcher.exchange(A, send(3))
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))  # the batch of 2 and 3 goes
-    batcher.exchange(A, send(4))
-    batcher.exchange(A, send(5))  # these wait for it
+    waiting_behind_a_batch(wire, batcher)
     wire.calls[1][2].callback(ChatAnswer(404, b"{}"))
     assert (
         wire.targets()
@@ -447,12 +450,7 @@ def test_a_send_cancelled_while_a_flush_sends_the_ones_before_it_is_not_sent(
     wire: Wire, batcher: SendBatcher
 ) -> None:
     """After a 404 the queue goes one by one; a callback of one cancels a later one."""
-    batcher.exchange(A, send(1))
-    batcher.exchange(A, send(2))
-    batcher.exchange(A, send(3))
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))  # the batch of 2 and 3 goes
-    fourth = batcher.exchange(A, send(4))
-    fifth = batcher.exchange(A, send(5))
+    fourth, fifth = waiting_behind_a_batch(wire, batcher)
     wire.at_once.append(send(4).call)
     fourth.addCallback(lambda answer: (fifth.cancel(), answer)[1])
     wire.calls[1][2].callback(ChatAnswer(404, b"{}"))  # 4 and 5 go alone: 4 is answered at once
