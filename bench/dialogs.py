@@ -7,7 +7,10 @@ Starts its own Consul dev agent, MariaDB, Redis, three ``twistd snet-chat`` inst
 closed-loop load (N requests from C keep-alive clients):
 
 - A: ``POST /dialog/{id}/send`` through the monolith (bearer auth, discovery, round-robin,
-  one forwarded call per send);
+  the sends to an instance that come while a call to it is out sent together in a batch
+  call: ``snet.server.sendbatch``);
+- S: the same through a second set of monolith processes started with ``--no-batch-sends``
+  (every send a call of its own), to see what the batches save in the same run;
 - B: ``POST /v1/dialogs/{id}/messages`` straight to one chat instance;
 - H: the same chat calls to HAProxy (Debian's package, fed by Consul's DNS as in
   ``bench/faults.py``, ``bench/haproxy-consul.cfg``), which makes the hop to the instances
@@ -17,7 +20,7 @@ closed-loop load (N requests from C keep-alive clients):
 For each set-up it prints requests per second, latency percentiles, the CPU milliseconds per
 request of every process (each monolith, each chat instance, HAProxy, MariaDB, Redis,
 Consul, the load generator; user + system from /proc/<pid>/stat, read before and after the
-phase), MariaDB statements per request (its ``Questions`` counter) and the machine's CPU
+phase), how many sends of A and S went in batch calls, MariaDB statements per request (its ``Questions`` counter) and the machine's CPU
 steal during the phase. It does so over Consul Connect (mutual TLS between the monolith and
 the instances; B with a ``snet-server`` client certificate) and with ``--insecure-plaintext``
 on both ends, unless ``--only`` names one. Figures only: nothing here passes or fails on a
