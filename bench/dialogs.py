@@ -21,10 +21,10 @@ For each set-up it prints requests per second, latency percentiles, the CPU mill
 request of every process (each monolith, each chat instance, HAProxy, MariaDB, Redis,
 Consul, the load generator; user + system from /proc/<pid>/stat, read before and after the
 phase), how many sends of A and S went in batch calls, MariaDB statements per request (its
-``Questions`` counter) and the machine's CPU steal during the phase. It does so over Consul Connect (mutual TLS between the monolith and
-the instances; B with a ``snet-server`` client certificate) and with ``--insecure-plaintext``
-on both ends, unless ``--only`` names one. Figures only: nothing here passes or fails on a
-time.
+``Questions`` counter) and the machine's CPU steal during the phase. It does so over Consul
+Connect (mutual TLS between the monolith and the instances; B with a ``snet-server`` client
+certificate) and with ``--insecure-plaintext`` on both ends, unless ``--only`` names one.
+Figures only: nothing here passes or fails on a time.
 
     python bench/dialogs.py --requests 3000 --concurrency 8
     python bench/dialogs.py --only plaintext --monoliths 2
