@@ -15,6 +15,13 @@ from twisted.python import usage
 from snet.config import ConfigError, ConsulConfig, MySQLConfig, RedisConfig, read_secret_file
 from snet.web.limits import HTTPLimits
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def flag_or_environment(flag: object, environ: Mapping[str, str], variable: str) -> bool:
+    """Whether an on/off option is on: its flag, else *variable* set to 1, true, yes or on."""
+    return bool(flag) or environ.get(variable, "").strip().lower() in _TRUE
+
 
 def positive_float(text: str) -> float:
     """Coerce an option to a number of seconds greater than zero."""

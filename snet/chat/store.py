@@ -431,10 +431,8 @@ class MessageStore:
         :raises IdempotencyKeyReused: if the key was used before for another recipient or
             text.
         """
-        d: Deferred[tuple[Message, bool]] = Deferred()
-        self._queue.append((_Send(sender_id, recipient_id, text, idempotency_key), d))
-        self._store_queued()
-        return d
+        (stored,) = self.send_many([(sender_id, recipient_id, text, idempotency_key)])
+        return stored
 
     def send_many(
         self, sends: Sequence[tuple[int, int, str, str]]

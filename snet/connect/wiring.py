@@ -30,6 +30,7 @@ from snet.connect.identity import IdentitySource
 from snet.connect.tls import ConnectServerTLS
 from snet.connect.watcher import CertificateWatcher
 from snet.consul import TreqConsul
+from snet.options import flag_or_environment
 
 __all__ = [
     "MONOLITH_SERVICE",
@@ -59,12 +60,10 @@ PLAINTEXT_FLAG = [
 ]
 """The ``optFlags`` entry both taps list."""
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-
 
 def insecure_plaintext(flag: object, environ: Mapping[str, str]) -> bool:
     """Whether plaintext was asked for: the flag, else ``SNET_INSECURE_PLAINTEXT``."""
-    return bool(flag) or environ.get(PLAINTEXT_ENVIRONMENT, "").strip().lower() in _TRUE
+    return flag_or_environment(flag, environ, PLAINTEXT_ENVIRONMENT)
 
 
 def warn_insecure_plaintext(what: str) -> None:

@@ -372,14 +372,12 @@ class ChatClient:
     ``snet_chat_retry_budget_available`` (retries the budget allows now).
 
     With *batch_sends* (the default), the sends to an instance that come while a send call
-    to it is out go together in one batch call when it ends (``snet.server.sendbatch``);
-    each is still an attempt of its own (a retry goes by itself), retried, counted and
-    judged as above, except that
-    a batch's failures count once against the instance's passive health, and a send that
-    was never sent (``not_sent``: its attempt's time ran out while it waited, which takes an
-    attempt shorter than the batcher's 20 ms) goes to the next instance as one not reached.
-    With a
-    *registry*, ``snet_chat_send_batch_calls_total`` and
+    to it is out go together in one batch call when it ends (``snet.server.sendbatch``).
+    Each is still an attempt of its own (a retry goes by itself), retried, counted and judged
+    as above, except that a batch's failures count once against the instance's passive
+    health, and that a send never sent (``not_sent``: its attempt's time ran out while it
+    waited, which takes an attempt shorter than the batcher's 20 ms) goes to the next
+    instance as one not reached. With a *registry*, ``snet_chat_send_batch_calls_total`` and
     ``snet_chat_sends_in_batch_calls_total`` count them.
     """
 

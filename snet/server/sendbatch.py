@@ -138,8 +138,6 @@ class _Waiting:
     """The send's own call, once it went alone."""
     sending: bool = False
     """Whether its own call is being made (a cancel meanwhile cannot say it was not sent)."""
-    batch: _Batch | None = None
-    """The batch it went in."""
 
 
 @define(eq=False)
@@ -306,7 +304,6 @@ class SendBatcher:
     def _alone(self, waiting: _Waiting) -> None:
         if waiting.result.called:  # cancelled meanwhile
             return
-        waiting.batch = None
         waiting.sending = True
         call = waiting.alone = self._call(waiting.lane, waiting.send.call)
         call.addBoth(self._settle, waiting)
@@ -323,7 +320,7 @@ class SendBatcher:
     def _batch(self, lane: _Lane, sends: list[_Waiting]) -> None:
         batch = _Batch(sends)
         for waiting in sends:
-            waiting.batch = waiting.told.batch = batch
+            waiting.told.batch = batch
         body = json.dumps(
             {"sends": [waiting.send.item for waiting in sends]},
             ensure_ascii=False,
@@ -379,12 +376,12 @@ class SendBatcher:
         if waiting.alone is not None:
             waiting.alone.cancel()  # its failure comes through _settle
             return
-        batch = waiting.batch
+        if waiting.sending:  # its own call is being made: it may have gone out
+            d.errback(ResponseNeverReceived([Failure(CancelledError())]))  # type: ignore[no-untyped-call]
+            return
+        batch = waiting.told.batch
         if batch is None:
             lane = waiting.lane
-            if waiting.sending:  # its call is being made: it may have gone out
-                d.errback(ResponseNeverReceived([Failure(CancelledError())]))  # type: ignore[no-untyped-call]
-                return
             if waiting in lane.queue:  # else a flush took it and will skip it
                 lane.queue.remove(waiting)
                 lane.queued_bytes -= waiting.size

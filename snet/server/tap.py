@@ -22,7 +22,7 @@ from snet.connect.wiring import (
 )
 from snet.consul import TreqConsul
 from snet.lifecycle import ClosedOnStop, ServingInstance, admin_listener
-from snet.options import ServiceOptions, positive_float, positive_int
+from snet.options import ServiceOptions, flag_or_environment, positive_float, positive_int
 from snet.server.accounts import Accounts
 from snet.server.app import ServerAPI
 from snet.server.chat_client import ChatClient, chat_http_client
@@ -139,12 +139,11 @@ class Options(ServiceOptions):
     def postOptions(self) -> None:
         super().postOptions()
         self["insecure-plaintext"] = insecure_plaintext(self["insecure-plaintext"], self.environ)
-        self["reuse-port"] = bool(self["reuse-port"]) or self.environ.get(
-            "SNET_REUSE_PORT", ""
-        ).strip().lower() in ("1", "true", "yes", "on")
-        self["no-batch-sends"] = bool(self["no-batch-sends"]) or self.environ.get(
-            "SNET_NO_BATCH_SENDS", ""
-        ).strip().lower() in ("1", "true", "yes", "on")
+        for flag, variable in (
+            ("reuse-port", "SNET_REUSE_PORT"),
+            ("no-batch-sends", "SNET_NO_BATCH_SENDS"),
+        ):
+            self[flag] = flag_or_environment(self[flag], self.environ, variable)
         if self["reuse-port"]:
             try:
                 reuse_port_endpoint(None, self["listen"])
