@@ -91,6 +91,15 @@ def batcher(wire: Wire) -> SendBatcher:
     return SendBatcher(wire, clock=Clock())
 
 
+def batch_out(wire: Wire, batcher: SendBatcher, numbers: tuple[int, ...]) -> list[Deferred[Any]]:
+    """Send 1 goes alone; the sends *numbers* wait for it, and go as the second call when it
+    is answered: their Deferreds."""
+    batcher.exchange(A, send(1))
+    sends = [batcher.exchange(A, send(n)) for n in numbers]
+    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    return sends
+
+
 def test_a_send_to_an_instance_with_nothing_out_goes_at_once_by_itself(
     wire: Wire, batcher: SendBatcher
 ) -> None:
@@ -179,9 +188,7 @@ def test_a_batch_stays_under_max_bytes_and_the_rest_waits(wire: Wire) -> None:
 def test_an_instance_without_the_batch_route_gets_its_sends_one_by_one(
     wire: Wire, batcher: SendBatcher, status: int
 ) -> None:
-    batcher.exchange(A, send(1))
-    waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    waiting = batch_out(wire, batcher, (2, 3))
     wire.calls[1][2].callback(ChatAnswer(status, b'{"message": "not found"}'))
     assert wire.targets()[2:] == [b"/v1/dialogs/2/messages"] * 2
     assert [call for _, call, _ in wire.calls[2:]] == [send(2).call, send(3).call]
@@ -225,9 +232,7 @@ def test_an_answer_that_is_not_the_batchs_is_each_sends_own_answer(
     """A 5xx, a 4xx or an answer without one result per send: each send gets it, and the
     client judges it as it would a single call's; a 2xx that is not the batch's answer is
     one that could not be read (a bad_response there: see test_chat_client.py)."""
-    batcher.exchange(A, send(1))
-    waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    waiting = batch_out(wire, batcher, (2, 3))
     wire.calls[1][2].callback(answer)
     assert [result_of(d) for d in waiting] == [expected, expected]
 
@@ -235,9 +240,7 @@ def test_an_answer_that_is_not_the_batchs_is_each_sends_own_answer(
 def test_a_batch_call_that_fails_fails_each_of_its_sends_with_its_failure(
     wire: Wire, batcher: SendBatcher
 ) -> None:
-    batcher.exchange(A, send(1))
-    waiting = [batcher.exchange(A, send(n)) for n in (2, 3)]
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    waiting = batch_out(wire, batcher, (2, 3))
     lost = ResponseFailed([Failure(ConnectionError("lost"))])
     wire.calls[1][2].errback(lost)
     assert [failure_of(d).value for d in waiting] == [lost, lost]
@@ -286,9 +289,7 @@ def test_a_send_cancelled_in_a_batch_leaves_it_to_the_others(
 def test_a_batch_whose_every_send_is_cancelled_is_cancelled(
     wire: Wire, batcher: SendBatcher
 ) -> None:
-    batcher.exchange(A, send(1))
-    sends = [batcher.exchange(A, send(n)) for n in (2, 3)]
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    sends = batch_out(wire, batcher, (2, 3))
     for d in sends:
         d.cancel()
         failure_of(d)
@@ -429,9 +430,7 @@ def test_a_timer_that_fires_on_time_lets_the_queue_go_whatever_the_rounding(wire
 
 def waiting_behind_a_batch(wire: Wire, batcher: SendBatcher) -> list[Deferred[Any]]:
     """A batch of sends 2 and 3 out (the second call), and sends 4 and 5 waiting for it."""
-    for n in (1, 2, 3):
-        batcher.exchange(A, send(n))
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    batch_out(wire, batcher, (2, 3))
     return [batcher.exchange(A, send(n)) for n in (4, 5)]
 
 
@@ -463,9 +462,7 @@ def test_a_send_cancelled_while_a_flush_sends_the_ones_before_it_is_not_sent(
 
 
 def batch_of_three(wire: Wire, batcher: SendBatcher) -> list[Deferred[Any]]:
-    batcher.exchange(A, send(1))
-    sends = [batcher.exchange(A, send(n)) for n in (2, 3, 4)]
-    wire.calls[0][2].callback(ChatAnswer(201, b"{}"))
+    sends = batch_out(wire, batcher, (2, 3, 4))
     assert wire.targets()[1] == b"/v1/sends"
     return sends
 
