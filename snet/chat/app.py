@@ -152,6 +152,7 @@ class ChatAPI(ServiceApp):
     """The chat HTTP API; ``resource()`` is what a Site serves."""
 
     app = RoutedKlein()
+    direct_endpoints = frozenset({"send_message", "send_batch"})
 
     def __init__(
         self,

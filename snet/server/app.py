@@ -108,6 +108,7 @@ class ServerAPI(ServiceApp):
     """The monolith's public API; ``resource()`` is what a Site serves."""
 
     app = RoutedKlein()
+    direct_endpoints = frozenset({"send_message"})
 
     def __init__(
         self,

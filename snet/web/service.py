@@ -7,7 +7,8 @@ through: its id, in-flight count, metrics and one log line), ``GET /health`` and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from inspect import iscoroutine
+from typing import Any, ClassVar, TypeVar, cast
 from weakref import WeakKeyDictionary
 
 from attrs import define, field
@@ -19,13 +20,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
 from zope.interface import implementer
 
 from snet.jsonlog import LevelFilteredLogger
+from snet.web.direct import DirectRoute, DirectRoutes
 from snet.web.draining import InFlight
-from snet.web.errors import ErrorCode, NotFound, error_body
+from snet.web.errors import ErrorCode, NotFound, error_body, error_response
 from snet.web.metrics import HTTPMetrics
 from snet.web.requests import json_response, notify_finish, request_id, set_header
 
@@ -87,6 +90,8 @@ class ObservedResource:
     metrics: HTTPMetrics
     clock: IReactorTime
     route_of: Callable[[IRequest], str] = klein_route
+    direct: DirectRoutes = field(factory=DirectRoutes.none)
+    """Routes run here without Klein (snet.web.direct)."""
     isLeaf: bool = field(default=True, init=False)
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
@@ -103,9 +108,15 @@ class ObservedResource:
         self.in_flight.begin(request)
         started = self.clock.seconds()
         method = request.method.decode("ascii", "replace")
+        direct = self.direct.match(request.method, request.path)
+        handled: Deferred[None] | None = None
+        ended: list[bool] = [False]
 
         def finished(result: object) -> None:
-            route = self.route_of(request)
+            ended[0] = True
+            if handled is not None and not handled.called:
+                handled.cancel()  # the client went away: as Klein does
+            route = direct[0].template if direct is not None else self.route_of(request)
             status = int(getattr(request, "code", 0) or 0)
             elapsed = max(0.0, self.clock.seconds() - started)
             self.metrics.observe(method, route, status, elapsed)
@@ -133,7 +144,59 @@ class ObservedResource:
                 )
 
         notify_finish(request).addBoth(finished)
-        return self.wrapped.render(request)  # type: ignore[no-untyped-call]
+        if direct is None:
+            return self.wrapped.render(request)  # type: ignore[no-untyped-call]
+        handled = self._run_direct(request, direct[0], direct[1], lambda: ended[0])
+        return NOT_DONE_YET
+
+    def _run_direct(
+        self,
+        request: IRequest,
+        route: DirectRoute,
+        arguments: dict[str, str],
+        gone: Callable[[], bool],
+    ) -> Deferred[None]:
+        """Call *route*'s handler as Klein would, and write its answer, or its failure's as
+        the app's error handler gives it, unless the request has ended (*gone*: its client
+        went away)."""
+        try:
+            result = route.handler(request, **arguments)
+        except Exception:
+            answer: Deferred[Any] = defer.fail()
+        else:
+            if iscoroutine(result):
+                answer = Deferred.fromCoroutine(result)
+            elif isinstance(result, Deferred):
+                answer = result
+            else:
+                answer = defer.succeed(result)
+
+        def failed(failure: Failure) -> Any:
+            if gone():
+                if not failure.check(defer.CancelledError):  # type: ignore[no-untyped-call]
+                    log.failure(
+                        "[{request_id}] failed after its client went away",
+                        failure,
+                        request_id=request_id(request),
+                    )
+                return None
+            return self.direct.errors(request, failure)
+
+        def write(body: object) -> None:
+            if gone():
+                return
+            if not isinstance(body, bytes | None):
+                raise TypeError(f"{route.template} answered {type(body).__name__}, not bytes")
+            if body:
+                request.write(body)  # type: ignore[no-untyped-call]
+            request.finish()  # type: ignore[no-untyped-call]
+
+        def unwritten(failure: Failure) -> None:
+            log.failure("[{request_id}] could not answer", failure, request_id=request_id(request))
+            if not gone():
+                request.processingFailed(failure)  # type: ignore[attr-defined]
+
+        return answer.addErrback(failed).addCallback(write).addErrback(unwritten)
 
 
 def uncancellable(d: Deferred[T]) -> Deferred[T]:
@@ -169,6 +232,9 @@ class ServiceApp:
     is counted in flight, measured and logged. A subclass has its own ``app = RoutedKlein()``."""
 
     app: RoutedKlein
+    direct_endpoints: ClassVar[frozenset[str]] = frozenset()
+    """The handlers (by name) that ``ObservedResource`` runs without Klein for an exact
+    match (snet.web.direct): the hot ones. Their failures go to the app's ``_error``."""
 
     def __init__(
         self,
@@ -192,9 +258,26 @@ class ServiceApp:
 
     def resource(self) -> IResource:
         """The app as a resource that a Site serves."""
+        direct = DirectRoutes.none()
+        if self.direct_endpoints:
+            direct = DirectRoutes.of(
+                self.app,
+                lambda endpoint: cast(Callable[..., Any], getattr(self, endpoint)),
+                self.direct_endpoints,
+                self._error,
+            )
         return ObservedResource(
-            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
+            self.app.resource(),
+            in_flight=self.in_flight,
+            metrics=self.metrics,
+            clock=self.clock,
+            direct=direct,
         )
+
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        """A failed request's answer; a subclass registers its own with Klein's
+        ``handle_errors``, which the direct routes use too."""
+        return error_response(request, failure)
 
     def admin_resource(self, fleet: IResource | None = None) -> IResource:
         """The operator's routes (``/metrics``, ``/health``, and the *fleet* view at

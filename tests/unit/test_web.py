@@ -1,5 +1,6 @@
 """Unit tests of the snet.web package: request ids, the JSON error mapping, JSON bodies,
-draining and metrics, through a small Klein app served in memory by StubTreq."""
+draining and metrics, through a small Klein app served in memory by StubTreq, its routes run
+by Klein and run directly (the ``api`` fixture)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from werkzeug.routing import MapAdapter
 
 from snet.testing import failure_of, result_of
+from snet.web.direct import DirectRoutes
 from snet.web.draining import InFlight
 from snet.web.errors import (
     ApiError,
@@ -46,7 +48,8 @@ class SampleAPI:
 
     app = Klein()
 
-    def __init__(self) -> None:
+    def __init__(self, direct: bool = False) -> None:
+        self.direct = direct
         self.clock = Clock()
         self.in_flight = InFlight()
         self.metrics = HTTPMetrics()
@@ -56,8 +59,17 @@ class SampleAPI:
         self.seen_ids: list[str] = []
 
     def resource(self) -> Any:
+        direct = DirectRoutes.none()
+        if self.direct:
+            direct = DirectRoutes.of(
+                self.app, lambda name: getattr(self, name), {"item", "echo"}, self._error
+            )
         return ObservedResource(
-            self.app.resource(), in_flight=self.in_flight, metrics=self.metrics, clock=self.clock
+            self.app.resource(),
+            in_flight=self.in_flight,
+            metrics=self.metrics,
+            clock=self.clock,
+            direct=direct,
         )
 
     @app.handle_errors(Exception)
@@ -79,9 +91,11 @@ class SampleAPI:
         return json_response(request, read_json_object(request, limit=1024))
 
 
-@pytest.fixture
-def api() -> SampleAPI:
-    return SampleAPI()
+@pytest.fixture(params=[False, True], ids=["klein", "direct"])
+def api(request: pytest.FixtureRequest) -> SampleAPI:
+    """The app with its routes run by Klein, and run directly (snet.web.direct): every test
+    that takes it holds for both."""
+    return SampleAPI(direct=request.param)
 
 
 @pytest.fixture
@@ -404,9 +418,8 @@ class RoutedAPI(SampleAPI):
         return json_response(request, {"name": name})
 
 
-def test_a_routed_app_labels_requests_with_the_route_klein_ran_without_matching_again(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def counted_matches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths werkzeug matches from now on (Klein matches each request it routes)."""
     matches: list[str] = []
     match = MapAdapter.match
 
@@ -415,6 +428,13 @@ def test_a_routed_app_labels_requests_with_the_route_klein_ran_without_matching_
         return match(self, *args, **kwargs)
 
     monkeypatch.setattr(MapAdapter, "match", counted)
+    return matches
+
+
+def test_a_routed_app_labels_requests_with_the_route_klein_ran_without_matching_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    matches = counted_matches(monkeypatch)
     routed, plain = RoutedAPI(), SampleAPI()
     for api in (routed, plain):
         http = StubTreq(api.resource())
