@@ -8,6 +8,8 @@
 - ``snet.web.metrics``: ``HTTPMetrics``, the Prometheus metrics of an app;
 - ``snet.web.service``: ``ServiceApp`` (the base of both apps), ``ObservedResource``,
   ``/health`` and ``/metrics``, and ``uncancellable``;
+- ``snet.web.direct``: ``DirectRoutes``, the hot routes ``ObservedResource`` runs without
+  Klein (an app names them in ``direct_endpoints``);
 - ``snet.web.limits``: ``LimitedSite``, the Site every listener uses: body size, header and
   body deadlines, a connection cap, no form parsing, no version in ``Server``, no access log.
 
@@ -22,7 +24,9 @@ An app built on it looks like this::
 
 ``ServiceApp.resource()`` wraps the app in ``ObservedResource``, which runs around every
 request, matched or not: it gives the request its id, counts it in flight (for draining), and
-at its end records its metrics and logs it once. Handlers raise ``ApiError`` subclasses for
+at its end records its metrics and logs it once; it runs the handlers an app names in
+``direct_endpoints`` itself, for an exact match of their route, and hands every other request
+to Klein. Handlers raise ``ApiError`` subclasses for
 client and availability errors, stores raise their own exceptions that each app's table
 turns into ``ApiError``; everything else becomes a logged 500 whose body never carries a
 traceback.

@@ -2,29 +2,39 @@
 
 Klein's work around a handler (binding werkzeug's map to the request, matching it, adapting
 the request, four Deferreds and their callbacks, the rendering of the result) cost about as
-much as Twisted's whole HTTP parsing and answer: measured alone, a trivial JSON route cost
-about 185 us of CPU through Klein against 115 us as a plain Twisted resource
-(docs/performance.md, step 13). For the handlers an app names (``ServiceApp.
-direct_endpoints``: the dialog sends on both services), ``ObservedResource`` matches the
-request itself and calls the handler as Klein would, with the route's arguments, and
-answers its failures with the app's error handler.
+much as Twisted's whole HTTP parsing and answer: measured alone over loopback
+(docs/performance.md, step 13), a trivial JSON route cost 214-220 us of the server's CPU
+per request through Klein and 152 us run directly. For the handlers an app names
+(``ServiceApp.direct_endpoints``: the dialog sends of both services), ``ObservedResource``
+matches the request itself and calls the handler Klein registered, with the route's
+arguments, and answers a failure with the first of the app's Klein error handlers that takes
+it, as Klein would.
 
 Only an exact match is direct: the route's method, and a path of plain characters equal to
 the route's template, each ``<name>`` one segment without a percent escape. Anything else
 (an escape, a trailing slash, ``HEAD``, a method the route does not take, any other route)
 goes to Klein as before, so redirects, 404s, 405s and the decoding of escapes stay Klein's.
+A route some other route of the app could shadow (``/items/special`` beside
+``/items/<name>``, which werkzeug prefers) cannot be direct. Unlike Klein, a direct route
+does not look at the ``Host`` header (werkzeug refuses a host name IDNA cannot encode).
+
+A direct handler answers bytes (or str, or None for an empty body), as snet's handlers do;
+Klein's other answers (resources, renderables) are not for direct routes.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from attrs import frozen
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+
+from snet.web.errors import error_response
 
 _PARAMETER = re.compile(r"<([A-Za-z_][A-Za-z0-9_]*)>")
 """A route parameter with werkzeug's default converter; others are refused."""
@@ -89,27 +99,30 @@ class DirectRoutes:
         return cls({}, _no_errors)
 
     @classmethod
-    def of(
-        cls,
-        app: Klein,
-        handlers: Callable[[str], Callable[..., Any]],
-        endpoints: Iterable[str],
-        errors: Callable[[IRequest, Failure], Any],
-    ) -> DirectRoutes:
-        """The routes of Klein *app* whose endpoints are in *endpoints*, each answered by
-        ``handlers(endpoint)`` (the bound method); *errors* answers their failures.
+    def of(cls, app: Klein, endpoints: Iterable[str]) -> DirectRoutes:
+        """The routes of Klein *app* (bound to its instance, as ``instance.app`` is) whose
+        endpoints are in *endpoints*, each answered by the handler Klein registered for it
+        and failing as Klein would (``answer_failure``).
 
-        :raises ValueError: for an endpoint *app* has no route for, or a route that cannot
-            be direct (see ``compile_template``).
+        :raises ValueError: for an endpoint *app* has no route for, a route without methods,
+            or a route that cannot be direct (``compile_template``; one another route of
+            *app* could shadow).
         """
         wanted = set(endpoints)
+        rules = list(app.url_map.iter_rules())
         routes: dict[bytes, list[DirectRoute]] = {}
-        for rule in app.url_map.iter_rules():
+        for rule in rules:
             if rule.endpoint not in wanted:
                 continue
+            if not rule.methods:
+                raise ValueError(f"route {rule.rule!r}: a direct route names its methods")
             pattern, names = compile_template(rule.rule)
-            handler = handlers(rule.endpoint)
-            for method in sorted(rule.methods or ()):
+            for other in rules:
+                shared = other.methods is None or other.methods & rule.methods
+                if other is not rule and shared and pattern.fullmatch(_example_path(other.rule)):
+                    raise ValueError(f"route {rule.rule!r}: {other.rule!r} could shadow it")
+            handler = partial(_run_endpoint, app, rule.endpoint)
+            for method in sorted(rule.methods):
                 if method in ("HEAD", "OPTIONS"):
                     continue
                 encoded = method.encode("ascii")
@@ -118,7 +131,10 @@ class DirectRoutes:
             wanted.discard(rule.endpoint)
         if wanted:
             raise ValueError(f"no route for the direct endpoints {sorted(wanted)}")
-        return cls({method: tuple(found) for method, found in routes.items()}, errors)
+        return cls(
+            {method: tuple(found) for method, found in routes.items()},
+            partial(answer_failure, app),
+        )
 
     def match(self, method: bytes, path: bytes) -> tuple[DirectRoute, dict[str, str]] | None:
         """The direct route *method* and *path* are an exact match for, and its arguments."""
@@ -131,3 +147,24 @@ class DirectRoutes:
 
 def _no_errors(request: IRequest, failure: Failure) -> Any:
     raise AssertionError("no direct route, so no error to answer")
+
+
+def _run_endpoint(app: Klein, endpoint: str, request: IRequest, **arguments: str) -> Any:
+    """Klein's own call of *endpoint*'s handler (a ``RoutedKlein`` would also remember the
+    rule for the metrics' label, which a direct route knows)."""
+    return Klein.execute_endpoint(app, endpoint, request, **arguments)
+
+
+def answer_failure(app: Klein, request: IRequest, failure: Failure) -> Any:
+    """*failure*'s answer from the first of *app*'s error handlers that takes it, in the
+    order Klein tries them; the JSON 500 of ``snet.web.errors`` if none does."""
+    for exceptions, handler in app._error_handlers:
+        if failure.check(*exceptions):  # type: ignore[no-untyped-call]
+            return app.execute_error_handler(handler, request, failure)
+    return error_response(request, failure)
+
+
+def _example_path(template: str) -> bytes:
+    """A path *template* matches, each parameter given as ``1``: what a direct route must not
+    match unless it is its own."""
+    return re.sub(r"<[^>]*>", "1", template).encode("utf-8", "replace")

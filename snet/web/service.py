@@ -28,7 +28,7 @@ from zope.interface import implementer
 from snet.jsonlog import LevelFilteredLogger
 from snet.web.direct import DirectRoute, DirectRoutes
 from snet.web.draining import InFlight
-from snet.web.errors import ErrorCode, NotFound, error_body, error_response
+from snet.web.errors import ErrorCode, NotFound, error_body
 from snet.web.metrics import HTTPMetrics
 from snet.web.requests import json_response, notify_finish, request_id, set_header
 
@@ -114,7 +114,7 @@ class ObservedResource:
 
         def finished(result: object) -> None:
             ended[0] = True
-            if handled is not None and not handled.called:
+            if isinstance(result, Failure) and handled is not None:
                 handled.cancel()  # the client went away: as Klein does
             route = direct[0].template if direct is not None else self.route_of(request)
             status = int(getattr(request, "code", 0) or 0)
@@ -185,15 +185,22 @@ class ObservedResource:
         def write(body: object) -> None:
             if gone():
                 return
+            if isinstance(body, str):
+                body = body.encode("utf-8")
             if not isinstance(body, bytes | None):
-                raise TypeError(f"{route.template} answered {type(body).__name__}, not bytes")
+                raise TypeError(
+                    f"a direct route answers bytes, str or None, not {type(body).__name__}"
+                )
             if body:
                 request.write(body)  # type: ignore[no-untyped-call]
             request.finish()  # type: ignore[no-untyped-call]
 
         def unwritten(failure: Failure) -> None:
-            log.failure("[{request_id}] could not answer", failure, request_id=request_id(request))
-            if not gone():
+            if gone():
+                log.failure(
+                    "[{request_id}] could not answer", failure, request_id=request_id(request)
+                )
+            else:
                 request.processingFailed(failure)  # type: ignore[attr-defined]
 
         return answer.addErrback(failed).addCallback(write).addErrback(unwritten)
@@ -233,8 +240,8 @@ class ServiceApp:
 
     app: RoutedKlein
     direct_endpoints: ClassVar[frozenset[str]] = frozenset()
-    """The handlers (by name) that ``ObservedResource`` runs without Klein for an exact
-    match (snet.web.direct): the hot ones. Their failures go to the app's ``_error``."""
+    """The endpoints (handler names) that ``ObservedResource`` runs without Klein for an
+    exact match of their route (snet.web.direct): the hot ones."""
 
     def __init__(
         self,
@@ -256,28 +263,19 @@ class ServiceApp:
         self.health_timeout = health_timeout
         metrics.track(in_flight)
 
-    def resource(self) -> IResource:
-        """The app as a resource that a Site serves."""
-        direct = DirectRoutes.none()
-        if self.direct_endpoints:
-            direct = DirectRoutes.of(
-                self.app,
-                lambda endpoint: cast(Callable[..., Any], getattr(self, endpoint)),
-                self.direct_endpoints,
-                self._error,
-            )
+    def resource(self, *, direct: bool = True) -> IResource:
+        """The app as a resource that a Site serves; with *direct* false Klein runs every
+        route, the ``direct_endpoints`` too (the unit tests run them both ways)."""
+        routes = DirectRoutes.none()
+        if direct and self.direct_endpoints:
+            routes = DirectRoutes.of(self.app, self.direct_endpoints)
         return ObservedResource(
             self.app.resource(),
             in_flight=self.in_flight,
             metrics=self.metrics,
             clock=self.clock,
-            direct=direct,
+            direct=routes,
         )
-
-    def _error(self, request: IRequest, failure: Failure) -> bytes:
-        """A failed request's answer; a subclass registers its own with Klein's
-        ``handle_errors``, which the direct routes use too."""
-        return error_response(request, failure)
 
     def admin_resource(self, fleet: IResource | None = None) -> IResource:
         """The operator's routes (``/metrics``, ``/health``, and the *fleet* view at

@@ -184,7 +184,7 @@ class FakeRepairs:
 class Chat:
     """A ChatAPI over fakes, with a helper to call it in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, direct: bool = True) -> None:
         self.messages = FakeMessages()
         self.unread = FakeUnread()
         self.repairs = FakeRepairs(self.messages, self.unread)
@@ -202,7 +202,7 @@ class Chat:
             version="9.9.9",
             clock=self.clock,
         )
-        self.http = StubTreq(self.api.resource())
+        self.http = StubTreq(self.api.resource(direct=direct))
 
     def call(self, method: str, path: str, **kwargs: Any) -> tuple[Any, Any]:
         d = self.http.request(method, BASE + path, **kwargs)
@@ -235,9 +235,11 @@ class Chat:
         )
 
 
-@pytest.fixture
-def chat() -> Chat:
-    return Chat()
+@pytest.fixture(params=[True, False], ids=["direct", "klein"])
+def chat(request: pytest.FixtureRequest) -> Chat:
+    """The API with its sends run directly, as served, and by Klein (snet.web.direct): every
+    test that takes it holds for both."""
+    return Chat(direct=request.param)
 
 
 def header(response: Any, name: str) -> str | None:

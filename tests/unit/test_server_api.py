@@ -224,7 +224,7 @@ class FakeChat:
 
 
 class Harness:
-    def __init__(self, trusted_proxies: Sequence[Network] = ()) -> None:
+    def __init__(self, trusted_proxies: Sequence[Network] = (), direct: bool = True) -> None:
         self.accounts = FakeAccounts()
         self.social = FakeSocial(self.accounts)
         self.feed = FakeFeed(self.social)
@@ -242,7 +242,7 @@ class Harness:
             clock=self.clock,
             trusted_proxies=trusted_proxies,
         )
-        self.treq = StubTreq(self.api.resource())
+        self.treq = StubTreq(self.api.resource(direct=direct))
 
     def call(
         self,
@@ -273,9 +273,11 @@ class Harness:
         return user_id, body["token"]
 
 
-@pytest.fixture
-def h() -> Harness:
-    return Harness()
+@pytest.fixture(params=[True, False], ids=["direct", "klein"])
+def h(request: pytest.FixtureRequest) -> Harness:
+    """The API with its send run directly, as served, and by Klein (snet.web.direct): every
+    test that takes it holds for both."""
+    return Harness(direct=request.param)
 
 
 def assert_error(status: int, body: Any, expected_status: int, code: int | None = None) -> None:

@@ -61,9 +61,7 @@ class SampleAPI:
     def resource(self) -> Any:
         direct = DirectRoutes.none()
         if self.direct:
-            direct = DirectRoutes.of(
-                self.app, lambda name: getattr(self, name), {"item", "echo"}, self._error
-            )
+            direct = DirectRoutes.of(self.app, {"item", "echo"})
         return ObservedResource(
             self.app.resource(),
             in_flight=self.in_flight,

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet import error
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 
 from snet.web.direct import DirectRoutes, compile_template
@@ -65,9 +66,7 @@ def test_a_template_with_a_converter_or_a_stray_bracket_cannot_be_direct(templat
 
 @given(st.text(SEGMENT_CHARACTERS, min_size=1, max_size=40))
 def test_any_segment_that_decoding_leaves_alone_is_the_argument(segment: str) -> None:
-    routes = DirectRoutes.of(
-        SampleAPI.app, lambda name: getattr(SampleAPI(), name), {"item"}, _unused
-    )
+    routes = DirectRoutes.of(SampleAPI().app, {"item"})
     found = routes.match(b"GET", b"/items/" + segment.encode("ascii"))
     assert found is not None
     assert found[1] == {"item_id": segment}
@@ -77,18 +76,14 @@ def test_any_segment_that_decoding_leaves_alone_is_the_argument(segment: str) ->
 def test_a_segment_with_an_escape_or_a_byte_outside_the_path_characters_is_left_to_klein(
     raw: bytes,
 ) -> None:
-    routes = DirectRoutes.of(
-        SampleAPI.app, lambda name: getattr(SampleAPI(), name), {"item"}, _unused
-    )
+    routes = DirectRoutes.of(SampleAPI().app, {"item"})
     found = routes.match(b"GET", b"/items/" + raw)
     allowed = re.fullmatch(rb"[A-Za-z0-9._~!$&'()*+,;=:@-]+", raw) is not None
     assert (found is not None) == allowed
 
 
 def test_only_the_named_endpoints_and_their_methods_are_direct() -> None:
-    routes = DirectRoutes.of(
-        SampleAPI.app, lambda name: getattr(SampleAPI(), name), {"item"}, _unused
-    )
+    routes = DirectRoutes.of(SampleAPI().app, {"item"})
     assert set(routes.by_method) == {b"GET"}, "HEAD (which werkzeug adds to GET) is Klein's"
     assert routes.match(b"HEAD", b"/items/1") is None
     assert routes.match(b"POST", b"/items/1") is None
@@ -98,11 +93,45 @@ def test_only_the_named_endpoints_and_their_methods_are_direct() -> None:
 
 def test_an_endpoint_without_a_route_is_refused() -> None:
     with pytest.raises(ValueError, match="no route for the direct endpoints"):
-        DirectRoutes.of(SampleAPI.app, lambda name: _unused, {"item", "nothing"}, _unused)
+        DirectRoutes.of(SampleAPI().app, {"item", "nothing"})
 
 
-def _unused(*args: Any) -> Any:
-    raise AssertionError("not called")
+class Shadowed:
+    """Routes werkzeug would answer differently from a direct ``/items/<name>``."""
+
+    app = Klein()
+
+    @app.route("/items/<name>", methods=["POST"])
+    def item(self, request: IRequest, name: str) -> bytes:
+        return b"item " + name.encode()
+
+    @app.route("/items/special", methods=["POST"])
+    def special(self, request: IRequest) -> bytes:
+        return b"special"
+
+    @app.route("/things/<name>", methods=["POST"])
+    def thing(self, request: IRequest, name: str) -> bytes:
+        return b"thing"
+
+    @app.route("/things/<int:number>", methods=["GET"])
+    def numbered(self, request: IRequest, number: int) -> bytes:
+        return b"numbered"
+
+    @app.route("/any/<name>")
+    def anything(self, request: IRequest, name: str) -> bytes:
+        return b"any"
+
+
+def test_a_route_another_route_could_shadow_cannot_be_direct() -> None:
+    with pytest.raises(ValueError, match="'/items/special' could shadow it"):
+        DirectRoutes.of(Shadowed().app, {"item"})
+    routes = DirectRoutes.of(Shadowed().app, {"thing"})
+    assert routes.match(b"POST", b"/things/1") is not None, "a GET route shadows no POST"
+
+
+def test_a_route_without_methods_cannot_be_direct() -> None:
+    with pytest.raises(ValueError, match="names its methods"):
+        DirectRoutes.of(Shadowed().app, {"anything"})
 
 
 # --- run by ObservedResource ----------------------------------------------------------------
@@ -185,7 +214,7 @@ class Pending:
         return json_response(request, {"name": name})
 
     def resource(self) -> ObservedResource:
-        routes = DirectRoutes.of(self.app, lambda name: getattr(self, name), {"wait"}, self._error)
+        routes = DirectRoutes.of(self.app, {"wait"})
         return ObservedResource(
             self.app.resource(),
             in_flight=InFlight(),
@@ -205,6 +234,7 @@ def test_a_direct_handler_is_cancelled_when_its_client_goes_away_and_nothing_is_
         request.processingFailed(Failure(error.ConnectionLost()))
     assert app.cancelled == [True]
     assert app.errors == [], "a cancel after the client went away is not an error to answer"
+    assert [e for e in events if e.get("log_level") and e["log_level"].name == "critical"] == []
     assert request.written == [] and request.finished == 0
     assert resource.in_flight.count == 0
     assert any("client went away" in str(e.get("log_format")) for e in events)
@@ -224,7 +254,7 @@ def test_a_direct_handler_s_answer_is_written_and_the_request_finished() -> None
     assert resource.in_flight.count == 0
 
 
-def test_a_failing_error_handler_is_logged_and_answered_by_twisted() -> None:
+def test_a_failing_error_handler_is_answered_by_twisted() -> None:
     app = Pending()
 
     def broken(request: IRequest, failure: Failure) -> bytes:
@@ -235,11 +265,9 @@ def test_a_failing_error_handler_is_logged_and_answered_by_twisted() -> None:
     request = post_request(b"/wait/z")
     failed: list[Failure] = []
     request.processingFailed = failed.append  # type: ignore[method-assign]
-    with capturedLogs() as events:
-        resource.render(request)
-        app.waiting.errback(ValueError("the handler broke"))
-    assert [f.type for f in failed] == [RuntimeError]
-    assert any("could not answer" in str(e.get("log_format")) for e in events)
+    resource.render(request)
+    app.waiting.errback(ValueError("the handler broke"))
+    assert [f.type for f in failed] == [RuntimeError], "Twisted's 500, which it logs"
 
 
 def test_a_handler_that_raises_at_once_is_answered_by_the_error_handler() -> None:
@@ -248,3 +276,73 @@ def test_a_handler_that_raises_at_once_is_answered_by_the_error_handler() -> Non
     response, body = call(StubTreq(api.resource()), "GET", "/items/1")
     assert response.code == 400
     assert body["message"] == "at once"
+
+
+class Answers:
+    """Handlers answering as Klein allows: a str, a Deferred that waits on another, and two
+    error handlers that Klein tries in order."""
+
+    app = Klein()
+
+    def __init__(self) -> None:
+        self.inner: Deferred[None] = Deferred(lambda d: self.cancelled.append(True))
+        self.cancelled: list[bool] = []
+
+    @app.handle_errors(KeyError)
+    def _missing(self, request: IRequest, failure: Failure) -> bytes:
+        return b"missing"
+
+    @app.handle_errors(Exception)
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
+        return error_response(request, failure)
+
+    @app.route("/text/<name>", methods=["POST"])
+    def text(self, request: IRequest, name: str) -> Any:
+        if name == "missing":
+            raise KeyError(name)
+        if name == "broken":
+            raise ValueError(name)
+        return f"text {name} \N{SNOWMAN}"
+
+    @app.route("/paused/<name>", methods=["POST"])
+    def paused(self, request: IRequest, name: str) -> Deferred[None]:
+        return succeed(None).addCallback(lambda _: self.inner)
+
+
+class Override(Answers):
+    def text(self, request: IRequest, name: str) -> Any:
+        return b"the subclass's method, which Klein does not call"
+
+
+def answers_resource(app: Answers, direct: bool) -> ObservedResource:
+    routes = DirectRoutes.of(app.app, {"text", "paused"}) if direct else DirectRoutes.none()
+    return ObservedResource(
+        app.app.resource(),
+        in_flight=InFlight(),
+        metrics=HTTPMetrics(),
+        clock=Clock(),
+        direct=routes,
+    )
+
+
+@pytest.mark.parametrize("path", ["/text/a", "/text/missing", "/text/broken"])
+@pytest.mark.parametrize("app_class", [Answers, Override])
+def test_answers_and_failures_are_klein_s(app_class: type[Answers], path: str) -> None:
+    answers = []
+    for direct in (False, True):
+        http = StubTreq(answers_resource(app_class(), direct))
+        response, body = call(http, "POST", path, headers={"X-Request-ID": "rid"})
+        answers.append((response.code, body))
+    assert answers[0] == answers[1]
+    assert answers[1][1] in ("text a \N{SNOWMAN}".encode(), b"missing") or answers[1][0] == 500
+
+
+def test_a_handler_waiting_on_another_deferred_is_cancelled_when_its_client_goes_away() -> None:
+    for direct in (False, True):
+        app = Answers()
+        channel = Site(answers_resource(app, direct)).buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"POST /paused/x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert app.cancelled == []
+        channel.connectionLost(Failure(error.ConnectionLost()))
+        assert app.cancelled == [True], "direct" if direct else "klein"
