@@ -21,14 +21,14 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import BadHost, HTTPException
 from werkzeug.routing import Rule
 from zope.interface import implementer
 
 from snet.jsonlog import LevelFilteredLogger
 from snet.web.direct import DirectRoute, DirectRoutes
 from snet.web.draining import InFlight
-from snet.web.errors import ErrorCode, NotFound, error_body
+from snet.web.errors import BadRequest, ErrorCode, NotFound, error_body, error_response
 from snet.web.metrics import HTTPMetrics
 from snet.web.requests import json_response, notify_finish, request_id, set_header
 
@@ -145,7 +145,15 @@ class ObservedResource:
 
         notify_finish(request).addBoth(finished)
         if direct is None:
-            return self.wrapped.render(request)  # type: ignore[no-untyped-call]
+            try:
+                return self.wrapped.render(request)  # type: ignore[no-untyped-call]
+            except BadHost:
+                # Klein binds werkzeug's map to the Host header's name, IDNA-encoded: a name
+                # with an empty or overlong label cannot be (Klein's answer was a bare 500).
+                return error_response(
+                    request,
+                    Failure(BadRequest("the Host header is not a host name")),  # type: ignore[no-untyped-call]
+                )
         handled = self._run_direct(request, direct[0], direct[1], lambda: ended[0])
         return NOT_DONE_YET
 

@@ -17,9 +17,11 @@ from treq.testing import StubTreq
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 from werkzeug.routing import MapAdapter
 
@@ -376,6 +378,27 @@ def test_a_request_whose_client_went_away_is_no_longer_in_flight() -> None:
     in_flight.begin(request)
     request.processingFailed(Failure(error.ConnectionLost()))
     assert in_flight.count == 0
+
+
+@pytest.mark.parametrize("host", [b"a..b", b"x" * 64 + b".example"])
+def test_a_host_name_that_idna_cannot_encode_is_a_json_400(api: SampleAPI, host: bytes) -> None:
+    """Klein binds its map to the Host header's name, which werkzeug IDNA-encodes; a direct
+    route does not look at it."""
+    channel = Site(api.resource()).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    body = b'{"a": 1}'
+    channel.dataReceived(
+        b"POST /echo HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    head, _, answer = transport.value().partition(b"\r\n\r\n")
+    if api.direct:
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(answer) == {"a": 1}
+    else:
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        assert b"application/json" in head
+        assert json.loads(answer)["message"] == "the Host header is not a host name"
 
 
 # --- metrics --------------------------------------------------------------------------------
