@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from klein import Klein
+from test_web import SampleAPI, call, counted_matches, dummy_request, header
 from treq.testing import StubTreq
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
@@ -29,7 +30,6 @@ from snet.web.errors import BadRequest, error_response
 from snet.web.metrics import HTTPMetrics
 from snet.web.requests import json_response
 from snet.web.service import ObservedResource
-from tests.unit.test_web import SampleAPI, call, counted_matches, dummy_request, header
 
 SEGMENT_CHARACTERS = "ABCXYZabcxyz0189._~!$&'()*+,;=:@-"
 
