@@ -145,6 +145,11 @@ class ObservedResource:
 
         notify_finish(request).addBoth(finished)
         if direct is None:
+            undecodable = _not_utf8(request)
+            if undecodable is not None:
+                # Klein's answer would be a plain-text 400 (and a logged traceback).
+                bad = BadRequest(f"the {undecodable} is not UTF-8")
+                return error_response(request, Failure(bad))  # type: ignore[no-untyped-call]
             try:
                 return self.wrapped.render(request)  # type: ignore[no-untyped-call]
             except BadHost:
@@ -212,6 +217,20 @@ class ObservedResource:
                 request.processingFailed(failure)  # type: ignore[attr-defined]
 
         return answer.addErrback(failed).addCallback(write).addErrback(unwritten)
+
+
+def _not_utf8(request: IRequest) -> str | None:
+    """Which part of *request* Klein decodes as UTF-8 (the Host header's name, the path with
+    its escapes decoded) is not UTF-8, if one is."""
+    try:
+        request.getRequestHostname().decode("utf-8")  # type: ignore[no-untyped-call]
+    except UnicodeDecodeError:
+        return "Host header"
+    try:
+        b"/".join(request.postpath).decode("utf-8")
+    except UnicodeDecodeError:
+        return "path"
+    return None
 
 
 def uncancellable(d: Deferred[T]) -> Deferred[T]:

@@ -401,6 +401,26 @@ def test_a_host_name_that_idna_cannot_encode_is_a_json_400(api: SampleAPI, host:
         assert json.loads(answer)["message"] == "the Host header is not a host name"
 
 
+@pytest.mark.parametrize(
+    ("path", "host", "what"),
+    [(b"/items/%ff", b"x", "path"), (b"/items/1", b"\xff", "Host header")],
+)
+def test_a_path_or_host_that_is_not_utf8_is_a_json_400(
+    api: SampleAPI, path: bytes, host: bytes, what: str
+) -> None:
+    channel = Site(api.resource()).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    head, _, answer = transport.value().partition(b"\r\n\r\n")
+    if api.direct and what == "Host header":
+        assert head.startswith(b"HTTP/1.1 200 "), "a direct route does not read the Host"
+        return
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert json.loads(answer)["message"] == f"the {what} is not UTF-8"
+    assert api.in_flight.count == 0
+
+
 # --- metrics --------------------------------------------------------------------------------
 
 
