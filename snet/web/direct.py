@@ -46,10 +46,10 @@ without ``%``, and never ``/``."""
 
 @frozen
 class DirectRoute:
-    """One direct route: *method* on the paths *pattern* matches in full, answered by
-    *handler* (``handler(request, **arguments)``); *template* names it in metrics and logs."""
+    """One direct route: the paths *pattern* matches in full (for the methods it is listed
+    under in ``DirectRoutes``), answered by *handler* (``handler(request, **arguments)``);
+    *template* names it in metrics and logs."""
 
-    method: bytes
     template: str
     pattern: re.Pattern[bytes]
     names: tuple[str, ...]
@@ -121,13 +121,11 @@ class DirectRoutes:
                 shared = other.methods is None or other.methods & rule.methods
                 if other is not rule and shared and pattern.fullmatch(_example_path(other.rule)):
                     raise ValueError(f"route {rule.rule!r}: {other.rule!r} could shadow it")
-            handler = partial(_run_endpoint, app, rule.endpoint)
-            for method in sorted(rule.methods):
-                if method in ("HEAD", "OPTIONS"):
-                    continue
-                encoded = method.encode("ascii")
-                route = DirectRoute(encoded, rule.rule, pattern, names, handler)
-                routes.setdefault(encoded, []).append(route)
+            route = DirectRoute(
+                rule.rule, pattern, names, partial(_run_endpoint, app, rule.endpoint)
+            )
+            for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+                routes.setdefault(method.encode("ascii"), []).append(route)
             wanted.discard(rule.endpoint)
         if wanted:
             raise ValueError(f"no route for the direct endpoints {sorted(wanted)}")

@@ -145,20 +145,16 @@ class ObservedResource:
 
         notify_finish(request).addBoth(finished)
         if direct is None:
+            # What Klein refuses before it routes, answered as any bad input is.
             undecodable = _not_utf8(request)
-            if undecodable is not None:
-                # Klein's answer would be a plain-text 400 (and a logged traceback).
-                bad = BadRequest(f"the {undecodable} is not UTF-8")
-                return error_response(request, Failure(bad))  # type: ignore[no-untyped-call]
+            if undecodable is not None:  # Klein: a plain-text 400 and a logged traceback
+                return _bad_request(request, f"the {undecodable} is not UTF-8")
             try:
                 return self.wrapped.render(request)  # type: ignore[no-untyped-call]
             except BadHost:
                 # Klein binds werkzeug's map to the Host header's name, IDNA-encoded: a name
                 # with an empty or overlong label cannot be (Klein's answer was a bare 500).
-                return error_response(
-                    request,
-                    Failure(BadRequest("the Host header is not a host name")),  # type: ignore[no-untyped-call]
-                )
+                return _bad_request(request, "the Host header is not a host name")
         handled = self._run_direct(request, direct[0], direct[1], lambda: ended[0])
         return NOT_DONE_YET
 
@@ -217,6 +213,11 @@ class ObservedResource:
                 request.processingFailed(failure)  # type: ignore[attr-defined]
 
         return answer.addErrback(failed).addCallback(write).addErrback(unwritten)
+
+
+def _bad_request(request: IRequest, message: str) -> bytes:
+    failure = Failure(BadRequest(message))  # type: ignore[no-untyped-call]
+    return error_response(request, failure)
 
 
 def _not_utf8(request: IRequest) -> str | None:
