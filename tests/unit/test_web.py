@@ -115,6 +115,16 @@ def call(http: StubTreq, method: str, path: str, **kwargs: Any) -> tuple[Any, An
         return response, raw
 
 
+def raw_http(resource: Any, data: bytes) -> tuple[Any, StringTransport]:
+    """A Site's channel for *resource* on an in-memory transport, fed the raw bytes *data*:
+    for requests StubTreq cannot make (a bad Host header, a connection lost mid-request)."""
+    channel = Site(resource).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    return channel, transport
+
+
 def header(response: Any, name: str) -> str | None:
     values = response.headers.getRawHeaders(name)
     return values[0] if values else None
@@ -384,13 +394,11 @@ def test_a_request_whose_client_went_away_is_no_longer_in_flight() -> None:
 def test_a_host_name_that_idna_cannot_encode_is_a_json_400(api: SampleAPI, host: bytes) -> None:
     """Klein binds its map to the Host header's name, which werkzeug IDNA-encodes; a direct
     route does not look at it."""
-    channel = Site(api.resource()).buildProtocol(None)
-    transport = StringTransport()
-    channel.makeConnection(transport)
     body = b'{"a": 1}'
-    channel.dataReceived(
+    _, transport = raw_http(
+        api.resource(),
         b"POST /echo HTTP/1.1\r\nHost: " + host + b"\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
     )
     head, _, answer = transport.value().partition(b"\r\n\r\n")
     if api.direct:
@@ -408,10 +416,9 @@ def test_a_host_name_that_idna_cannot_encode_is_a_json_400(api: SampleAPI, host:
 def test_a_path_or_host_that_is_not_utf8_is_a_json_400(
     api: SampleAPI, path: bytes, host: bytes, what: str
 ) -> None:
-    channel = Site(api.resource()).buildProtocol(None)
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    _, transport = raw_http(
+        api.resource(), b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    )
     head, _, answer = transport.value().partition(b"\r\n\r\n")
     if api.direct and what == "Host header":
         assert head.startswith(b"HTTP/1.1 200 "), "a direct route does not read the Host"

@@ -12,16 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from klein import Klein
-from test_web import SampleAPI, call, counted_matches, dummy_request, header
+from test_web import SampleAPI, call, counted_matches, dummy_request, header, raw_http
 from treq.testing import StubTreq
 from twisted.internet import error
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from snet.web.direct import DirectRoutes, compile_template
@@ -185,6 +184,14 @@ def test_what_is_not_an_exact_match_is_answered_by_klein(
     assert len(matches) == 2 * 2, "both went through Klein, which matched each twice"
 
 
+def observed(app: Klein, routes: DirectRoutes) -> ObservedResource:
+    """Klein *app* (bound to its instance) served as the services serve theirs, with *routes*
+    run directly."""
+    return ObservedResource(
+        app.resource(), in_flight=InFlight(), metrics=HTTPMetrics(), clock=Clock(), direct=routes
+    )
+
+
 def post_request(path: bytes) -> DummyRequest:
     request = dummy_request()
     request.method = b"POST"
@@ -214,14 +221,7 @@ class Pending:
         return json_response(request, {"name": name})
 
     def resource(self) -> ObservedResource:
-        routes = DirectRoutes.of(self.app, {"wait"})
-        return ObservedResource(
-            self.app.resource(),
-            in_flight=InFlight(),
-            metrics=HTTPMetrics(),
-            clock=Clock(),
-            direct=routes,
-        )
+        return observed(self.app, DirectRoutes.of(self.app, {"wait"}))
 
 
 def test_a_direct_handler_is_cancelled_when_its_client_goes_away_and_nothing_is_written() -> None:
@@ -316,13 +316,7 @@ class Override(Answers):
 
 def answers_resource(app: Answers, direct: bool) -> ObservedResource:
     routes = DirectRoutes.of(app.app, {"text", "paused"}) if direct else DirectRoutes.none()
-    return ObservedResource(
-        app.app.resource(),
-        in_flight=InFlight(),
-        metrics=HTTPMetrics(),
-        clock=Clock(),
-        direct=routes,
-    )
+    return observed(app.app, routes)
 
 
 @pytest.mark.parametrize("path", ["/text/a", "/text/missing", "/text/broken"])
@@ -340,9 +334,10 @@ def test_answers_and_failures_are_klein_s(app_class: type[Answers], path: str) -
 def test_a_handler_waiting_on_another_deferred_is_cancelled_when_its_client_goes_away() -> None:
     for direct in (False, True):
         app = Answers()
-        channel = Site(answers_resource(app, direct)).buildProtocol(None)
-        channel.makeConnection(StringTransport())
-        channel.dataReceived(b"POST /paused/x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        channel, _ = raw_http(
+            answers_resource(app, direct),
+            b"POST /paused/x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        )
         assert app.cancelled == []
         channel.connectionLost(Failure(error.ConnectionLost()))
         assert app.cancelled == [True], "direct" if direct else "klein"
