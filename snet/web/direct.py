@@ -3,12 +3,12 @@
 Klein's work around a handler (binding werkzeug's map to the request, matching it, adapting
 the request, four Deferreds and their callbacks, the rendering of the result) cost about as
 much as Twisted's whole HTTP parsing and answer: measured alone over loopback
-(docs/performance.md, step 13), a trivial JSON route cost 214-220 us of the server's CPU
-per request through Klein and 152 us run directly. For the handlers an app names
-(``ServiceApp.direct_endpoints``: the dialog sends of both services), ``ObservedResource``
-matches the request itself and calls the handler Klein registered, with the route's
-arguments, and answers a failure with the first of the app's Klein error handlers that takes
-it, as Klein would.
+(``bench/httpstack.py``, docs/performance.md, step 13), a trivial JSON route costs 220-227
+us of the server's CPU per request through Klein and 156-158 us run directly. For the
+handlers an app names (``ServiceApp.direct_endpoints``: the dialog sends of both services),
+``ObservedResource`` matches the request itself and calls the handler Klein registered, with
+the route's arguments, and answers a failure with the first of the app's Klein error
+handlers that takes it, as Klein would.
 
 Only an exact match is direct: the route's method, and a path of plain characters equal to
 the route's template, each ``<name>`` one segment without a percent escape. Anything else
